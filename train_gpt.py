@@ -1,0 +1,971 @@
+"""GPT-2 small on FineWeb to val loss <= 3.28 in 1393 steps: the NanoGPT speedrun "sub-3 minute" record.
+
+Launch (one node, any of 1, 2, 4 or 8 GPUs; fewer GPUs accumulate gradients and compute the same thing):
+    python data/cached_fineweb10B.py 8
+    torchrun --standalone --nproc_per_node=8 train_gpt.py
+    torchrun --standalone --nproc_per_node=2 train_gpt.py --preset=smoke   # tiny CPU run, makes its own data
+Every hyperparameter below can be set as --name=value. The log goes to records/<tag>/<run id>.txt.
+
+Expected: val_loss ~3.279 at step 1393 (mean of 32 runs 3.2787), 179.8 s of training on 8 x H100.
+
+The system is the record of 2025-01-16 by the speedrun community (github.com/KellerJordan/modded-nanogpt):
+Muon (Keller Jordan), U-Net skips and value embeddings, FlexAttention with document-causal block-wise
+sliding windows (long/short by @leloykun and @YouJiacheng), FP8 lm_head, ReLU^2 MLP, QK norm, soft-capped
+logits. Credits for single tricks are in the comments where they are used. This file is our own rewrite.
+"""
+import copy
+import dataclasses
+import difflib
+import glob
+import math
+import os
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+REPO = Path(__file__).resolve().parent
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hyperparameters: every field can be set from the command line as --name=value
+
+
+@dataclass
+class Hyperparameters:
+    # data
+    train_files: str = "data/fineweb10B/fineweb_train_*.bin"  # glob of train shards (relative to the cwd)
+    val_files: str = "data/fineweb10B/fineweb_val_*.bin"  # glob of the val shard; the first match is used
+    val_tokens: int = 10_485_760  # tokens of the val shard used at every evaluation
+    # batch: batch_seqs sequences a step, shared out over the ranks, accumulated within a rank
+    batch_seqs: int = 8  # sequences a step (8 x 64K = 524,288 tokens)
+    seq_len: int = 64 * 1024  # tokens a sequence, a multiple of 128; also the val sequence length
+    # model
+    vocab_size: int = 50257  # GPT-2 tokens; the lm_head is padded to a multiple of 128
+    num_layers: int = 12
+    num_heads: int = 6
+    model_dim: int = 768  # head dim = model_dim / num_heads = 128
+    # schedule
+    num_iterations: int = 1393  # training steps
+    cooldown_frac: float = 0.4  # last fraction of the steps in which every lr decays linearly to 0.1x
+    window_tokens: int = 1728  # attention window at the end, before rounding up to 128 (-> 1792)
+    val_every: int = 125  # steps between evaluations (0: only at the start and the end)
+    # optimizers
+    muon_lr: float = 0.05  # for the matrices in the blocks
+    muon_momentum_start: float = 0.85  # warmed up linearly ...
+    muon_momentum_end: float = 0.95  # ... to this ...
+    muon_momentum_steps: int = 300  # ... over this many steps
+    head_lr: float = 0.008  # Adam, lm_head
+    embed_lr: float = 0.6  # Adam, token and value embeddings
+    scalar_lr: float = 0.04  # Adam, all scalars (lambdas, skip weights)
+    # implementation
+    fp8_head: bool = True  # FP8 lm_head matmul in training where the GPU has FP8 (compute capability >= 8.9)
+    compile: bool = True  # torch.compile the model and Newton-Schulz
+    coordinate_descent_tuning: bool = False  # inductor autotuning as in the record: many minutes more compile
+    warmup_steps: int = 10  # untimed compile/warm-up steps on dummy data, after which the state is restored
+    seed: int = 0  # for the initial weights and the dummy warm-up data
+    # logging and checkpoints
+    tag: str = ""  # the log goes to records/<tag>/; default <date>_run
+    checkpoint_every: int = 0  # steps between checkpoints, plus one at the end; 0: none (timing untouched)
+    checkpoint_dir: str = "checkpoints"  # checkpoints go to <checkpoint_dir>/<run id>/step_NNNNNN.pt
+    resume: str = ""  # a checkpoint to continue from
+    preset: str = ""  # "smoke": a tiny configuration for a 2-core CPU that makes its own data; fields set
+    # on the command line override the preset's
+
+
+PRESETS = {
+    "smoke": dict(
+        train_files=str(REPO / "data/synthetic_smoke/fineweb_train_*.bin"),
+        val_files=str(REPO / "data/synthetic_smoke/fineweb_val_*.bin"),
+        val_tokens=4096, batch_seqs=2, seq_len=1024, vocab_size=1024, num_layers=4, num_heads=2, model_dim=64,
+        num_iterations=20, window_tokens=896, val_every=10, compile=False, warmup_steps=1, tag="smoke",
+    ),
+}
+# Fields that only say how a run is carried out: a checkpoint may be resumed with other values for them.
+RUN_FIELDS = {"compile", "coordinate_descent_tuning", "warmup_steps", "tag", "checkpoint_every",
+              "checkpoint_dir", "resume", "preset"}
+
+
+class ConfigError(ValueError):
+    """A bad command line or an inconsistent configuration; the message says what to change."""
+
+
+def _convert(name: str, text: str, kind: type):
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{name} takes a boolean (1/0, true/false), not {text!r}")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"--{name} takes {kind.__name__} values, not {text!r}") from None
+
+
+def parse_args(argv: list[str]) -> Hyperparameters:
+    """--name=value for any Hyperparameters field; --preset=NAME first applies a preset."""
+    types = {f.name: f.type for f in dataclasses.fields(Hyperparameters)}
+    overrides = {}
+    for arg in argv:
+        name, eq, text = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not eq:
+            raise ConfigError(f"bad argument {arg!r}: arguments are --name=value, e.g. --num_iterations=100")
+        if name not in types:
+            close = difflib.get_close_matches(name, types, n=1)
+            hint = f" (did you mean --{close[0]}?)" if close else f"; the names are: {', '.join(types)}"
+            raise ConfigError(f"unknown hyperparameter --{name}{hint}")
+        overrides[name] = _convert(name, text, types[name])
+    preset = overrides.get("preset", "")
+    if preset and preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    return Hyperparameters(**{**PRESETS.get(preset, {}), **overrides})
+
+
+def check_config(args: Hyperparameters, world_size: int):
+    """Catch the configurations that would otherwise fail minutes later, or compute something else."""
+    problems = []
+    if args.batch_seqs % world_size:
+        problems.append(f"batch_seqs={args.batch_seqs} sequences can't be shared out evenly over {world_size} "
+                        f"ranks: use 1, 2, 4 or 8 processes for the default 8")
+    if args.seq_len % BLOCK_SIZE:
+        problems.append(f"seq_len={args.seq_len} must be a multiple of the attention block size {BLOCK_SIZE}")
+    if args.val_tokens % (world_size * args.seq_len):
+        problems.append(f"val_tokens={args.val_tokens} must be a multiple of world_size x seq_len "
+                        f"= {world_size * args.seq_len}")
+    if args.model_dim % args.num_heads:
+        problems.append(f"model_dim={args.model_dim} must be a multiple of num_heads={args.num_heads}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Custom op: the FP8 lm_head matmul (FP8 head by @YouJiacheng)
+# x (N, D) and w (V, D) are scaled into float8_e4m3fn, the gradient into float8_e5m2; _scaled_mm multiplies
+# in FP8 with float32 accumulation and undoes the scales. The op is opaque to torch.compile, so it carries
+# fakes (shapes, dtypes and strides of the real outputs) and its own backward. The backward quantises x and w
+# again from the saved bf16/fp32 tensors: the same bits as in the forward, at the cost of two small casts.
+
+
+def _fp8_mm_forward(x: Tensor, w: Tensor, x_s: float, w_s: float) -> Tensor:
+    x_f8 = x.mul(x_s).to(torch.float8_e4m3fn)
+    w_f8 = w.mul(w_s).to(torch.float8_e4m3fn)
+    one = torch.ones((), dtype=torch.float32, device=x.device)
+    return torch._scaled_mm(x_f8, w_f8.T, out_dtype=torch.bfloat16, scale_a=one / x_s, scale_b=one / w_s,
+                            use_fast_accum=True)
+
+
+def _fp8_mm_backward(g: Tensor, x: Tensor, w: Tensor, x_s: float, w_s: float, grad_s: float):
+    x_f8 = x.mul(x_s).to(torch.float8_e4m3fn)
+    w_f8 = w.mul(w_s).to(torch.float8_e4m3fn)
+    g_f8 = g.mul(grad_s).to(torch.float8_e5m2)
+    one = torch.ones((), dtype=torch.float32, device=g.device)
+    # _scaled_mm wants its first operand row-major and its second column-major
+    grad_x = torch._scaled_mm(g_f8, w_f8.T.contiguous().T, out_dtype=torch.bfloat16,
+                              scale_a=one / grad_s, scale_b=one / w_s)
+    # (D, N) @ (N, V) and a transpose is faster than (V, N) @ (N, D) for (V, D) = (50304, 768)
+    grad_w = torch._scaled_mm(x_f8.T.contiguous(), g_f8.T.contiguous().T, out_dtype=torch.float32,
+                              scale_a=one / x_s, scale_b=one / grad_s).T.contiguous()
+    return grad_x, grad_w
+
+
+# On the GPU the scale-and-cast elementwise work is fused by inductor (the logits gradient is 6.6 GB in bf16).
+_fp8_mm_forward_compiled = torch.compile(_fp8_mm_forward, dynamic=False)
+_fp8_mm_backward_compiled = torch.compile(_fp8_mm_backward, dynamic=False)
+
+
+@torch.library.custom_op("speedrun::fp8_mm", mutates_args=())
+def fp8_mm(x: Tensor, w: Tensor, x_s: float, w_s: float, grad_s: float) -> Tensor:
+    """x (N, D) bf16 @ w (V, D) .T in FP8 -> (N, V) bf16; grad_s scales the gradient in the backward."""
+    return (_fp8_mm_forward_compiled if x.is_cuda else _fp8_mm_forward)(x, w, x_s, w_s)
+
+
+@fp8_mm.register_fake
+def _(x: Tensor, w: Tensor, x_s: float, w_s: float, grad_s: float) -> Tensor:
+    assert x.ndim == w.ndim == 2 and x.shape[1] == w.shape[1]
+    return x.new_empty(x.shape[0], w.shape[0], dtype=torch.bfloat16)
+
+
+@torch.library.custom_op("speedrun::fp8_mm_backward", mutates_args=())
+def fp8_mm_backward(g: Tensor, x: Tensor, w: Tensor, x_s: float, w_s: float,
+                    grad_s: float) -> tuple[Tensor, Tensor]:
+    """Gradients of fp8_mm: grad_x (N, D) bf16 and grad_w (V, D) float32, both contiguous."""
+    return (_fp8_mm_backward_compiled if g.is_cuda else _fp8_mm_backward)(g, x, w, x_s, w_s, grad_s)
+
+
+@fp8_mm_backward.register_fake
+def _(g: Tensor, x: Tensor, w: Tensor, x_s: float, w_s: float, grad_s: float):
+    # The record's fake said "contiguous" for a transposed grad_w, which current PyTorch rejects.
+    return torch.empty_like(x, dtype=torch.bfloat16), torch.empty_like(w, dtype=torch.float32)
+
+
+def _fp8_mm_setup_context(ctx, inputs, output):
+    x, w, *ctx.scales = inputs
+    ctx.save_for_backward(x, w)
+
+
+def _fp8_mm_autograd(ctx, grad_out: Tensor):
+    x, w = ctx.saved_tensors
+    grad_x, grad_w = fp8_mm_backward(grad_out.contiguous(), x, w, *ctx.scales)
+    return grad_x, grad_w, None, None, None
+
+
+fp8_mm.register_autograd(_fp8_mm_autograd, setup_context=_fp8_mm_setup_context)
+
+
+def fp8_available(device: torch.device) -> tuple[bool, str]:
+    """Whether the FP8 head can run here, and why not."""
+    if device.type != "cuda":
+        return False, f"no FP8 matmul on {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return False, f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor} < 8.9"
+    return True, ""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Muon: MomentUm Orthogonalized by Newton-Schulz (Keller Jordan)
+
+
+def newton_schulz5(G: Tensor, steps: int = 5) -> Tensor:
+    """Approximately orthogonalise G (..., m, n), batched over leading dimensions.
+
+    With G = U S V^T, returns about U S' V^T with S' spread around 1 (roughly 0.7 to 1.2) instead of the exact
+    U V^T: the quintic's coefficients maximise the slope at 0, so small singular values grow fast in five
+    steps, and it runs stably in bf16. Works on the wide orientation so that X X^T is the smaller product.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.bfloat16()
+    tall = G.size(-2) > G.size(-1)
+    if tall:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * A @ A  # by @jxbz, @leloykun and @YouJiacheng
+        X = a * X + B @ X
+    return X.mT if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    """SGD with Nesterov momentum whose update is orthogonalised by Newton-Schulz, for the weight matrices
+    inside the blocks (not embeddings, head or scalars: those go to Adam). A 3-d parameter such as the merged
+    QKV weight (3, d, d) is orthogonalised as 3 separate matrices.
+
+    Across ranks the parameters of a group (all of one size) are shared out round-robin: rank r
+    orthogonalises parameters r, r + world_size, ...; the updates are all-gathered. With world_size 1 there
+    is no communication, and no process group is needed.
+    """
+
+    def __init__(self, params, lr: float, momentum: float, rank: int = 0, world_size: int = 1,
+                 orthogonalize=newton_schulz5):
+        params = list(params)
+        sizes = sorted({p.numel() for p in params}, reverse=True)
+        groups = [dict(params=[p for p in params if p.numel() == size]) for size in sizes]
+        super().__init__(groups, dict(lr=lr, momentum=momentum))
+        self.rank, self.world_size, self.orthogonalize = rank, world_size, orthogonalize
+
+    def owner(self, index: int) -> int:
+        """The rank that computes the update of the index-th parameter of a group."""
+        return index % self.world_size
+
+    def _update(self, p: Tensor, momentum: float) -> Tensor:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p.grad)
+        buf = state["momentum_buffer"]
+        buf.lerp_(p.grad, 1 - momentum)
+        nesterov = p.grad.lerp_(buf, momentum)
+        return self.orthogonalize(nesterov).flatten()
+
+    @staticmethod
+    def _apply(params: list[Tensor], updates: list[Tensor], lr: float):
+        for p, u in zip(params, updates):
+            p.add_(u.view_as(p), alpha=-lr * max(1, p.size(-2) / p.size(-1)) ** 0.5)
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params, lr, momentum = group["params"], group["lr"], group["momentum"]
+            if self.world_size == 1:
+                for p in params:
+                    self._apply([p], [self._update(p, momentum)], lr)
+                continue
+            pending = None
+            for base in range(0, len(params), self.world_size):
+                i = base + self.rank
+                update = self._update(params[i], momentum) if i < len(params) else \
+                    torch.zeros(params[0].numel(), dtype=torch.bfloat16, device=params[0].device)
+                gathered = torch.empty(self.world_size * update.numel(), dtype=update.dtype, device=update.device)
+                # async: the next parameter's Newton-Schulz runs while this all-gather is in flight
+                work = dist.all_gather_into_tensor(gathered, update, async_op=True)  # by @YouJiacheng
+                if pending is not None:
+                    self._finish(*pending, lr)
+                pending = (work, gathered, params[base:base + self.world_size])
+            self._finish(*pending, lr)
+
+    def _finish(self, work, gathered: Tensor, params: list[Tensor], lr: float):
+        work.wait()
+        self._apply(params, list(gathered.view(self.world_size, -1)), lr)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Modules
+
+
+def norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class CastedLinear(nn.Linear):
+    """A bias-free linear layer whose weight is cast to the activation dtype."""
+
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+        super().__init__(in_features, out_features, bias=False)
+        if zero_init:  # zero init of output projections by @Grad62304977
+            self.weight.detach().zero_()
+
+    def reset_parameters(self):
+        bound = 3**0.5 * 0.5 * self.in_features**-0.5  # uniform with std 0.5 / sqrt(fan_in)
+        with torch.no_grad():
+            self.weight.uniform_(-bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.type_as(x))
+
+
+class Rotary(nn.Module):
+    """Half-truncated rotary embedding (by @YouJiacheng): 32 of the 64 frequency pairs of a 128-wide head
+    rotate, with angular frequency (1/1024)^(j/31); the other 32 have frequency 0 and pass through."""
+
+    def __init__(self, head_dim: int, max_seq_len: int):
+        super().__init__()
+        freq = (1 / 1024) ** torch.linspace(0, 1, steps=head_dim // 4, dtype=torch.float32)
+        freq = torch.cat([freq, freq.new_zeros(head_dim // 4)])
+        theta = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freq)  # (T, head_dim / 2)
+        self.cos = nn.Buffer(theta.cos(), persistent=False)
+        self.sin = nn.Buffer(theta.sin(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, T, H, head_dim)
+        cos, sin = self.cos[None, :x.size(-3), None, :], self.sin[None, :x.size(-3), None, :]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, max_seq_len: int, use_flex: bool):
+        super().__init__()
+        self.num_heads, self.head_dim, self.use_flex = num_heads, dim // num_heads, use_flex
+        bound = 3**0.5 * 0.5 * dim**-0.5
+        self.qkv_w = nn.Parameter(torch.empty(3, dim, dim).uniform_(-bound, bound))  # merged Q, K, V
+        self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))  # mix of v and the value embedding
+        self.rotary = Rotary(self.head_dim, max_seq_len)
+        self.c_proj = CastedLinear(dim, dim, zero_init=True)
+
+    def forward(self, x: Tensor, ve: Tensor | None, mask) -> Tensor:
+        B, T, D = x.shape
+        qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).type_as(x))
+        q, k, v = qkv.view(B, T, 3 * self.num_heads, self.head_dim).chunk(3, dim=-2)
+        q, k = norm(q), norm(k)  # QK norm by @Grad62304977
+        q, k = self.rotary(q), self.rotary(k)
+        # value embeddings by @KoszarskyB and @Grad62304977
+        v = self.lambdas[0] * v + self.lambdas[1] * ve.view_as(v) if ve is not None else self.lambdas[0] * v
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        # scale 0.12 instead of 1/sqrt(128), by @leloykun
+        if self.use_flex:
+            y = flex_attention(q, k, v, block_mask=mask, scale=0.12)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.12)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.c_fc = CastedLinear(dim, 4 * dim)
+        self.c_proj = CastedLinear(4 * dim, dim, zero_init=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(F.relu(self.c_fc(x)).square())  # ReLU^2 by @SKYLINEZ007 and @Grad62304977
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, max_seq_len: int, use_flex: bool, has_attn: bool):
+        super().__init__()
+        self.attn = CausalSelfAttention(dim, num_heads, max_seq_len, use_flex) if has_attn else None
+        self.mlp = MLP(dim)
+        self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # mix of the residual stream and x0
+
+    def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, mask) -> Tensor:
+        x = self.lambdas[0] * x + self.lambdas[1] * x0
+        if self.attn is not None:
+            x = x + self.attn(norm(x), ve, mask)
+        return x + self.mlp(norm(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPT
+
+NO_ATTENTION_LAYER = 7  # layer 7 has no attention, by @YouJiacheng
+LONG_WINDOW_LAYERS = (True, False, False, False, True, False)  # encoder layers 0..5; the decoder mirrors it
+FP8_SCALES = dict(x_s=2.0, w_s=32.0, grad_s=2.0**29)
+
+
+def next_multiple(n: float, multiple: int) -> int:
+    return max(multiple, math.ceil(n / multiple) * multiple)
+
+
+class GPT(nn.Module):
+    """A U-Net of transformer blocks (U-Net by @brendanh0gan): encoder layer i's output is added, weighted,
+    to the input of decoder layer num_layers-1-i. Three value embeddings feed layers 0,1,2 and the last
+    three again (012...012 by @YouJiacheng). forward returns the mean cross entropy of the soft-capped logits.
+    """
+
+    def __init__(self, vocab_size: int, num_layers: int, num_heads: int, model_dim: int, max_seq_len: int,
+                 use_flex: bool = True, fp8_head: bool = False):
+        super().__init__()
+        self.use_flex, self.fp8_head = use_flex, fp8_head
+        self.eot_token = vocab_size - 1  # the last token ends a document (GPT-2: 50256)
+        self.embed = nn.Embedding(vocab_size, model_dim)
+        num_ve = min(3, num_layers // 2)
+        self.value_embeds = nn.ModuleList([nn.Embedding(vocab_size, model_dim) for _ in range(num_ve)])
+        self.blocks = nn.ModuleList([Block(model_dim, num_heads, max_seq_len, use_flex, i != NO_ATTENTION_LAYER)
+                                     for i in range(num_layers)])
+        self.skip_weights = nn.Parameter(torch.ones(num_layers // 2))
+        # the vocabulary padded to a multiple of 128 for the matmul, by @Grad62304977
+        self.lm_head = CastedLinear(model_dim, next_multiple(vocab_size, 128), zero_init=True)
+        for embed in [self.embed, *self.value_embeds]:
+            embed.bfloat16()
+
+    def forward(self, input_seq: Tensor, target_seq: Tensor, window_blocks: Tensor) -> Tensor:
+        """input_seq, target_seq: (T,) token ids; window_blocks: 0-d int tensor, the long window in blocks
+        (a tensor, so that the window can grow without recompiling)."""
+        num_layers, half = len(self.blocks), len(self.skip_weights)
+        ve = [embed(input_seq) for embed in self.value_embeds]
+        ve = ve + [None] * (num_layers - 2 * len(ve)) + ve
+        build = flex_block_masks if self.use_flex else dense_block_masks
+        long_mask, short_mask = build(document_ids(input_seq, self.eot_token), window_blocks)
+        pattern = (LONG_WINDOW_LAYERS * half)[:half]
+        masks = [long_mask if is_long else short_mask for is_long in pattern + pattern[::-1]]
+
+        x = x0 = norm(self.embed(input_seq)[None])  # norm of the embedding by @Grad62304977
+        skips = []
+        for i, block in enumerate(self.blocks):
+            if i >= half:
+                x = x + self.skip_weights[i - half] * skips.pop()
+            x = block(x, ve[i], x0, masks[i])
+            if i < half:
+                skips.append(x)
+        x = norm(x)[0]
+        if self.training and self.fp8_head:
+            logits = fp8_mm(x, self.lm_head.weight, **FP8_SCALES)
+        else:
+            logits = self.lm_head(x)
+        # soft cap 30 * sigmoid(z / 7.5) = 15 * (tanh(z / 15) + 1), by @Grad62304977, @KoszarskyB, @YouJiacheng
+        logits = 30 * torch.sigmoid(logits.float() / 7.5)
+        return F.cross_entropy(logits, target_seq)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention block masks: document-causal with block-wise sliding windows (block masks by @YouJiacheng)
+# A query attends to keys at or before it in the same document. FlexAttention skips whole 128x128 blocks:
+# "full" blocks need no masking, "partial" blocks apply the document-causal mask element-wise. The window
+# is counted in blocks: a query block keeps its newest w blocks (at most w-1 full ones). The long mask uses
+# w, the short mask w // 2 (long/short windows by @leloykun and @YouJiacheng).
+
+BLOCK_SIZE = 128
+
+
+def document_ids(tokens: Tensor, eot_token: int) -> Tensor:
+    """The document of every token: each end-of-text token starts a new document."""
+    return (tokens == eot_token).cumsum(0)
+
+
+def _newest_first(blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """(nq, nk) bool -> per query block, the number of True key blocks and all key block indices, the True
+    ones first, newest first."""
+    num = blocks.sum(dim=-1, dtype=torch.int32)
+    order = blocks.argsort(dim=-1, descending=False, stable=True).flip(-1).to(torch.int32)
+    return num, order
+
+
+def block_tables(docs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per query block, its partial and full key blocks: (partial_num, partial_idx, full_num, full_idx),
+    the counts (nb,) and the indices (nb, nb) newest first."""
+    blocks = docs.view(-1, BLOCK_SIZE)
+    first, last = blocks[:, 0], blocks[:, -1]  # first and last document of every block
+    idx = torch.arange(len(blocks), device=docs.device)
+    q, k = idx[:, None], idx[None, :]
+    overlap = (first[:, None] <= last[None, :]) & (first[None, :] <= last[:, None])
+    one_document = (first[:, None] == last[None, :]) & (first[None, :] == last[:, None])
+    full = (q > k) & one_document
+    partial = (q >= k) & overlap & ~full
+    return (*_newest_first(partial), *_newest_first(full))
+
+
+def window_counts(partial_num: Tensor, full_num: Tensor, window_blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """Cut the block counts to a window of w blocks: at most w-1 full blocks (none for w = 0, the short
+    window at step 0), and the partial blocks to what is left of w (at least 1, the diagonal block)."""
+    return (torch.clamp_max(partial_num, torch.clamp_min(window_blocks - full_num, 1)),
+            torch.clamp_max(full_num, window_blocks - 1).clamp_min(0))
+
+
+def flex_block_masks(docs: Tensor, window_blocks: Tensor) -> tuple[BlockMask, BlockMask]:
+    """The long (window_blocks) and short (window_blocks // 2) FlexAttention masks of a (T,) sequence with
+    document ids docs."""
+
+    def document_causal(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (docs[q_idx] == docs[kv_idx])
+
+    partial_num, partial_idx, full_num, full_idx = block_tables(docs)
+
+    def build(w: Tensor) -> BlockMask:
+        p_num, f_num = window_counts(partial_num, full_num, w)
+        return BlockMask.from_kv_blocks(p_num[None, None], partial_idx[None, None], f_num[None, None],
+                                        full_idx[None, None], BLOCK_SIZE=BLOCK_SIZE, mask_mod=document_causal)
+
+    return build(window_blocks), build(window_blocks // 2)
+
+
+def _kept_blocks(num: Tensor, order: Tensor) -> Tensor:
+    """(nb, nb) bool: key block order[q, j] is kept for query block q when j < num[q]."""
+    keep = torch.arange(order.size(-1), device=order.device)[None, :] < num[:, None]
+    return torch.zeros_like(keep).scatter_(1, order.long(), keep)
+
+
+def dense_block_masks(docs: Tensor, window_blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """The same two masks as flex_block_masks, expanded to (T, T) bool for scaled_dot_product_attention:
+    FlexAttention has no backward on the CPU."""
+    pos = torch.arange(len(docs), device=docs.device)
+    document_causal = (pos[:, None] >= pos[None, :]) & (docs[:, None] == docs[None, :])
+    partial_num, partial_idx, full_num, full_idx = block_tables(docs)
+
+    def build(w: Tensor) -> Tensor:
+        p_num, f_num = window_counts(partial_num, full_num, w)
+        kept = _kept_blocks(p_num, partial_idx) | _kept_blocks(f_num, full_idx)
+        return document_causal & kept.repeat_interleave(BLOCK_SIZE, 0).repeat_interleave(BLOCK_SIZE, 1)
+
+    return build(window_blocks), build(window_blocks // 2)
+
+
+def window_blocks_at(step: int, args: Hyperparameters) -> int:
+    """The long window in blocks at a step: window_tokens * step / num_iterations rounded up to a multiple of
+    128 tokens (128 at step 0, 1792 at the end; warm-up by @fernbear.bsky.social)."""
+    return next_multiple(args.window_tokens * step / args.num_iterations, BLOCK_SIZE) // BLOCK_SIZE
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: shards of 256 int32 header (magic, version, token count) then uint16 GPT-2 token ids
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+EOT_TOKEN = 50256  # end of text: separates documents
+DOWNLOAD_HINT = "python data/cached_fineweb10B.py {n}  (or, for synthetic shards, python data/synthetic.py)"
+
+
+class DataError(Exception):
+    """Missing or bad token shards; the message names the file and the fix."""
+
+
+def read_shard_header(path) -> int:
+    """Check a shard's header against its size; return its token count."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        header = np.frombuffer(f.read(HEADER_INTS * 4), dtype="<i4")
+    if len(header) < HEADER_INTS:
+        raise DataError(f"{path}: {size} bytes, shorter than its {HEADER_INTS * 4}-byte header: truncated; "
+                        f"download it again")
+    if header[0] != SHARD_MAGIC:
+        raise DataError(f"{path}: magic number {header[0]}, expected {SHARD_MAGIC}: not a token shard")
+    if header[1] != SHARD_VERSION:
+        raise DataError(f"{path}: format version {header[1]}, this script reads version {SHARD_VERSION}")
+    num_tokens = int(header[2])
+    if size != HEADER_INTS * 4 + 2 * num_tokens:
+        raise DataError(f"{path}: the header says {num_tokens:,} tokens ({HEADER_INTS * 4 + 2 * num_tokens:,} "
+                        f"bytes) but the file has {size:,} bytes: truncated or corrupt; download it again")
+    return num_tokens
+
+
+def load_shard(path, pin: bool) -> Tensor:
+    num_tokens = read_shard_header(path)
+    tokens = torch.empty(num_tokens, dtype=torch.uint16, pin_memory=pin)  # pinned: async copies to the GPU
+    with open(path, "rb", buffering=0) as f:
+        f.seek(HEADER_INTS * 4)
+        f.readinto(tokens.numpy())  # straight into the tensor, by @YouJiacheng
+    return tokens
+
+
+def batches_in_shard(num_tokens: int, batch_tokens: int) -> int:
+    """Steps a shard feeds: a batch needs batch_tokens + 1 tokens, and the tail of a shard is dropped."""
+    return max(0, (num_tokens - batch_tokens - 2) // batch_tokens + 1)
+
+
+def check_data(args: Hyperparameters) -> tuple[list[str], str]:
+    """Check, before anything is compiled, that the shards exist, are whole and hold enough tokens."""
+    batch_tokens = args.batch_seqs * args.seq_len
+    shards_needed = math.ceil(args.num_iterations / batches_in_shard(100_000_000, batch_tokens))
+    hint = DOWNLOAD_HINT.format(n=shards_needed)
+    train_files = sorted(glob.glob(args.train_files))
+    folder = Path(args.train_files).parent
+    if not folder.is_dir():
+        raise DataError(f"no data folder {folder.resolve()} (train_files={args.train_files}); get the data: {hint}")
+    if not train_files:
+        raise DataError(f"no train shards match {args.train_files} in {Path.cwd()}; get the data: {hint}")
+    steps = 0
+    for file in train_files:
+        steps += batches_in_shard(read_shard_header(file), batch_tokens)
+    if steps < args.num_iterations:
+        raise DataError(f"the {len(train_files)} shards matching {args.train_files} feed {steps} steps of "
+                        f"{batch_tokens:,} tokens, and num_iterations={args.num_iterations}: get more: {hint}")
+    val_files = sorted(glob.glob(args.val_files))
+    if not val_files:
+        raise DataError(f"no val shard matches {args.val_files} in {Path.cwd()}; get the data: {hint}")
+    if read_shard_header(val_files[0]) < args.val_tokens + 1:
+        raise DataError(f"{val_files[0]} holds fewer than val_tokens + 1 = {args.val_tokens + 1:,} tokens; "
+                        f"use the full val shard ({hint}) or lower --val_tokens")
+    return train_files, val_files[0]
+
+
+class TrainLoader:
+    """Feeds each step's tokens to this rank. A step takes the next batch_tokens (+1 for the targets) of the
+    current shard; rank r gets the r-th of world_size contiguous slices. The next shard is read in a
+    background thread while the current one is used, so a shard change does not stall a step."""
+
+    def __init__(self, files: list[str], batch_tokens: int, rank: int, world_size: int, device: torch.device,
+                 shard: int = 0, pos: int = 0):
+        self.files, self.batch_tokens, self.device = files, batch_tokens, device
+        self.local_tokens = batch_tokens // world_size
+        self.offset = rank * self.local_tokens
+        self.pin = device.type == "cuda"
+        self.reader = ThreadPoolExecutor(max_workers=1)
+        self.shard, self.pos = shard, pos
+        self.tokens = load_shard(files[shard], self.pin)
+        self.next_tokens = self._prefetch(shard + 1)
+
+    def _prefetch(self, shard: int):
+        return self.reader.submit(load_shard, self.files[shard], self.pin) if shard < len(self.files) else None
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        if self.pos + self.batch_tokens + 1 >= len(self.tokens):
+            self.shard, self.pos = self.shard + 1, 0
+            self.tokens = self.next_tokens.result()
+            self.next_tokens = self._prefetch(self.shard + 1)
+        buf = self.tokens[self.pos + self.offset:][:self.local_tokens + 1]
+        self.pos += self.batch_tokens
+        inputs = buf[:-1].to(self.device, dtype=torch.int32, non_blocking=True)
+        targets = buf[1:].to(self.device, dtype=torch.int64, non_blocking=True)
+        return inputs, targets
+
+    def state(self) -> dict:
+        return dict(shard=self.shard, pos=self.pos)
+
+
+def val_batches(tokens: Tensor, args: Hyperparameters, rank: int, world_size: int, device: torch.device):
+    """The val sequences of this rank: step k covers tokens [k * world_size * seq_len, ...), rank r its r-th
+    seq_len slice. Every world size sees the same val_tokens / seq_len sequences."""
+    for start in range(0, args.val_tokens, world_size * args.seq_len):
+        buf = tokens[start + rank * args.seq_len:][:args.seq_len + 1]
+        yield (buf[:-1].to(device, dtype=torch.int32, non_blocking=True),
+               buf[1:].to(device, dtype=torch.int64, non_blocking=True))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Setup, logging and checkpoints
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """torchrun's RANK / WORLD_SIZE / LOCAL_RANK -> (rank, world_size, device); NCCL on CUDA, gloo on the CPU.
+    A plain `python train_gpt.py` runs as one process without a process group."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if "RANK" in os.environ:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    return rank, world_size, device
+
+
+class Logger:
+    """Rank 0 writes one log per run, records/<tag>/<run id>.txt; the other ranks write nothing."""
+
+    def __init__(self, args: Hyperparameters, rank: int, run_id: str):
+        self.path = None
+        if rank == 0:
+            self.path = Path("records") / (args.tag or f"{date.today():%Y-%m-%d}_run") / f"{run_id}.txt"
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            print(f"log: {self.path}", flush=True)
+
+    def __call__(self, text: str, console: bool = True):
+        if self.path is not None:
+            with self.path.open("a") as f:
+                print(text, file=f)
+            if console:
+                print(text, flush=True)
+
+
+def environment_report(args: Hyperparameters, world_size: int, device: torch.device) -> str:
+    lines = [f"Python {sys.version}", f"PyTorch {torch.__version__}, CUDA {torch.version.cuda}",
+             f"world_size {world_size}, device {device.type}"]
+    try:
+        lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout)
+    except (OSError, subprocess.TimeoutExpired):
+        lines.append("nvidia-smi: not available")
+    lines += [f"{f.name} = {getattr(args, f.name)!r}" for f in dataclasses.fields(args)]
+    return "\n".join(lines)
+
+
+def make_smoke_data(args: Hyperparameters):
+    """The smoke preset writes its own small synthetic shards (two train shards, so a run crosses one)."""
+    out = Path(args.train_files).parent
+    tokens = (args.num_iterations // 2 + 2) * args.batch_seqs * args.seq_len
+    subprocess.run([sys.executable, str(REPO / "data/synthetic.py"), "--out", str(out), "--train_shards", "2",
+                    "--tokens", str(tokens), "--val_tokens", str(max(tokens, args.val_tokens + 1)), "--seed", "0"],
+                   check=True)
+
+
+def muon_owners(muon: Muon):
+    """(parameter, owner rank) of every Muon parameter."""
+    for group in muon.param_groups:
+        for i, p in enumerate(group["params"]):
+            yield p, muon.owner(i)
+
+
+def save_checkpoint(path: Path, args, step: int, train_time_ms: float, model: nn.Module, adam, muon: Muon,
+                    loader: TrainLoader, rank: int):
+    """Rank 0 writes the full state atomically (temporary file, then rename). Muon's momentum buffers live
+    on their owner rank, so they are first broadcast to all: a checkpoint does not depend on the world size.
+    Collective: every rank must call it."""
+    for p, owner in muon_owners(muon):
+        state = muon.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        if dist.is_initialized():
+            dist.broadcast(state["momentum_buffer"], src=owner)
+    if rank == 0:
+        state = dict(args=dataclasses.asdict(args), step=step, train_time_ms=train_time_ms,
+                     model=model.state_dict(), adam=adam.state_dict(), muon=muon.state_dict(),
+                     loader=loader.state(), rng=torch.get_rng_state(),
+                     cuda_rng=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    for p, owner in muon_owners(muon):
+        if owner != rank:
+            del muon.state[p]  # keep only this rank's share of the momentum
+
+
+def load_checkpoint(path: str, args: Hyperparameters) -> dict:
+    """Read a checkpoint and refuse it when it was made with other hyperparameters than this run's."""
+    if not Path(path).is_file():
+        raise ConfigError(f"--resume={path}: no such file")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ours = dataclasses.asdict(args)
+    diff = [f"{k}: checkpoint {v!r}, now {ours.get(k)!r}" for k, v in ckpt["args"].items()
+            if k not in RUN_FIELDS and ours.get(k) != v]
+    if diff:
+        raise ConfigError(f"--resume={path} was made with other hyperparameters; run with the checkpoint's "
+                          f"values to continue it: " + "; ".join(diff))
+    return ckpt
+
+
+def restore_checkpoint(ckpt: dict, model: nn.Module, adam, muon: Muon, rank: int):
+    model.load_state_dict(ckpt["model"])
+    adam.load_state_dict(ckpt["adam"])
+    muon.load_state_dict(ckpt["muon"])
+    for p, owner in muon_owners(muon):
+        if owner != rank:
+            del muon.state[p]
+    torch.set_rng_state(ckpt["rng"])
+    if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(ckpt["cuda_rng"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def lr_factor(step: int, args: Hyperparameters) -> float:
+    """1 until the last cooldown_frac of the steps, then linear decay towards 0.1."""
+    w = min((1 - step / args.num_iterations) / args.cooldown_frac, 1.0)
+    return w + (1 - w) * 0.1
+
+
+def muon_momentum(step: int, args: Hyperparameters) -> float:
+    frac = min(step / args.muon_momentum_steps, 1)
+    return (1 - frac) * args.muon_momentum_start + frac * args.muon_momentum_end
+
+
+def train_step(model, inputs: Tensor, targets: Tensor, window: Tensor, step: int, args, optimizers) -> Tensor:
+    """One optimizer step on this rank's share of the batch; returns the loss averaged over all ranks.
+    The gradient is the mean over all batch_seqs sequences, for any world size: each of the `accum`
+    sequences a rank holds is weighted 1/accum, then the ranks average."""
+    accum = len(inputs) // args.seq_len
+    loss = torch.zeros((), device=inputs.device)
+    for seq_in, seq_target in zip(inputs.split(args.seq_len), targets.split(args.seq_len)):
+        seq_loss = model(seq_in, seq_target, window) / accum
+        seq_loss.backward()
+        loss += seq_loss.detach()
+    if dist.is_initialized():
+        for p in model.parameters():
+            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lr_factor(step, args)
+            if isinstance(opt, Muon):
+                group["momentum"] = muon_momentum(step, args)
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return loss
+
+
+@torch.no_grad()
+def evaluate(model, val_tokens: Tensor, window: Tensor, args, rank: int, world_size: int, device) -> float:
+    model.eval()
+    losses = [model(x, y, window) for x, y in val_batches(val_tokens, args, rank, world_size, device)]
+    loss = torch.stack(losses).mean()
+    if dist.is_initialized():
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+    model.train()
+    return loss.item()
+
+
+def main(args: Hyperparameters):
+    rank, world_size, device = setup_distributed()
+    cuda = device.type == "cuda"
+    check_config(args, world_size)
+    if args.preset == "smoke" and not glob.glob(args.train_files) and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        make_smoke_data(args)
+    if dist.is_initialized():
+        dist.barrier()
+    train_files, val_file = check_data(args)  # before anything is compiled
+    ckpt = load_checkpoint(args.resume, args) if args.resume else None
+
+    run_id = uuid.uuid4().hex[:12]
+    log = Logger(args, rank, run_id)
+    log(Path(__file__).read_text(), console=False)
+    log("=" * 100, console=False)
+    log(environment_report(args, world_size, device), console=False)
+    log("=" * 100, console=False)
+    fp8_head, why_not = fp8_available(device)
+    if args.fp8_head and not fp8_head:
+        log(f"fp8 head: off ({why_not}); the lm_head runs in bf16")
+    fp8_head = fp8_head and args.fp8_head
+    if cuda:
+        torch._inductor.config.coordinate_descent_tuning = args.coordinate_descent_tuning
+
+    torch.manual_seed(args.seed)
+    raw_model = GPT(args.vocab_size, args.num_layers, args.num_heads, args.model_dim, args.seq_len,
+                    use_flex=cuda, fp8_head=fp8_head).to(device)
+    if dist.is_initialized():
+        for p in raw_model.parameters():
+            dist.broadcast(p.detach(), 0)
+    matrices = [p for p in raw_model.blocks.parameters() if p.ndim >= 2]
+    embeddings = [raw_model.embed.weight, *raw_model.value_embeds.parameters()]
+    scalars = [p for p in raw_model.parameters() if p.ndim < 2]
+    adam = torch.optim.Adam([dict(params=[raw_model.lm_head.weight], lr=args.head_lr),
+                             dict(params=embeddings, lr=args.embed_lr),
+                             dict(params=scalars, lr=args.scalar_lr)], betas=(0.8, 0.95), eps=1e-10, fused=True)
+    orthogonalize = torch.compile(newton_schulz5, dynamic=False) if args.compile else newton_schulz5
+    muon = Muon(matrices, lr=args.muon_lr, momentum=args.muon_momentum_start, rank=rank, world_size=world_size,
+                orthogonalize=orthogonalize)
+    optimizers = [adam, muon]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    model = torch.compile(raw_model, dynamic=False) if args.compile else raw_model
+
+    # Compile and warm up on dummy data, untimed, then go back to the initial state.
+    t0 = time.perf_counter()
+    initial_state = copy.deepcopy(dict(model=raw_model.state_dict(), adam=adam.state_dict(),
+                                       muon=muon.state_dict()))
+    local_tokens = args.batch_seqs * args.seq_len // world_size
+    generator = torch.Generator().manual_seed(args.seed)
+    for step in range(args.warmup_steps):
+        dummy = torch.randint(0, args.vocab_size, (local_tokens + 1,), generator=generator).to(device)
+        train_step(model, dummy[:-1].int(), dummy[1:], torch.tensor(window_blocks_at(step, args), device=device),
+                   step, args, optimizers)
+    if args.warmup_steps:
+        one_val_step = dataclasses.replace(args, val_tokens=world_size * args.seq_len)
+        dummy = torch.randint(0, args.vocab_size, (one_val_step.val_tokens + 1,), generator=generator)
+        evaluate(model, dummy, torch.tensor(1, device=device), one_val_step, rank, world_size, device)
+    raw_model.load_state_dict(initial_state["model"])
+    adam.load_state_dict(initial_state["adam"])
+    muon.load_state_dict(initial_state["muon"])
+    del initial_state
+    start_step, train_time_ms, loader_state = 0, 0.0, dict(shard=0, pos=0)
+    if ckpt is not None:
+        restore_checkpoint(ckpt, raw_model, adam, muon, rank)
+        start_step, train_time_ms, loader_state = ckpt["step"], ckpt["train_time_ms"], ckpt["loader"]
+        log(f"resumed from {args.resume} at step {start_step}")
+        del ckpt
+    if cuda:
+        torch.cuda.synchronize()
+    log(f"warmup_time:{time.perf_counter() - t0:.1f}s (compile and {args.warmup_steps} untimed steps)")
+
+    loader = TrainLoader(train_files, args.batch_seqs * args.seq_len, rank, world_size, device, **loader_state)
+    val_tokens = load_shard(val_file, pin=cuda)[:args.val_tokens + 1]
+    checkpoint_path = Path(args.checkpoint_dir) / run_id
+    T = args.num_iterations
+    for step in range(start_step, T + 1):
+        window = torch.tensor(window_blocks_at(step, args), device=device)
+        if step == T or (args.val_every and step % args.val_every == 0):
+            val_loss = evaluate(model, val_tokens, window, args, rank, world_size, device)
+            log(f"step:{step}/{T} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms "
+                f"step_avg:{train_time_ms / max(step, 1):.2f}ms")
+        if step == T:
+            break
+        t0 = time.perf_counter()
+        inputs, targets = loader.next_batch()
+        loss = train_step(model, inputs, targets, window, step, args, optimizers).item()  # .item() syncs
+        train_time_ms += 1000 * (time.perf_counter() - t0)
+        log(f"step:{step + 1}/{T} train_loss:{loss:.4f} train_time:{train_time_ms:.0f}ms "
+            f"step_avg:{train_time_ms / (step + 1):.2f}ms")
+        if not math.isfinite(loss):
+            message = f"step {step + 1}: the train loss is {loss}; stopping"
+            if args.checkpoint_every:
+                path = checkpoint_path / f"step_{step + 1:06d}_nonfinite.pt"
+                save_checkpoint(path, args, step + 1, train_time_ms, raw_model, adam, muon, loader, rank)
+                message += f" (state after the step saved to {path}; resume from an earlier checkpoint)"
+            log(message)
+            raise SystemExit(1)
+        if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < T:
+            path = checkpoint_path / f"step_{step + 1:06d}.pt"
+            save_checkpoint(path, args, step + 1, train_time_ms, raw_model, adam, muon, loader, rank)
+            log(f"checkpoint: {path}")
+    if args.checkpoint_every:
+        path = checkpoint_path / f"step_{T:06d}.pt"
+        save_checkpoint(path, args, T, train_time_ms, raw_model, adam, muon, loader, rank)
+        log(f"checkpoint: {path}")
+    if cuda:
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+    log(f"log: {log.path}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    try:
+        main(parse_args(sys.argv[1:]))
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
