@@ -570,7 +570,7 @@ def window_blocks_at(step: int, args: Hyperparameters) -> int:
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 EOT_TOKEN = 50256  # end of text: separates documents
-DOWNLOAD_HINT = "python data/cached_fineweb10B.py {n}  (or, for synthetic shards, python data/synthetic.py)"
+DOWNLOAD_HINT = "python data/cached_fineweb10B.py {n} (synthetic shards: python data/synthetic.py)"
 
 
 class DataError(Exception):
@@ -586,16 +586,18 @@ def read_shard_header(path) -> int:
     with path.open("rb") as f:
         header = np.frombuffer(f.read(HEADER_INTS * 4), dtype="<i4")
     if len(header) < HEADER_INTS:
-        raise DataError(f"{path}: {size} bytes, shorter than its {HEADER_INTS * 4}-byte header: truncated; "
-                        f"download it again")
+        raise DataError(f"{path}: {size} bytes, shorter than its {HEADER_INTS * 4}-byte header: truncated")
     if header[0] != SHARD_MAGIC:
         raise DataError(f"{path}: magic number {header[0]}, expected {SHARD_MAGIC}: not a token shard")
     if header[1] != SHARD_VERSION:
         raise DataError(f"{path}: format version {header[1]}, this script reads version {SHARD_VERSION}")
-    num_tokens = int(header[2])
-    if size != HEADER_INTS * 4 + 2 * num_tokens:
-        raise DataError(f"{path}: the header says {num_tokens:,} tokens ({HEADER_INTS * 4 + 2 * num_tokens:,} "
-                        f"bytes) but the file has {size:,} bytes: truncated or corrupt; download it again")
+    num_tokens, held = int(header[2]), (size - HEADER_INTS * 4) / 2
+    if held < num_tokens:
+        raise DataError(f"{path}: holds {held:,.0f} of the {num_tokens:,} tokens its header promises: truncated "
+                        f"(an interrupted download?)")
+    if held > num_tokens:
+        raise DataError(f"{path}: {size - HEADER_INTS * 4 - 2 * num_tokens:,} bytes more than the {num_tokens:,} "
+                        f"tokens its header says: corrupt")
     return num_tokens
 
 
@@ -613,6 +615,13 @@ def batches_in_shard(num_tokens: int, batch_tokens: int) -> int:
     return max(0, (num_tokens - batch_tokens - 2) // batch_tokens + 1)
 
 
+def _checked_header(path: str, hint: str) -> int:
+    try:
+        return read_shard_header(path)
+    except DataError as e:
+        raise DataError(f"{e}; delete it and get it again: {hint}") from None
+
+
 def check_data(args: Hyperparameters) -> tuple[list[str], str]:
     """Check, before anything is compiled, that the shards exist, are whole and hold enough tokens."""
     batch_tokens = args.batch_seqs * args.seq_len
@@ -626,16 +635,16 @@ def check_data(args: Hyperparameters) -> tuple[list[str], str]:
         raise DataError(f"no train shards match {args.train_files} in {Path.cwd()}; get the data: {hint}")
     steps = 0
     for file in train_files:
-        steps += batches_in_shard(read_shard_header(file), batch_tokens)
+        steps += batches_in_shard(_checked_header(file, hint), batch_tokens)
     if steps < args.num_iterations:
         raise DataError(f"the {len(train_files)} shards matching {args.train_files} feed {steps} steps of "
                         f"{batch_tokens:,} tokens, and num_iterations={args.num_iterations}: get more: {hint}")
     val_files = sorted(glob.glob(args.val_files))
     if not val_files:
         raise DataError(f"no val shard matches {args.val_files} in {Path.cwd()}; get the data: {hint}")
-    if read_shard_header(val_files[0]) < args.val_tokens + 1:
+    if _checked_header(val_files[0], hint) < args.val_tokens + 1:
         raise DataError(f"{val_files[0]} holds fewer than val_tokens + 1 = {args.val_tokens + 1:,} tokens; "
-                        f"use the full val shard ({hint}) or lower --val_tokens")
+                        f"get the full val shard ({hint}) or lower --val_tokens")
     return train_files, val_files[0]
 
 

@@ -1,0 +1,143 @@
+"""The data checks that run before anything is compiled: every bad input (missing folder, no matching files,
+bad magic, bad version, a truncated body, a header promising more tokens than the file has, too few tokens for
+the run, a short val file) stops the run with its own message naming the file and the fix; and the loader's
+batches (rank slices, shard switches with background reads) are the record's."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from train_gpt import (HEADER_INTS, SHARD_MAGIC, DataError, Hyperparameters, TrainLoader, batches_in_shard,
+                       check_data, read_shard_header, val_batches)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_shard(path: Path, tokens: np.ndarray, magic=SHARD_MAGIC, version=1, count=None) -> Path:
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = magic, version, len(tokens) if count is None else count
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(header.tobytes() + tokens.astype("<u2").tobytes())
+    return path
+
+
+def small_args(folder: Path, **kw) -> Hyperparameters:
+    """4 steps of 2 x 128 tokens, val 256 tokens."""
+    files = dict(train_files=str(folder / "fineweb_train_*.bin"), val_files=str(folder / "fineweb_val_*.bin"))
+    return Hyperparameters(**{**files, **kw}, batch_seqs=2, seq_len=128, val_tokens=256, num_iterations=4)
+
+
+def good_data(folder: Path):
+    rng = np.random.default_rng(0)
+    for i in (1, 2):
+        write_shard(folder / f"fineweb_train_{i:06d}.bin", rng.integers(0, 50257, 600))  # 2 steps each
+    write_shard(folder / "fineweb_val_000000.bin", rng.integers(0, 50257, 300))
+
+
+def test_good_data_passes(tmp_path):
+    good_data(tmp_path)
+    train, val = check_data(small_args(tmp_path))
+    assert [Path(f).name for f in train] == ["fineweb_train_000001.bin", "fineweb_train_000002.bin"]
+    assert Path(val).name == "fineweb_val_000000.bin"
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no_folder", "no data folder"),
+    ("no_files", "no train shards match"),
+    ("magic", "magic number 12345, expected 20240520"),
+    ("version", "format version 7"),
+    ("short_header", "shorter than its 1024-byte header"),
+    ("truncated_body", "holds 400 of the 600 tokens its header promises: truncated"),
+    ("count_too_large", "holds 600 of the 900 tokens its header promises"),
+    ("count_too_small", "bytes more than the 500 tokens its header says: corrupt"),
+    ("too_few_tokens", "feed 2 steps of 256 tokens, and num_iterations=4"),
+    ("no_val", "no val shard matches"),
+    ("short_val", "fewer than val_tokens + 1 = 257 tokens"),
+])
+def test_each_bad_input_has_its_own_error(tmp_path, damage, message):
+    good_data(tmp_path)
+    first, val = tmp_path / "fineweb_train_000001.bin", tmp_path / "fineweb_val_000000.bin"
+    tokens = np.arange(600)
+    args = small_args(tmp_path)
+    if damage == "no_folder":
+        args = small_args(tmp_path / "missing")
+    elif damage == "no_files":
+        args = small_args(tmp_path, train_files=str(tmp_path / "fineweb_tran_*.bin"))
+    elif damage == "magic":
+        write_shard(first, tokens, magic=12345)
+    elif damage == "version":
+        write_shard(first, tokens, version=7)
+    elif damage == "short_header":
+        first.write_bytes(first.read_bytes()[:100])
+    elif damage == "truncated_body":
+        first.write_bytes(first.read_bytes()[:HEADER_INTS * 4 + 800])
+    elif damage == "count_too_large":
+        write_shard(first, tokens, count=900)
+    elif damage == "count_too_small":
+        write_shard(first, tokens, count=500)
+    elif damage == "too_few_tokens":
+        (tmp_path / "fineweb_train_000002.bin").unlink()
+    elif damage == "no_val":
+        val.unlink()
+    elif damage == "short_val":
+        write_shard(val, np.arange(200))
+    with pytest.raises(DataError, match=re.escape(message)) as error:
+        check_data(args)
+    text = str(error.value)
+    assert "fineweb" in text  # names the file or the pattern
+    if damage not in ("short_val",):
+        assert "download" in text or "data/cached_fineweb10B.py" in text  # and the fix
+
+
+def test_bad_data_stops_before_training(tmp_path):
+    """From the command line: exit code 2, one clear line, no traceback, no log, nothing compiled."""
+    good_data(tmp_path)
+    write_shard(tmp_path / "fineweb_train_000002.bin", np.arange(600), magic=1)
+    argv = [f"--train_files={tmp_path}/fineweb_train_*.bin", f"--val_files={tmp_path}/fineweb_val_*.bin",
+            "--batch_seqs=2", "--seq_len=128", "--val_tokens=256", "--num_iterations=4"]
+    result = subprocess.run([sys.executable, str(REPO / "train_gpt.py"), *argv], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "error:" in result.stderr and "fineweb_train_000002.bin: magic number 1" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "records").exists()
+
+
+def test_batches_in_shard_matches_the_record():
+    """The record moves to the next shard when pos + batch + 1 >= len: 190 steps of a 100M-token shard."""
+    assert batches_in_shard(100_000_000, 524_288) == 190
+    for n in range(10, 40):
+        pos, count = 0, 0
+        while not pos + 8 + 1 >= n:
+            pos, count = pos + 8, count + 1
+        assert batches_in_shard(n, 8) == count
+
+
+def test_loader_slices_and_shard_switch(tmp_path):
+    """Rank r gets the r-th slice of each step's tokens (+1 for the targets); shards are switched as in the
+    record; two ranks together see exactly what one rank sees."""
+    a = write_shard(tmp_path / "a.bin", np.arange(0, 40))
+    b = write_shard(tmp_path / "b.bin", np.arange(1000, 1040))
+    one = TrainLoader([str(a), str(b)], 16, rank=0, world_size=1, device=torch.device("cpu"))
+    steps = [one.next_batch() for _ in range(4)]
+    assert [x[0].item() for x, _ in steps] == [0, 16, 1000, 1016]  # 40 tokens hold 2 batches of 16 (+1)
+    for x, y in steps:
+        assert torch.equal(y[:-1], x[1:].long()) and len(x) == 16
+    assert one.state() == dict(shard=1, pos=32)
+    halves = [TrainLoader([str(a), str(b)], 16, rank=r, world_size=2, device=torch.device("cpu")) for r in (0, 1)]
+    for x, y in steps:
+        parts = [loader.next_batch() for loader in halves]
+        assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
+    resumed = TrainLoader([str(a), str(b)], 16, rank=0, world_size=1, device=torch.device("cpu"), shard=1, pos=0)
+    assert torch.equal(resumed.next_batch()[0], steps[2][0])
+
+
+def test_val_batches_cover_the_same_sequences_on_any_world_size():
+    tokens = torch.arange(1025).to(torch.uint16)
+    args = Hyperparameters(val_tokens=1024, seq_len=128)
+    one = [x for x, _ in val_batches(tokens, args, 0, 1, torch.device("cpu"))]
+    four = [x for r in range(4) for x, _ in val_batches(tokens, args, r, 4, torch.device("cpu"))]
+    assert sorted(x[0].item() for x in one) == sorted(x[0].item() for x in four) == list(range(0, 1024, 128))
