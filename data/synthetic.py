@@ -114,8 +114,8 @@ def chunk_tokens(seed: int, name: str, chunk: int, count: int, vocab: int = EOT_
     return tokens.astype("<u2")
 
 
-def _fill(task: tuple) -> None:
-    """Worker: generate one piece and write it at its place in the shard's (pre-sized) temp file."""
+def _fill(task: tuple) -> str:
+    """Worker: generate one piece, write it at its place in the shard's (pre-sized) temp file; return the shard."""
     tmp, name, chunk, count, chunk_size, seed, vocab, eot = task
     data = chunk_tokens(seed, name, chunk, count, vocab, eot).tobytes()
     fd = os.open(tmp, os.O_WRONLY)
@@ -124,6 +124,7 @@ def _fill(task: tuple) -> None:
             raise OSError(f"short write to {tmp} (disk full?)")
     finally:
         os.close(fd)
+    return name
 
 
 def _sizes(num_train_shards: int, tokens_per_shard: int, val_tokens: int | None) -> dict[str, int]:
@@ -145,8 +146,9 @@ def _todo(out: Path, sizes: dict[str, int]) -> list[str]:
 
 
 def _run(tasks: list[tuple], workers: int):
-    """Yield as each task finishes, in order. forkserver, not fork: the caller may be train_gpt.py with torch's
-    threads running, and forking a threaded process can deadlock; children fork from a clean server instead."""
+    """Run the tasks, yielding each one's shard name as it finishes, in order. forkserver, not fork: the caller
+    may have torch's threads running, and forking a threaded process can deadlock; children of a clean server
+    can't inherit a held lock."""
     if workers <= 1 or len(tasks) <= 1 or sum(task[3] for task in tasks) < POOL_MIN_TOKENS:
         yield from map(_fill, tasks)
         return
@@ -174,9 +176,9 @@ def write_shards(out_dir, num_train_shards: int, tokens_per_shard: int, val_toke
     todo = _todo(out, sizes)
     chunk_size = CHUNK_TOKENS  # read once and passed on, so workers never disagree about the layout
     tmps = {name: out / f".{name}.{os.getpid()}.tmp" for name in todo}
+    left = {name: -(-sizes[name] // chunk_size) for name in todo}  # pieces still to write, per shard
     tasks = [(str(tmps[name]), name, c, min(chunk_size, sizes[name] - c * chunk_size), chunk_size, seed, vocab, eot)
-             for name in todo for c in range(-(-sizes[name] // chunk_size))]
-    left = {name: -(-sizes[name] // chunk_size) for name in todo}
+             for name in todo for c in range(left[name])]
     workers = workers or len(os.sched_getaffinity(0))
     bar = tqdm(total=len(sizes), initial=len(sizes) - len(todo), unit="shard", desc="synthetic", disable=not progress)
     try:
@@ -186,8 +188,7 @@ def write_shards(out_dir, num_train_shards: int, tokens_per_shard: int, val_toke
             with open(tmps[name], "wb") as f:
                 f.write(header.tobytes())
                 f.truncate(HEADER_BYTES + 2 * sizes[name])
-        for task, _ in zip(tasks, _run(tasks, workers)):
-            name = task[1]
+        for name in _run(tasks, workers):
             left[name] -= 1
             if not left[name]:
                 # No fsync: a kill can't leave a partial file under the final name; a power cut is not worth the
@@ -219,7 +220,7 @@ def entropies(vocab: int = EOT_TOKEN, seed: int = 0, eot: int = EOT_TOKEN) -> tu
     return float(-(pi * np.log(pi)).sum()), float((pi * row).sum())
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "synthetic"), help="output directory")
     ap.add_argument("--train_shards", type=int, default=9)
@@ -233,13 +234,18 @@ def main(argv: list[str] | None = None) -> None:
     sizes = _sizes(args.train_shards, args.tokens, args.val_tokens)
     todo = _todo(Path(args.out), sizes)
     t0 = time.perf_counter()
-    write_shards(args.out, args.train_shards, args.tokens, args.val_tokens, args.seed, args.workers,
-                 vocab=args.vocab, eot=args.eot)
+    try:
+        write_shards(args.out, args.train_shards, args.tokens, args.val_tokens, args.seed, args.workers,
+                     vocab=args.vocab, eot=args.eot)
+    except KeyboardInterrupt:
+        print("\nsynthetic: interrupted; finished shards are kept, unfinished ones removed", file=sys.stderr)
+        return 130
     unigram, conditional = entropies(args.vocab, args.seed, args.eot)
     print(f"synthetic: wrote {len(todo)} shard(s), {sum(sizes[n] for n in todo):,} tokens, in "
           f"{time.perf_counter() - t0:.1f}s to {args.out} ({len(sizes) - len(todo)} already there); "
           f"unigram entropy {unigram:.2f} nats, best possible loss {conditional:.2f} nats")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
