@@ -1,0 +1,116 @@
+"""Download the FineWeb-10B GPT-2 token shards (the val shard and the first N train shards) from the Hugging Face
+dataset kjj0/fineweb10B-gpt2 into data/fineweb10B/ (next to this script, whatever the working directory).
+
+    python data/cached_fineweb10B.py 8
+
+Files already there are kept when their header and size check out (train_gpt.read_shard_header), so a rerun
+only fetches what is missing or broken. Every download is checked the same way and fetched once more, forced,
+if it is truncated or corrupt. When the hub can't be reached the script says what to do and exits with code 1.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from huggingface_hub import constants, hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for train_gpt
+from train_gpt import DataError, read_shard_header  # noqa: E402
+
+REPO_ID = "kjj0/fineweb10B-gpt2"
+DEFAULT_DIR = Path(__file__).resolve().parent / "fineweb10B"
+VAL_NAME = "fineweb_val_000000.bin"
+
+
+class DownloadError(Exception):
+    """A shard could not be fetched or stays broken; the message says what to do."""
+
+
+def shard_names(n: int) -> list[str]:
+    return [VAL_NAME] + [f"fineweb_train_{i:06d}.bin" for i in range(1, n + 1)]
+
+
+def verify(path) -> str | None:
+    """None when the shard is whole (its header and size agree), else what is wrong with it."""
+    try:
+        read_shard_header(path)
+    except DataError as e:
+        return str(e)
+    return None
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "no answer from the hub". OSError covers huggingface_hub's LocalEntryNotFoundError and
+    OfflineModeIsEnabled and requests' errors; its HTTP client differs by version, so add httpx's if loaded."""
+    clients = [sys.modules[name] for name in ("httpx", "httpx2") if name in sys.modules]
+    return (OSError, *(client.TransportError for client in clients))
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or ['no details'])[0]}"
+
+
+def _fetch(repo_id: str, path: Path, force: bool) -> None:
+    try:
+        hf_hub_download(repo_id, path.name, repo_type="dataset", local_dir=path.parent, force_download=force)
+    except HfHubHTTPError as e:  # the hub answered, with an error (a missing file, a wrong repo, access)
+        raise DownloadError(f"the hub at {constants.ENDPOINT} refused {path.name} of dataset {repo_id} "
+                            f"({_first_line(e)}). Check the repo name (--repo) and that the shard number exists "
+                            f"(the dataset has 103 train shards).") from None
+    except _network_errors() as e:
+        if constants.HF_HUB_OFFLINE:
+            why = "HF_HUB_OFFLINE=1 is set, so the hub was not contacted: unset it to download"
+        else:
+            why = (f"Check the network connection and proxy, and that HF_ENDPOINT (now {constants.ENDPOINT}) "
+                   f"points at a reachable hub or mirror")
+        raise DownloadError(f"could not download {path.name} from the Hugging Face dataset {repo_id} "
+                            f"({_first_line(e)}). {why}. Without network, copy the shards from a machine that has "
+                            f"them into {path.parent}, or make synthetic shards for benchmarks that don't need real "
+                            f"text: python data/synthetic.py.") from None
+
+
+def download(n: int, dest=DEFAULT_DIR, repo_id: str = REPO_ID, progress: bool = True) -> list[Path]:
+    """Make dest hold the val shard and the first n train shards, each verified; return their paths."""
+    if n < 0:
+        raise ValueError(f"the number of train shards must be >= 0, got {n}")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    paths = [dest / name for name in shard_names(n)]
+    for path in tqdm(paths, desc="fineweb10B", unit="shard", disable=not progress):
+        if verify(path) is None:
+            continue
+        # A broken copy goes first: the hub's local-dir metadata could otherwise call it up to date.
+        path.unlink(missing_ok=True)
+        for force in (False, True):
+            _fetch(repo_id, path, force)
+            problem = verify(path)
+            if problem is None:
+                break
+        else:
+            raise DownloadError(f"{path.name} is still broken after downloading it twice: {problem}. Delete it "
+                                f"and run this again; if it stays broken, the copy at {constants.ENDPOINT} is bad.")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("n", nargs="?", type=int, default=8,
+                    help="train shards to fetch, 100M tokens each (default 8: 800M tokens, enough for the record "
+                         "run's 1393 steps x 524,288 tokens = 730M)")
+    ap.add_argument("--dir", default=str(DEFAULT_DIR), help="where the shards go (default: %(default)s)")
+    ap.add_argument("--repo", default=REPO_ID, help="Hugging Face dataset repo (default: %(default)s)")
+    args = ap.parse_args(argv)
+    if args.n < 0:
+        ap.error(f"n must be >= 0, got {args.n}")
+    try:
+        download(args.n, args.dir, args.repo)
+    except DownloadError as e:
+        print(f"cached_fineweb10B: {e}", file=sys.stderr)
+        return 1
+    print(f"fineweb10B: the val shard and {args.n} train shards are ready in {args.dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
