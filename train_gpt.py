@@ -740,12 +740,14 @@ def environment_report(args: Hyperparameters, world_size: int, device: torch.dev
 
 
 def make_smoke_data(args: Hyperparameters):
-    """The smoke preset writes its own small synthetic shards (two train shards, so a run crosses one)."""
-    out = Path(args.train_files).parent
+    """The smoke preset makes its own synthetic shards, sized for the run: two train shards, so that a run
+    crosses a shard boundary; token ids below vocab_size, the last of them the end of text."""
     tokens = (args.num_iterations // 2 + 2) * args.batch_seqs * args.seq_len
-    subprocess.run([sys.executable, str(REPO / "data/synthetic.py"), "--out", str(out), "--train_shards", "2",
-                    "--tokens", str(tokens), "--val_tokens", str(max(tokens, args.val_tokens + 1)), "--seed", "0"],
-                   check=True)
+    eot = str(args.vocab_size - 1)
+    val_tokens = str(max(tokens, args.val_tokens + 1))
+    subprocess.run([sys.executable, str(REPO / "data/synthetic.py"), "--out", str(Path(args.train_files).parent),
+                    "--train_shards", "2", "--tokens", str(tokens), "--val_tokens", val_tokens,
+                    "--vocab", eot, "--eot", eot, "--seed", "0"], check=True)
 
 
 def muon_owners(muon: Muon):
@@ -860,8 +862,11 @@ def main(args: Hyperparameters):
     rank, world_size, device = setup_distributed()
     cuda = device.type == "cuda"
     check_config(args, world_size)
-    if args.preset == "smoke" and not glob.glob(args.train_files) and int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        make_smoke_data(args)
+    if args.preset == "smoke" and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        try:
+            check_data(args)
+        except DataError:
+            make_smoke_data(args)
     if dist.is_initialized():
         dist.barrier()
     train_files, val_file = check_data(args)  # before anything is compiled

@@ -1,0 +1,108 @@
+"""End to end on the CPU with the smoke preset, under torchrun on gloo: the run trains (the loss falls) and its
+log lines parse; 1 process accumulating 2 sequences ends with the same weights as 2 processes with 1 each; a
+resumed run repeats the uninterrupted run's losses bit for bit, and a checkpoint of another configuration is
+refused; 2 nodes x 1 process (two launchers on loopback) give the losses of 1 node x 2 processes; a non-finite
+loss stops the run, naming the step."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+STEP_LINE = re.compile(r"^step:(\d+)/(\d+) (val_loss|train_loss):(\S+) train_time:(\d+)ms step_avg:(\S+)ms$")
+
+
+def torchrun(cwd: Path, *args: str, nproc: int = 2, launcher: tuple = ("--standalone",), check: bool = True,
+             timeout: int = 300) -> subprocess.CompletedProcess:
+    cwd.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc_per_node={nproc}",
+               str(REPO / "train_gpt.py"), "--preset=smoke", *args]
+    # one thread a process, as torchrun sets for several: CPU sums then add up in the same order for any nproc
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def log_of(result: subprocess.CompletedProcess, cwd: Path) -> Path:
+    return cwd / re.search(r"^log: (\S+)$", result.stdout, re.M).group(1)
+
+
+def step_lines(log: Path) -> dict[tuple[int, str], float]:
+    """{(step, "val_loss" or "train_loss"): loss} of a log."""
+    lines = [STEP_LINE.match(line) for line in log.read_text().splitlines()]
+    return {(int(m[1]), m[3]): float(m[4]) for m in lines if m}
+
+
+def final_model(run_dir: Path) -> dict:
+    (checkpoint,) = sorted(run_dir.glob("checkpoints/*/step_*.pt"))
+    return torch.load(checkpoint, weights_only=False)["model"]
+
+
+def test_smoke_run_trains(tmp_path):
+    result = torchrun(tmp_path)
+    log = log_of(result, tmp_path)
+    assert log.parent.name == "smoke" and log.read_text().startswith('"""GPT-2 small')  # opens with the code
+    text = log.read_text()
+    assert "PyTorch" in text and "num_iterations = 20" in text and "fp8 head: off" in text
+    losses = step_lines(log)
+    assert [s for s, kind in losses if kind == "train_loss"] == list(range(1, 21))
+    assert [s for s, kind in losses if kind == "val_loss"] == [0, 10, 20]
+    assert losses[20, "val_loss"] < losses[0, "val_loss"] - 1.0, losses
+
+
+def test_world_size_invariance(tmp_path):
+    """batch_seqs=2: one rank accumulating both sequences vs two ranks with one each."""
+    args = ("--num_iterations=3", "--checkpoint_every=100")
+    torchrun(tmp_path / "one", *args, nproc=1)
+    torchrun(tmp_path / "two", *args, nproc=2)
+    one, two = final_model(tmp_path / "one"), final_model(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], rtol=0, atol=0, msg=name)
+    assert not torch.equal(one["lm_head.weight"], torch.zeros_like(one["lm_head.weight"]))
+
+
+def test_resume_repeats_the_run_exactly(tmp_path):
+    args = ("--num_iterations=8", "--val_every=2", "--checkpoint_every=4")
+    full = step_lines(log_of(torchrun(tmp_path, *args), tmp_path))
+    checkpoint = sorted(tmp_path.glob("checkpoints/*/step_000004.pt"))[0]
+    resumed_run = torchrun(tmp_path, *args, f"--resume={checkpoint}")
+    assert f"resumed from {checkpoint} at step 4" in resumed_run.stdout
+    resumed = step_lines(log_of(resumed_run, tmp_path))
+    assert min(step for step, _ in resumed) == 4 and len(resumed) == 7  # val 4, 6, 8 and train 5..8
+    for key, loss in resumed.items():
+        assert full[key] == loss, key  # the printed losses, bit for bit to 4 decimals
+
+    refused = torchrun(tmp_path, *args, "--model_dim=32", f"--resume={checkpoint}", check=False)
+    assert refused.returncode != 0
+    assert "was made with other hyperparameters" in refused.stderr
+    assert "model_dim: checkpoint 64, now 32" in refused.stderr
+
+
+def test_two_nodes_on_loopback_match_one_node(tmp_path, free_port):
+    args = ("--num_iterations=4", "--val_every=2")
+    single = step_lines(log_of(torchrun(tmp_path / "single", *args), tmp_path / "single"))
+    node_dir = tmp_path / "nodes"
+    node_dir.mkdir()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               "--master_addr=127.0.0.1", f"--master_port={free_port}", None, str(REPO / "train_gpt.py"),
+               "--preset=smoke", *args]
+    nodes = [subprocess.Popen([c if c else f"--node_rank={rank}" for c in command], cwd=node_dir,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    log = node_dir / re.search(r"^log: (\S+)$", outputs[0][0], re.M).group(1)
+    assert step_lines(log) == single
+
+
+def test_nonfinite_loss_stops_the_run(tmp_path):
+    result = torchrun(tmp_path, "--num_iterations=6", "--head_lr=inf", "--checkpoint_every=100", check=False)
+    assert result.returncode != 0
+    match = re.search(r"step (\d+): the train loss is (nan|inf); stopping", result.stdout)
+    assert match, result.stdout[-2000:]
+    assert list(tmp_path.glob(f"checkpoints/*/step_{int(match[1]):06d}_nonfinite.pt"))
