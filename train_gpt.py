@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch._inductor.config
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -565,6 +566,11 @@ def window_blocks_at(step: int, args: Hyperparameters) -> int:
     return next_multiple(args.window_tokens * step / args.num_iterations, BLOCK_SIZE) // BLOCK_SIZE
 
 
+def window_tensor(step: int, args: Hyperparameters, device: torch.device) -> Tensor:
+    """The window as the model takes it: a 0-d int32 tensor, so that it changes without recompiling."""
+    return torch.tensor(window_blocks_at(step, args), dtype=torch.int32, device=device)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Data: shards of 256 int32 header (magic, version, token count) then uint16 GPT-2 token ids
 
@@ -883,7 +889,7 @@ def main(args: Hyperparameters):
         log(f"fp8 head: off ({why_not}); the lm_head runs in bf16")
     fp8_head = fp8_head and args.fp8_head
     if cuda:
-        torch._inductor.config.coordinate_descent_tuning = args.coordinate_descent_tuning
+        torch._inductor.config.coordinate_descent_tuning = args.coordinate_descent_tuning  # the record had it on
 
     torch.manual_seed(args.seed)
     raw_model = GPT(args.vocab_size, args.num_layers, args.num_heads, args.model_dim, args.seq_len,
@@ -914,12 +920,11 @@ def main(args: Hyperparameters):
     generator = torch.Generator().manual_seed(args.seed)
     for step in range(args.warmup_steps):
         dummy = torch.randint(0, args.vocab_size, (local_tokens + 1,), generator=generator).to(device)
-        train_step(model, dummy[:-1].int(), dummy[1:], torch.tensor(window_blocks_at(step, args), device=device),
-                   step, args, optimizers)
+        train_step(model, dummy[:-1].int(), dummy[1:], window_tensor(step, args, device), step, args, optimizers)
     if args.warmup_steps:
         one_val_step = dataclasses.replace(args, val_tokens=world_size * args.seq_len)
         dummy = torch.randint(0, args.vocab_size, (one_val_step.val_tokens + 1,), generator=generator)
-        evaluate(model, dummy, torch.tensor(1, device=device), one_val_step, rank, world_size, device)
+        evaluate(model, dummy, window_tensor(0, args, device), one_val_step, rank, world_size, device)
     raw_model.load_state_dict(initial_state["model"])
     adam.load_state_dict(initial_state["adam"])
     muon.load_state_dict(initial_state["muon"])
@@ -939,7 +944,7 @@ def main(args: Hyperparameters):
     checkpoint_path = Path(args.checkpoint_dir) / run_id
     T = args.num_iterations
     for step in range(start_step, T + 1):
-        window = torch.tensor(window_blocks_at(step, args), device=device)
+        window = window_tensor(step, args, device)
         if step == T or (args.val_every and step % args.val_every == 0):
             val_loss = evaluate(model, val_tokens, window, args, rank, world_size, device)
             log(f"step:{step}/{T} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms "
