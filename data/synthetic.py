@@ -9,9 +9,11 @@ so a model that learns this bigram rule reaches a loss well below the unigram en
 
 Shards are cut into CHUNK_TOKENS pieces that a process pool generates and writes straight into the shard's temp
 file; each piece depends only on (seed, vocab, eot, shard name, piece index), never on the number of workers.
+The format's constants and header check come from train_gpt.py, imported only by the parent process: it imports
+torch (~15 s on a GPU box), which the workers don't need.
 
     python data/synthetic.py --out data/synthetic --train_shards 9 --tokens 100000000
-    python data/synthetic.py --out data/synthetic_smoke --vocab 1023 --eot 1023 ...  # for a vocab_size=1024 model
+    python data/synthetic.py --out data/synthetic_smoke --eot 1023 ...  # for a model with vocab_size=1024
 """
 import argparse
 import hashlib
@@ -26,15 +28,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for train_gpt
-from train_gpt import EOT_TOKEN, HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, DataError, read_shard_header  # noqa: E402
-
 FOLLOW_P = 0.6          # chance that a token is follow[previous] rather than a fresh Zipf draw
 MEAN_DOC = 1000         # mean document length in tokens, about FineWeb's
 DOC_SIGMA = 1.0         # lognormal spread of document lengths (median ~600 for mean 1000)
 CHUNK_TOKENS = 1 << 22  # one process's unit of work (~0.1 s, 8 MB); fixed, since content depends on it
-POOL_MIN_TOKENS = 1 << 26  # below this, generating in-process beats starting a pool (its server imports torch)
-HEADER_BYTES = HEADER_INTS * 4
+POOL_MIN_TOKENS = 1 << 24  # below this, generating in-process beats starting a pool
 
 
 def shard_names(num_train_shards: int) -> list[str]:
@@ -42,13 +40,24 @@ def shard_names(num_train_shards: int) -> list[str]:
     return [f"fineweb_train_{i:06d}.bin" for i in range(1, num_train_shards + 1)] + ["fineweb_val_000000.bin"]
 
 
-def _ordinary_ids(vocab: int, eot: int) -> int:
-    """How many non-EOT token ids the stream uses (ids 0..n-1); checks that every token stays < 50257."""
-    if not 2 <= eot <= EOT_TOKEN:
-        raise ValueError(f"eot must be in [2, {EOT_TOKEN}], got {eot}")
+@cache
+def _train_gpt():
+    """train_gpt, imported on first use in the parent process only (see the module docstring)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root
+    import train_gpt
+    return train_gpt
+
+
+def _vocab(vocab: int | None, eot: int | None) -> tuple[int, int]:
+    """(ordinary ids 0..n-1, end-of-text id), checked so that every token stays a GPT-2 id (< 50257)."""
+    gpt2_eot = _train_gpt().EOT_TOKEN
+    eot = gpt2_eot if eot is None else eot
+    vocab = eot if vocab is None else vocab
+    if not 2 <= eot <= gpt2_eot:
+        raise ValueError(f"eot must be in [2, {gpt2_eot}], got {eot}")
     if vocab < 2:
         raise ValueError(f"vocab must be at least 2, got {vocab}")
-    return min(vocab, eot)  # vocab=50257 (GPT-2's size, counting EOT) means all ordinary ids
+    return min(vocab, eot), eot  # vocab=50257 (GPT-2's size, counting EOT) means all ordinary ids
 
 
 def _zipf_probs(n: int) -> np.ndarray:
@@ -81,10 +90,8 @@ def _name_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
 
 
-def chunk_tokens(seed: int, name: str, chunk: int, count: int, vocab: int = EOT_TOKEN,
-                 eot: int = EOT_TOKEN) -> np.ndarray:
-    """Tokens of piece `chunk` (count of them) of shard `name`, as little-endian uint16."""
-    n = _ordinary_ids(vocab, eot)
+def chunk_tokens(seed: int, name: str, chunk: int, count: int, n: int, eot: int) -> np.ndarray:
+    """Tokens of piece `chunk` (count of them) of shard `name`, ordinary ids < n, as little-endian uint16."""
     rng = np.random.default_rng([seed, 1, _name_key(name), chunk])
     # Document starts. Twice the expected number of lengths is (practically) always enough; if not, the tail is
     # just one long document. Piece 0 opens a document; later pieces begin inside one, as a real shard would.
@@ -116,11 +123,11 @@ def chunk_tokens(seed: int, name: str, chunk: int, count: int, vocab: int = EOT_
 
 def _fill(task: tuple) -> str:
     """Worker: generate one piece, write it at its place in the shard's (pre-sized) temp file; return the shard."""
-    tmp, name, chunk, count, chunk_size, seed, vocab, eot = task
-    data = chunk_tokens(seed, name, chunk, count, vocab, eot).tobytes()
+    tmp, offset, name, chunk, count, seed, n, eot = task
+    data = chunk_tokens(seed, name, chunk, count, n, eot).tobytes()
     fd = os.open(tmp, os.O_WRONLY)
     try:
-        if os.pwrite(fd, data, HEADER_BYTES + 2 * chunk * chunk_size) != len(data):
+        if os.pwrite(fd, data, offset) != len(data):
             raise OSError(f"short write to {tmp} (disk full?)")
     finally:
         os.close(fd)
@@ -135,9 +142,10 @@ def _sizes(num_train_shards: int, tokens_per_shard: int, val_tokens: int | None)
 
 
 def _is_valid(path: Path, count: int) -> bool:
+    tg = _train_gpt()
     try:
-        return read_shard_header(path) == count
-    except DataError:
+        return tg.read_shard_header(path) == count
+    except tg.DataError:
         return False
 
 
@@ -149,7 +157,7 @@ def _run(tasks: list[tuple], workers: int):
     """Run the tasks, yielding each one's shard name as it finishes, in order. forkserver, not fork: the caller
     may have torch's threads running, and forking a threaded process can deadlock; children of a clean server
     can't inherit a held lock."""
-    if workers <= 1 or len(tasks) <= 1 or sum(task[3] for task in tasks) < POOL_MIN_TOKENS:
+    if workers <= 1 or len(tasks) <= 1:
         yield from map(_fill, tasks)
         return
     pool = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=multiprocessing.get_context("forkserver"))
@@ -161,33 +169,36 @@ def _run(tasks: list[tuple], workers: int):
 
 def write_shards(out_dir, num_train_shards: int, tokens_per_shard: int, val_tokens: int | None = None,
                  seed: int = 0, workers: int | None = None, progress: bool = True,
-                 vocab: int = EOT_TOKEN, eot: int = EOT_TOKEN) -> list[Path]:
+                 vocab: int | None = None, eot: int | None = None) -> list[Path]:
     """Write fineweb_train_000001.bin.. and fineweb_val_000000.bin into out_dir; return their paths.
 
     Files that already have a valid header and the requested token count are kept (whatever seed made them).
     Each shard is written to a temp file and renamed when complete, so an interrupted run never leaves a
-    truncated shard under a final name. Ordinary token ids are < vocab and documents start with `eot`; a model
-    with vocab_size V (which takes V-1 as end-of-text) wants vocab=eot=V-1.
+    truncated shard under a final name. Ordinary token ids are < vocab (default: all GPT-2 ids) and documents
+    start with `eot` (default 50256); a model with vocab_size V (which takes V-1 as end-of-text) wants eot=V-1.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sizes = _sizes(num_train_shards, tokens_per_shard, val_tokens)
-    _ordinary_ids(vocab, eot)  # fail on a bad vocab before touching any file
+    n, eot = _vocab(vocab, eot)  # fail on a bad vocab before touching any file
+    tg = _train_gpt()
     todo = _todo(out, sizes)
-    chunk_size = CHUNK_TOKENS  # read once and passed on, so workers never disagree about the layout
+    chunk = CHUNK_TOKENS  # read once, so all pieces agree on the layout
     tmps = {name: out / f".{name}.{os.getpid()}.tmp" for name in todo}
-    left = {name: -(-sizes[name] // chunk_size) for name in todo}  # pieces still to write, per shard
-    tasks = [(str(tmps[name]), name, c, min(chunk_size, sizes[name] - c * chunk_size), chunk_size, seed, vocab, eot)
-             for name in todo for c in range(left[name])]
+    left = {name: -(-sizes[name] // chunk) for name in todo}  # pieces still to write, per shard
+    tasks = [(str(tmps[name]), tg.HEADER_INTS * 4 + 2 * c * chunk, name, c, min(chunk, sizes[name] - c * chunk),
+              seed, n, eot) for name in todo for c in range(left[name])]
     workers = workers or len(os.sched_getaffinity(0))
+    if sum(sizes[name] for name in todo) < POOL_MIN_TOKENS:
+        workers = 1
     bar = tqdm(total=len(sizes), initial=len(sizes) - len(todo), unit="shard", desc="synthetic", disable=not progress)
     try:
         for name in todo:
-            header = np.zeros(HEADER_INTS, "<i4")
-            header[:3] = SHARD_MAGIC, SHARD_VERSION, sizes[name]
+            header = np.zeros(tg.HEADER_INTS, "<i4")
+            header[:3] = tg.SHARD_MAGIC, tg.SHARD_VERSION, sizes[name]
             with open(tmps[name], "wb") as f:
                 f.write(header.tobytes())
-                f.truncate(HEADER_BYTES + 2 * sizes[name])
+                f.truncate(header.nbytes + 2 * sizes[name])
         for name in _run(tasks, workers):
             left[name] -= 1
             if not left[name]:
@@ -202,12 +213,12 @@ def write_shards(out_dir, num_train_shards: int, tokens_per_shard: int, val_toke
     return [out / name for name in sizes]
 
 
-def entropies(vocab: int = EOT_TOKEN, seed: int = 0, eot: int = EOT_TOKEN) -> tuple[float, float]:
+def entropies(vocab: int | None = None, seed: int = 0, eot: int | None = None) -> tuple[float, float]:
     """(unigram entropy, conditional entropy of a token given its predecessor) of the process, in nats.
 
     The second is the loss of a perfect model; document boundaries (~0.1% of tokens) are ignored.
     """
-    n, p = _ordinary_ids(vocab, eot), FOLLOW_P
+    (n, _), p = _vocab(vocab, eot), FOLLOW_P
     q, follow = _zipf_probs(n), _follow_powers(seed, n, 64)[1]
     pi = q.copy()
     for _ in range(200):  # stationary distribution of pi = (1-p) q + p (pi pushed through follow); error p**200
@@ -228,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val_tokens", type=int, default=None, help="tokens in the val shard (default: --tokens)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
-    ap.add_argument("--vocab", type=int, default=EOT_TOKEN, help="ordinary token ids are < vocab")
-    ap.add_argument("--eot", type=int, default=EOT_TOKEN, help="the end-of-text token that starts each document")
+    ap.add_argument("--vocab", type=int, default=None, help="ordinary token ids are < vocab (default: all GPT-2's)")
+    ap.add_argument("--eot", type=int, default=None, help="the end-of-text id that opens documents (default 50256)")
     args = ap.parse_args(argv)
     sizes = _sizes(args.train_shards, args.tokens, args.val_tokens)
     todo = _todo(Path(args.out), sizes)

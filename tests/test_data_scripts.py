@@ -86,9 +86,20 @@ def test_vocab_and_eot_for_a_small_model(tmp_path):
 
 
 def test_workers_do_not_change_the_bytes(tmp_path, monkeypatch):
+    pools = []
+
+    class Pool(synthetic.ProcessPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            pools.append(self)
+            super().__init__(*args, **kwargs)
+
     monkeypatch.setattr(synthetic, "CHUNK_TOKENS", 7_000)  # several pieces per shard...
     monkeypatch.setattr(synthetic, "POOL_MIN_TOKENS", 0)  # ...spread over a real process pool
-    one, two = write(tmp_path / "one", workers=1), write(tmp_path / "two", workers=2)
+    monkeypatch.setattr(synthetic, "ProcessPoolExecutor", Pool)
+    one = write(tmp_path / "one", workers=1)
+    assert not pools
+    two = write(tmp_path / "two", workers=2)
+    assert len(pools) == 1
     for a, b in zip(one, two):
         assert a.read_bytes() == b.read_bytes()
 
