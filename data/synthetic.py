@@ -242,7 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab", type=int, default=None, help="ordinary token ids are < vocab (default: all GPT-2's)")
     ap.add_argument("--eot", type=int, default=None, help="the end-of-text id that opens documents (default 50256)")
     args = ap.parse_args(argv)
-    sizes = _sizes(args.train_shards, args.tokens, args.val_tokens)
+    try:
+        sizes = _sizes(args.train_shards, args.tokens, args.val_tokens)
+        _vocab(args.vocab, args.eot)
+    except ValueError as e:
+        ap.error(str(e))
     todo = _todo(Path(args.out), sizes)
     t0 = time.perf_counter()
     try:
