@@ -57,6 +57,12 @@ def test_matches_dequantised_matmul(device):
     g = 1e-6 * torch.randn(out.shape, device=device, dtype=torch.bfloat16)  # lm_head-sized gradients
     out.backward(g)
     g_dq = (g.float() * grad_s).to(torch.float8_e5m2).float() / grad_s
-    torch.testing.assert_close(x.grad.float(), g_dq @ w_dq, rtol=2e-2, atol=1e-8)
-    torch.testing.assert_close(w.grad, g_dq.T @ x_dq, rtol=1e-4, atol=1e-10)
+    # FP8 tensor cores accumulate in less than float32 (a relative error near 1e-4 on the H200), so the gradients
+    # are compared by relative error over the whole tensor, as in METHOD.md
+    assert relative_error(x.grad.float(), g_dq @ w_dq) < 1e-2  # bf16 output
+    assert relative_error(w.grad, g_dq.T @ x_dq) < 1e-3  # float32 output
     assert w.grad.is_contiguous() and w.grad.dtype == torch.float32
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got - expected).norm() / expected.norm()).item()
