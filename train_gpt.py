@@ -364,6 +364,11 @@ class Rotary(nn.Module):
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
 
 
+# Uncompiled, flex_attention falls back to a reference implementation that applies mask_mod everywhere and ignores
+# the block tables, so the sliding windows would be lost: outside a compiled model it runs compiled on its own.
+_flex_attention_compiled = torch.compile(flex_attention, dynamic=False)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, max_seq_len: int, use_flex: bool):
         super().__init__()
@@ -385,7 +390,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         # scale 0.12 instead of 1/sqrt(128), by @leloykun
         if self.use_flex:
-            y = flex_attention(q, k, v, block_mask=mask, scale=0.12)
+            attend = flex_attention if torch.compiler.is_compiling() else _flex_attention_compiled
+            y = attend(q, k, v, block_mask=mask, scale=0.12)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.12)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, D))
@@ -420,7 +426,10 @@ class Block(nn.Module):
 
 NO_ATTENTION_LAYER = 7  # layer 7 has no attention, by @YouJiacheng
 LONG_WINDOW_LAYERS = (True, False, False, False, True, False)  # encoder layers 0..5; the decoder mirrors it
-FP8_SCALES = dict(x_s=2.0, w_s=32.0, grad_s=2.0**29)
+FP8_X_SCALE, FP8_W_SCALE = 2.0, 32.0
+# The mean over T tokens makes each logit's gradient about 1/T: grad_s = 2^13 * T brings it into float8_e5m2's
+# range (2^29 at the record's 65,536 tokens; a fixed 2^29 overflows at the smoke preset's 1024).
+FP8_GRAD_SCALE_PER_TOKEN = 2.0**13
 
 
 def next_multiple(n: float, multiple: int) -> int:
@@ -470,7 +479,7 @@ class GPT(nn.Module):
                 skips.append(x)
         x = norm(x)[0]
         if self.training and self.fp8_head:
-            logits = fp8_mm(x, self.lm_head.weight, **FP8_SCALES)
+            logits = fp8_mm(x, self.lm_head.weight, FP8_X_SCALE, FP8_W_SCALE, FP8_GRAD_SCALE_PER_TOKEN * len(x))
         else:
             logits = self.lm_head(x)
         # soft cap 30 * sigmoid(z / 7.5) = 15 * (tanh(z / 15) + 1), by @Grad62304977, @KoszarskyB, @YouJiacheng
