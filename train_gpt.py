@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import difflib
 import glob
+import inspect
 import math
 import os
 import subprocess
@@ -61,7 +62,7 @@ class Hyperparameters:
     num_iterations: int = 1393  # training steps
     cooldown_frac: float = 0.4  # last fraction of the steps in which every lr decays linearly to 0.1x
     window_tokens: int = 1728  # attention window at the end, before rounding up to 128 (-> 1792)
-    val_every: int = 125  # steps between evaluations (0: only at the start and the end)
+    val_every: int = 125  # steps between evaluations, from step 0 (0: only at the end)
     # optimizers
     muon_lr: float = 0.05  # for the matrices in the blocks
     muon_momentum_start: float = 0.85  # warmed up linearly ...
@@ -81,8 +82,7 @@ class Hyperparameters:
     checkpoint_every: int = 0  # steps between checkpoints, plus one at the end; 0: none (timing untouched)
     checkpoint_dir: str = "checkpoints"  # checkpoints go to <checkpoint_dir>/<run id>/step_NNNNNN.pt
     resume: str = ""  # a checkpoint to continue from
-    preset: str = ""  # "smoke": a tiny configuration for a 2-core CPU that makes its own data; fields set
-    # on the command line override the preset's
+    preset: str = ""  # "smoke": a tiny configuration for a 2-core CPU that makes its own data (see PRESETS)
 
 
 PRESETS = {
@@ -115,6 +115,12 @@ def _convert(name: str, text: str, kind: type):
         raise ConfigError(f"--{name} takes {kind.__name__} values, not {text!r}") from None
 
 
+def usage() -> str:
+    launch = __doc__.split("\n\n")[1]
+    fields = inspect.getsource(Hyperparameters).split("\n", 2)[2]  # the class body: fields and their comments
+    return launch + "\n\nHyperparameters (--name=value), with their defaults:\n" + fields
+
+
 def parse_args(argv: list[str]) -> Hyperparameters:
     """--name=value for any Hyperparameters field; --preset=NAME first applies a preset."""
     types = {f.name: f.type for f in dataclasses.fields(Hyperparameters)}
@@ -145,6 +151,8 @@ def check_config(args: Hyperparameters, world_size: int):
     if args.val_tokens % (world_size * args.seq_len):
         problems.append(f"val_tokens={args.val_tokens} must be a multiple of world_size x seq_len "
                         f"= {world_size * args.seq_len}")
+    if args.num_layers % 2:
+        problems.append(f"num_layers={args.num_layers} must be even: the U-Net pairs encoder and decoder layers")
     if args.model_dim % args.num_heads:
         problems.append(f"model_dim={args.model_dim} must be a multiple of num_heads={args.num_heads}")
     if problems:
@@ -306,8 +314,10 @@ class Muon(torch.optim.Optimizer):
             pending = None
             for base in range(0, len(params), self.world_size):
                 i = base + self.rank
-                update = self._update(params[i], momentum) if i < len(params) else \
-                    torch.zeros(params[0].numel(), dtype=torch.bfloat16, device=params[0].device)
+                if i < len(params):
+                    update = self._update(params[i], momentum)
+                else:  # the last round has fewer parameters than ranks: this one sends zeros
+                    update = params[0].new_zeros(params[0].numel(), dtype=torch.bfloat16)
                 gathered = torch.empty(self.world_size * update.numel(), dtype=update.dtype, device=update.device)
                 # async: the next parameter's Newton-Schulz runs while this all-gather is in flight
                 work = dist.all_gather_into_tensor(gathered, update, async_op=True)  # by @YouJiacheng
@@ -991,6 +1001,9 @@ def main(args: Hyperparameters):
 
 
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(usage())
+        sys.exit(0)
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     try:
         main(parse_args(sys.argv[1:]))

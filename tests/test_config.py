@@ -68,3 +68,10 @@ def test_schedules():
     assert lr_factor(1393, args) == pytest.approx(0.1) and lr_factor(1100, args) < 1.0
     assert muon_momentum(0, args) == 0.85 and muon_momentum(150, args) == pytest.approx(0.90)
     assert muon_momentum(300, args) == muon_momentum(1000, args) == 0.95
+
+
+def test_help_lists_the_hyperparameters(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "train_gpt.py"), "--help"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "torchrun --standalone" in result.stdout
+    assert "num_iterations: int = 1393  # training steps" in result.stdout
