@@ -626,8 +626,11 @@ def read_shard_header(path) -> int:
     return num_tokens
 
 
-def load_shard(path, pin: bool) -> Tensor:
+def load_shard(path, pin: bool, max_tokens: int | None = None) -> Tensor:
+    """A shard's tokens (its first max_tokens, when given) in a CPU tensor."""
     num_tokens = read_shard_header(path)
+    if max_tokens is not None:
+        num_tokens = min(num_tokens, max_tokens)
     tokens = torch.empty(num_tokens, dtype=torch.uint16, pin_memory=pin)  # pinned: async copies to the GPU
     with open(path, "rb", buffering=0) as f:
         f.seek(HEADER_INTS * 4)
@@ -802,9 +805,14 @@ def save_checkpoint(path: Path, args, step: int, train_time_ms: float, model: nn
         tmp = path.with_name(path.name + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, path)
+    drop_others_muon_state(muon, rank)
+
+
+def drop_others_muon_state(muon: Muon, rank: int):
+    """Keep only the momentum buffers of the parameters this rank updates."""
     for p, owner in muon_owners(muon):
         if owner != rank:
-            del muon.state[p]  # keep only this rank's share of the momentum
+            del muon.state[p]
 
 
 def load_checkpoint(path: str, args: Hyperparameters) -> dict:
@@ -825,9 +833,7 @@ def restore_checkpoint(ckpt: dict, model: nn.Module, adam, muon: Muon, rank: int
     model.load_state_dict(ckpt["model"])
     adam.load_state_dict(ckpt["adam"])
     muon.load_state_dict(ckpt["muon"])
-    for p, owner in muon_owners(muon):
-        if owner != rank:
-            del muon.state[p]
+    drop_others_muon_state(muon, rank)
     torch.set_rng_state(ckpt["rng"])
     if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(ckpt["cuda_rng"])
@@ -959,7 +965,7 @@ def main(args: Hyperparameters):
     log(f"warmup_time:{time.perf_counter() - t0:.1f}s (compile and {args.warmup_steps} untimed steps)")
 
     loader = TrainLoader(train_files, args.batch_seqs * args.seq_len, rank, world_size, device, **loader_state)
-    val_tokens = load_shard(val_file, pin=cuda)[:args.val_tokens + 1]
+    val_tokens = load_shard(val_file, pin=cuda, max_tokens=args.val_tokens + 1)
     checkpoint_path = Path(args.checkpoint_dir) / run_id
     T = args.num_iterations
     for step in range(start_step, T + 1):
