@@ -1,8 +1,10 @@
-"""End to end on the CPU with the smoke preset, under torchrun on gloo: the run trains (the loss falls) and its
-log lines parse; 1 process accumulating 2 sequences ends with the same weights as 2 processes with 1 each; a
-resumed run repeats the uninterrupted run's losses bit for bit, and a checkpoint of another configuration is
-refused; 2 nodes x 1 process (two launchers on loopback) give the losses of 1 node x 2 processes; a non-finite
-loss stops the run, naming the step."""
+"""End to end on the CPU with the smoke preset, under torchrun on gloo:
+- the run trains (the loss falls) and its log lines parse;
+- 1 process accumulating 2 sequences ends with the same weights as 2 processes with 1 each;
+- a resumed run repeats the uninterrupted run's losses bit for bit, also on another world size, and a
+  checkpoint of another configuration is refused;
+- 2 nodes x 1 process (two launchers on loopback) give the losses of 1 node x 2 processes;
+- a non-finite loss stops the run, naming the step."""
 import os
 import re
 import subprocess
@@ -78,6 +80,10 @@ def test_resume_repeats_the_run_exactly(tmp_path):
     assert min(step for step, _ in resumed) == 4 and len(resumed) == 7  # val 4, 6, 8 and train 5..8
     for key, loss in resumed.items():
         assert full[key] == loss, key  # the printed losses, bit for bit to 4 decimals
+
+    # a checkpoint holds every rank's Muon momentum, so it resumes on another world size too
+    one_rank = step_lines(log_of(torchrun(tmp_path, *args, f"--resume={checkpoint}", nproc=1), tmp_path))
+    assert one_rank == resumed
 
     refused = torchrun(tmp_path, *args, "--model_dim=32", f"--resume={checkpoint}", check=False)
     assert refused.returncode != 0
