@@ -1,5 +1,5 @@
 """End to end on the CPU with the smoke preset, under torchrun on gloo:
-- the run trains (the loss falls) and its log lines parse;
+- the run trains (the loss falls) and its log parses, also for records/summarize.py;
 - 1 process accumulating 2 sequences ends with the same weights as 2 processes with 1 each;
 - a resumed run repeats the uninterrupted run's losses bit for bit, also on another world size, and a
   checkpoint of another configuration is refused;
@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "records"))
+import summarize  # noqa: E402
 STEP_LINE = re.compile(r"^step:(\d+)/(\d+) (val_loss|train_loss):(\S+) train_time:(\d+)ms step_avg:(\S+)ms$")
 
 
@@ -56,6 +58,8 @@ def test_smoke_run_trains(tmp_path):
     assert [s for s, kind in losses if kind == "train_loss"] == list(range(1, 21))
     assert [s for s, kind in losses if kind == "val_loss"] == [0, 10, 20]
     assert losses[20, "val_loss"] < losses[0, "val_loss"] - 1.0, losses
+    run = summarize.parse_log(log)  # the evidence tool reads what the trainer writes
+    assert run.complete and run.final_val_loss == losses[20, "val_loss"], run.error
 
 
 def test_world_size_invariance(tmp_path):
