@@ -167,17 +167,20 @@ def check_config(args: Hyperparameters, world_size: int):
 # again from the saved bf16/fp32 tensors: the same bits as in the forward, at the cost of two small casts.
 
 
+def _quantize(x: Tensor, w: Tensor, x_s: float, w_s: float) -> tuple[Tensor, Tensor]:
+    """The one quantisation of x and w, shared by forward and backward so that both see the same bits."""
+    return x.mul(x_s).to(torch.float8_e4m3fn), w.mul(w_s).to(torch.float8_e4m3fn)
+
+
 def _fp8_mm_forward(x: Tensor, w: Tensor, x_s: float, w_s: float) -> Tensor:
-    x_f8 = x.mul(x_s).to(torch.float8_e4m3fn)
-    w_f8 = w.mul(w_s).to(torch.float8_e4m3fn)
+    x_f8, w_f8 = _quantize(x, w, x_s, w_s)
     one = torch.ones((), dtype=torch.float32, device=x.device)
     return torch._scaled_mm(x_f8, w_f8.T, out_dtype=torch.bfloat16, scale_a=one / x_s, scale_b=one / w_s,
                             use_fast_accum=True)
 
 
 def _fp8_mm_backward(g: Tensor, x: Tensor, w: Tensor, x_s: float, w_s: float, grad_s: float):
-    x_f8 = x.mul(x_s).to(torch.float8_e4m3fn)
-    w_f8 = w.mul(w_s).to(torch.float8_e4m3fn)
+    x_f8, w_f8 = _quantize(x, w, x_s, w_s)
     g_f8 = g.mul(grad_s).to(torch.float8_e5m2)
     one = torch.ones((), dtype=torch.float32, device=g.device)
     # _scaled_mm wants its first operand row-major and its second column-major
@@ -594,7 +597,7 @@ def window_tensor(step: int, args: Hyperparameters, device: torch.device) -> Ten
 # Data: shards of 256 int32 header (magic, version, token count) then uint16 GPT-2 token ids
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
-EOT_TOKEN = 50256  # end of text: separates documents
+EOT_TOKEN = Hyperparameters.vocab_size - 1  # 50256, end of text: starts each document (the model's rule too)
 DOWNLOAD_HINT = "python data/cached_fineweb10B.py {n} (synthetic shards: python data/synthetic.py)"
 
 

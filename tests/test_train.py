@@ -17,6 +17,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "records"))
 import summarize  # noqa: E402
 
+# The CPU path on gloo, also on a GPU machine; one thread a process, as torchrun sets for several: CPU sums
+# then add up in the same order for any nproc.
+CPU_ENV = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 STEP_LINE = re.compile(r"^step:(\d+)/(\d+) (val_loss|train_loss):(\S+) train_time:(\d+)ms step_avg:(\S+)ms$")
 
 
@@ -25,10 +28,7 @@ def torchrun(cwd: Path, *args: str, nproc: int = 2, launcher: tuple = ("--standa
     cwd.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc_per_node={nproc}",
                str(REPO / "train_gpt.py"), "--preset=smoke", *args]
-    # The CPU path on gloo, also on a GPU machine; one thread a process, as torchrun sets for several: CPU sums
-    # then add up in the same order for any nproc.
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=CPU_ENV)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -104,8 +104,7 @@ def test_two_nodes_on_loopback_match_one_node(tmp_path, free_port):
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                "--master_addr=127.0.0.1", f"--master_port={free_port}", None, str(REPO / "train_gpt.py"),
                "--preset=smoke", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    nodes = [subprocess.Popen([c if c else f"--node_rank={rank}" for c in command], cwd=node_dir, env=env,
+    nodes = [subprocess.Popen([c if c else f"--node_rank={rank}" for c in command], cwd=node_dir, env=CPU_ENV,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     outputs = [node.communicate(timeout=300) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
