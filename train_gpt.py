@@ -36,6 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.profiler import record_function
 
 REPO = Path(__file__).resolve().parent
 
@@ -82,6 +83,7 @@ class Hyperparameters:
     checkpoint_every: int = 0  # steps between checkpoints, plus one at the end; 0: none (timing untouched)
     checkpoint_dir: str = "checkpoints"  # checkpoints go to <checkpoint_dir>/<run id>/step_NNNNNN.pt
     resume: str = ""  # a checkpoint to continue from
+    profile_at: int = 0  # > 0: torch.profiler on steps profile_at+1 .. +3 (slowed); kernel table beside the log
     preset: str = ""  # "smoke": a tiny configuration for a 2-core CPU that makes its own data (see PRESETS)
 
 
@@ -95,7 +97,7 @@ PRESETS = {
 }
 # Fields that only say how a run is carried out: a checkpoint may be resumed with other values for them.
 RUN_FIELDS = {"compile", "coordinate_descent_tuning", "warmup_steps", "tag", "checkpoint_every",
-              "checkpoint_dir", "resume", "preset"}
+              "checkpoint_dir", "resume", "profile_at", "preset"}
 
 
 class ConfigError(ValueError):
@@ -863,10 +865,11 @@ def train_step(model, inputs: Tensor, targets: Tensor, window: Tensor, step: int
     sequences a rank holds is weighted 1/accum, then the ranks average."""
     accum = len(inputs) // args.seq_len
     loss = torch.zeros((), device=inputs.device)
-    for seq_in, seq_target in zip(inputs.split(args.seq_len), targets.split(args.seq_len)):
-        seq_loss = model(seq_in, seq_target, window) / accum
-        seq_loss.backward()
-        loss += seq_loss.detach()
+    with record_function("forward_backward"):  # a phase in --profile_at tables, as is each optimizer's step
+        for seq_in, seq_target in zip(inputs.split(args.seq_len), targets.split(args.seq_len)):
+            seq_loss = model(seq_in, seq_target, window) / accum
+            seq_loss.backward()
+            loss += seq_loss.detach()
     if dist.is_initialized():
         for p in model.parameters():
             dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
@@ -879,6 +882,20 @@ def train_step(model, inputs: Tensor, targets: Tensor, window: Tensor, step: int
         opt.step()
     model.zero_grad(set_to_none=True)
     return loss
+
+
+PROFILED_STEPS = 3
+
+
+def write_profile(profiler: torch.profiler.profile, path: Path):
+    """Per-step device (GPU) and CPU time of every kernel, op and phase the profiler saw, largest first."""
+    rows = sorted(((e.self_device_time_total, e.self_cpu_time_total, e.count, e.key)
+                   for e in profiler.key_averages()), reverse=True)
+    with path.open("w") as f:
+        print(f"# {PROFILED_STEPS} steps profiled; per step: self device us, self cpu us, calls, name", file=f)
+        for device_us, cpu_us, count, name in rows:
+            print(f"{device_us / PROFILED_STEPS:.1f}\t{cpu_us / PROFILED_STEPS:.1f}\t"
+                  f"{count / PROFILED_STEPS:g}\t{name}", file=f)
 
 
 @torch.no_grad()
@@ -971,6 +988,7 @@ def main(args: Hyperparameters):
     val_tokens = load_shard(val_file, pin=cuda, max_tokens=args.val_tokens + 1)
     checkpoint_path = Path(args.checkpoint_dir) / run_id
     T = args.num_iterations
+    profiler = None
     for step in range(start_step, T + 1):
         window = window_tensor(step, args, device)
         if step == T or (args.val_every and step % args.val_every == 0):
@@ -979,6 +997,10 @@ def main(args: Hyperparameters):
                 f"step_avg:{train_time_ms / max(step, 1):.2f}ms")
         if step == T:
             break
+        if step == args.profile_at > 0:
+            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
+                                              + [torch.profiler.ProfilerActivity.CUDA] * cuda)
+            profiler.start()
         t0 = time.perf_counter()
         inputs, targets = loader.next_batch()
         loss = train_step(model, inputs, targets, window, step, args, optimizers).item()  # .item() syncs
@@ -993,6 +1015,12 @@ def main(args: Hyperparameters):
                 message += f" (state after the step saved to {path}; resume from an earlier checkpoint)"
             log(message)
             raise SystemExit(1)
+        if profiler is not None and step + 1 in (args.profile_at + PROFILED_STEPS, T):
+            profiler.stop()
+            if log.path is not None:
+                write_profile(profiler, log.path.with_suffix(".profile.tsv"))
+                log(f"profile of steps {args.profile_at + 1}..{step + 1}: {log.path.with_suffix('.profile.tsv')}")
+            profiler = None
         if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < T:
             path = checkpoint_path / f"step_{step + 1:06d}.pt"
             save_checkpoint(path, args, step + 1, train_time_ms, raw_model, adam, muon, loader, rank)

@@ -1,5 +1,6 @@
 """End to end on the CPU with the smoke preset, under torchrun on gloo:
-- the run trains (the loss falls) and its log parses, also for records/summarize.py;
+- the run trains (the loss falls) and its log parses, also for records/summarize.py; --profile_at writes a
+  profile that records/profile_summary.py reads;
 - 1 process accumulating 2 sequences ends with the same weights as 2 processes with 1 each;
 - a resumed run repeats the uninterrupted run's losses bit for bit, also on another world size, and a
   checkpoint of another configuration is refused;
@@ -15,6 +16,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "records"))
+import profile_summary  # noqa: E402
 import summarize  # noqa: E402
 
 # The CPU path on gloo, also on a GPU machine; one thread a process, as torchrun sets for several: CPU sums
@@ -50,7 +52,7 @@ def final_model(run_dir: Path) -> dict:
 
 
 def test_smoke_run_trains(tmp_path):
-    result = torchrun(tmp_path)
+    result = torchrun(tmp_path, "--profile_at=5")
     log = log_of(result, tmp_path)
     assert log.parent.name == "smoke" and log.read_text().startswith('"""GPT-2 small')  # opens with the code
     text = log.read_text()
@@ -61,6 +63,10 @@ def test_smoke_run_trains(tmp_path):
     assert losses[20, "val_loss"] < losses[0, "val_loss"] - 1.0, losses
     run = summarize.parse_log(log)  # the evidence tool reads what the trainer writes
     assert run.complete and run.final_val_loss == losses[20, "val_loss"], run.error
+    # --profile_at=5 profiled steps 6..8 (on the CPU: CPU times only) and the profile tool reads them
+    assert "profile of steps 6..8: " in text
+    assert "forward_backward" in log.with_suffix(".profile.tsv").read_text()
+    assert profile_summary.summary(log).startswith("measured step (profiled): ")
 
 
 def test_world_size_invariance(tmp_path):

@@ -1,0 +1,86 @@
+"""Where a step's GPU time goes, from a run made with --profile_at: one table of kernel categories.
+
+Usage:
+    python records/profile_summary.py records/<tag>/<run id>.txt
+
+Reads the log (for the measured time of the profiled steps) and the <run id>.profile.tsv beside it that
+train_gpt.py wrote. Every GPU kernel falls in one category by its name: cuBLAS matmuls by precision (the FP8
+ones are the lm_head's), FlexAttention's kernels, NCCL's, and inductor's fused elementwise kernels by the ops
+they contain. The names are heuristics for this model, written for torch 2.11's kernels. NCCL runs on its own
+stream and may overlap the rest; "not covered" is the step time that no compute kernel fills: launch gaps and
+waits for communication. Prints a markdown table, then the GPU spans of the annotated phases.
+"""
+import re
+import sys
+from pathlib import Path
+
+PHASES = ("forward_backward", "Optimizer.step#Muon.step", "Optimizer.step#Adam.step")
+COMMUNICATION = "communication (NCCL, own stream)"
+
+
+def category(name: str) -> str | None:
+    """The category of a kernel; None for rows that are not kernels (phase spans, NCCL's own span rows)."""
+    if name in PHASES or name.startswith(("nccl:", "ProfilerStep")):
+        return None
+    if name.startswith("ncclDevKernel"):
+        return COMMUNICATION
+    if "flex_attention" in name:
+        return "attention (FlexAttention)"
+    if name.startswith("nvjet"):  # nvjet_sm90_tst_... is bf16; qq/qr/rq type codes are FP8
+        return "matmul, FP8 (lm_head)" if name.split("_")[2][0] in "qr" else "matmul, bf16"
+    if "splitKreduce" in name or "gemm" in name:
+        return "matmul, bf16"
+    if name.startswith("triton_"):
+        if any(op in name for op in ("sigmoid", "log_softmax", "scaled_mm", "add_permute")):
+            return "lm_head loss: soft cap, cross entropy, FP8 casts"
+        if "relu" in name:
+            return "ReLU^2"
+        if "rms_norm" in name:
+            return "RMS norms, rotary, residuals"
+        return "other inductor kernels"
+    if "multi_tensor_apply" in name or "adam" in name.lower():
+        return "Adam"
+    return "other (copies, fills, eager elementwise)"
+
+
+def read_profile(tsv: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """-> ({category: device ms per step}, {phase: GPU span ms per step})."""
+    categories, phases = {}, {}
+    for line in tsv.read_text().splitlines():
+        if line.startswith("#"):
+            continue
+        device_us, cpu_us, _, name = line.split("\t", 3)
+        if name in PHASES:
+            phases[name] = max(phases.get(name, 0.0), float(device_us) / 1000)
+        elif float(cpu_us) == 0 and float(device_us) > 0 and (kind := category(name)):
+            categories[kind] = categories.get(kind, 0.0) + float(device_us) / 1000
+    return categories, phases
+
+
+def profiled_step_ms(log: Path) -> float:
+    """The mean train time of the profiled steps, from the log's step lines."""
+    text = log.read_text()
+    first, last = map(int, re.search(r"^profile of steps (\d+)\.\.(\d+):", text, re.M).groups())
+    times = {int(m[1]): int(m[2]) for m in re.finditer(r"^step:(\d+)/\d+ train_loss:\S+ train_time:(\d+)ms", text,
+                                                       re.M)}
+    return (times[last] - times[first - 1]) / (last - first + 1)
+
+
+def summary(log: Path) -> str:
+    categories, phases = read_profile(log.with_suffix(".profile.tsv"))
+    step = profiled_step_ms(log)
+    compute = sum(ms for kind, ms in categories.items() if kind != COMMUNICATION)
+    rows = sorted(categories.items(), key=lambda kv: -kv[1])
+    rows.append(("not covered by a compute kernel", max(step - compute, 0.0)))
+    lines = [f"measured step (profiled): {step:.1f} ms", "", "| where | ms per step | share of the step |",
+             "|---|---|---|"]
+    lines += [f"| {kind} | {ms:.1f} | {ms / step:.0%} |" for kind, ms in rows]
+    lines += ["", "GPU spans of the phases (first to last kernel): "
+              + ", ".join(f"{name} {ms:.1f} ms" for name, ms in phases.items())]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    print(summary(Path(sys.argv[1])))

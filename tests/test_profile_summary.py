@@ -1,0 +1,46 @@
+"""records/profile_summary.py: kernels fall in the right categories, phase spans and non-kernel rows are kept out
+of the sums, and the step time comes from the log's profiled steps."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "records"))
+import profile_summary  # noqa: E402
+from profile_summary import category  # noqa: E402
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT", "matmul, bf16"),
+    ("nvjet_sm90_qqtst_192x192_128x4_2x1_v_bz_coopB_TNN", "matmul, FP8 (lm_head)"),
+    ("nvjet_sm90_rqsss_144x128_128x6_1x2_h_bz_coopA_algo2_TNN", "matmul, FP8 (lm_head)"),
+    ("triton_tem_fused_flex_attention_backward_transpose_view_7", "attention (FlexAttention)"),
+    ("triton_red_fused__to_copy_arange_div_eq_exp_log_mul_rsub_sigmoid_sub_sum_unsqueeze_where_3",
+     "lm_head loss: soft cap, cross entropy, FP8 casts"),
+    ("triton_poi_fused__unsafe_view_pow_relu_15", "ReLU^2"),
+    ("ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)", profile_summary.COMMUNICATION),
+    ("nccl:all_reduce", None),
+    ("forward_backward", None),
+])
+def test_category(name, expected):
+    assert category(name) == expected
+
+
+def test_summary(tmp_path):
+    log = tmp_path / "run.txt"
+    log.write_text("step:10/20 train_loss:4.0 train_time:1000ms step_avg:100.00ms\n"
+                   "step:11/20 train_loss:4.0 train_time:1110ms step_avg:100.91ms\n"
+                   "step:12/20 train_loss:4.0 train_time:1230ms step_avg:102.50ms\n"
+                   "profile of steps 11..12: run.profile.tsv\n")
+    log.with_suffix(".profile.tsv").write_text(
+        "# 2 steps profiled; per step: self device us, self cpu us, calls, name\n"
+        "100000.0\t0.0\t1\tforward_backward\n"
+        "60000.0\t50.0\t4\taten::mm\n"  # an op: its kernels are counted below
+        "60000.0\t0.0\t4\tnvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT\n"
+        "30000.0\t0.0\t2\ttriton_poi_fused__unsafe_view_pow_relu_15\n"
+        "8000.0\t0.0\t2\tncclDevKernel_AllReduce_Sum_f32_RING_LL(x)\n")
+    text = profile_summary.summary(log)
+    assert text.startswith("measured step (profiled): 115.0 ms")
+    assert "| matmul, bf16 | 60.0 | 52% |" in text and "| ReLU^2 | 30.0 | 26% |" in text
+    assert "| not covered by a compute kernel | 25.0 | 22% |" in text  # NCCL overlaps: not subtracted
+    assert "forward_backward 100.0 ms" in text
