@@ -1,0 +1,110 @@
+"""The fused lm_head training loss (custom op speedrun::head_loss) against the plain path it replaces:
+- it passes torch.library.opcheck (schema, fake tensors with the real strides, autograd registration, AOT
+  dispatch), in bf16 and in FP8;
+- in bf16, its loss and gradients match autograd through linear -> soft cap -> cross entropy, for one chunk
+  and for several, also when the last chunk is short;
+- in FP8, they match autograd through the record's FP8 matmul (x, w quantised to e4m3, the logits' gradient
+  to e5m2 with grad_s = 2^13 T) followed by the same soft cap and cross entropy.
+The FP8 tests run wherever float8 matmuls do (recent PyTorch on CPU; GPUs of compute capability 8.9+)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt
+from train_gpt import FP8_GRAD_SCALE_PER_TOKEN, FP8_W_SCALE, FP8_X_SCALE, fp8_available, head_loss, softcap
+
+
+def fp8_devices() -> list[str]:
+    found = []
+    try:
+        one = torch.ones(())
+        torch._scaled_mm(torch.zeros(16, 16, dtype=torch.float8_e4m3fn),
+                         torch.zeros(16, 16, dtype=torch.float8_e4m3fn).T, scale_a=one, scale_b=one,
+                         out_dtype=torch.bfloat16)
+        found.append("cpu")
+    except (RuntimeError, NotImplementedError):
+        pass
+    if torch.cuda.is_available() and fp8_available(torch.device("cuda"))[0]:
+        found.append("cuda")
+    return found
+
+
+def devices() -> list[str]:
+    return ["cpu"] + ["cuda"] * torch.cuda.is_available()
+
+
+def inputs(device: str, n: int = 48, d: int = 32, v: int = 128):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=gen).bfloat16().to(device)
+    w = (0.5 * torch.randn(v, d, generator=gen)).to(device)  # logits of a few units: the soft cap bends
+    targets = torch.randint(0, v, (n,), generator=gen).to(device)
+    return x.requires_grad_(), w.requires_grad_(), targets
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+class RecordFp8Matmul(torch.autograd.Function):
+    """The plain path's FP8 lm_head matmul, as the record had it: x @ w.T in FP8 with bf16 output, and a
+    backward that quantises the incoming bf16 gradient to e5m2."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        x_q, w_q = x.mul(FP8_X_SCALE).to(torch.float8_e4m3fn), w.mul(FP8_W_SCALE).to(torch.float8_e4m3fn)
+        one = torch.ones(())
+        return torch._scaled_mm(x_q, w_q.T, out_dtype=torch.bfloat16, scale_a=one / FP8_X_SCALE,
+                                scale_b=one / FP8_W_SCALE, use_fast_accum=True)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        grad_s = FP8_GRAD_SCALE_PER_TOKEN * len(x)
+        x_dq = x.mul(FP8_X_SCALE).to(torch.float8_e4m3fn).float() / FP8_X_SCALE
+        w_dq = w.mul(FP8_W_SCALE).to(torch.float8_e4m3fn).float() / FP8_W_SCALE
+        g_dq = g.mul(grad_s).to(torch.float8_e5m2).float() / grad_s
+        return (g_dq @ w_dq).bfloat16(), g_dq.T @ x_dq
+
+
+def plain_loss(x, w, targets, fp8: bool):
+    logits = RecordFp8Matmul.apply(x, w) if fp8 else F.linear(x, w.type_as(x))
+    return F.cross_entropy(softcap(logits), targets)
+
+
+def compare(x, w, targets, fp8: bool, grad_x_tol: float, grad_w_tol: float):
+    loss, _, _ = head_loss(x, w, targets, fp8)
+    (loss / 2).backward()  # a gradient accumulation of 2 steps scales the gradients by 1/2
+    fused = loss.detach(), x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    expected = plain_loss(x, w, targets, fp8)
+    (expected / 2).backward()
+    torch.testing.assert_close(fused[0], expected.detach(), rtol=1e-5, atol=0)
+    assert fused[1].dtype == torch.bfloat16 and fused[2].dtype == torch.float32 and fused[2].is_contiguous()
+    assert relative_error(fused[1], x.grad) < grad_x_tol
+    assert relative_error(fused[2], w.grad) < grad_w_tol
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("chunk", [48, 16, 20])  # one chunk; three; two and a short one
+def test_bf16_matches_autograd(device, chunk, monkeypatch):
+    monkeypatch.setattr(train_gpt, "HEAD_CHUNK", chunk)
+    # bf16 rounding: of the logits' gradient, and of grad_w, once in the plain path and once a chunk here
+    compare(*inputs(device), fp8=False, grad_x_tol=1e-2, grad_w_tol=5e-3)
+
+
+@pytest.mark.parametrize("device", fp8_devices())
+@pytest.mark.parametrize("chunk", [48, 16, 20])
+def test_fp8_matches_record_path(device, chunk, monkeypatch):
+    monkeypatch.setattr(train_gpt, "HEAD_CHUNK", chunk)
+    # FP8 tensor cores accumulate in less than float32 (a relative error near 1e-4 on the H200)
+    compare(*inputs(device), fp8=True, grad_x_tol=1e-2, grad_w_tol=1e-3)  # grad_w: float32 output
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("fp8", [False, True])
+def test_opcheck(device, fp8, monkeypatch):
+    if fp8 and device not in fp8_devices():
+        pytest.skip("no float8 matmul here")
+    monkeypatch.setattr(train_gpt, "HEAD_CHUNK", 16)
+    torch.library.opcheck(head_loss, inputs(device, n=40) + (fp8,))
