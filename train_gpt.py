@@ -312,8 +312,9 @@ class Muon(torch.optim.Optimizer):
     QKV weight (3, d, d) is orthogonalised as 3 separate matrices.
 
     Across ranks the parameters of a group (all of one size) are shared out round-robin: rank r
-    orthogonalises parameters r, r + world_size, ...; the updates are all-gathered. With world_size 1 there
-    is no communication, and no process group is needed.
+    orthogonalises parameters r, r + world_size, ... . Muon averages the gradients itself, and only onto their
+    owner (a reduce-scatter per round of world_size parameters, half the bytes of an all-reduce); the updates
+    are then all-gathered. With world_size 1 there is no communication, and no process group is needed.
     """
 
     def __init__(self, params, lr: float, momentum: float, rank: int = 0, world_size: int = 1,
@@ -323,18 +324,38 @@ class Muon(torch.optim.Optimizer):
         groups = [dict(params=[p for p in params if p.numel() == size]) for size in sizes]
         super().__init__(groups, dict(lr=lr, momentum=momentum))
         self.rank, self.world_size, self.orthogonalize = rank, world_size, orthogonalize
+        self.reduced = None
 
     def owner(self, index: int) -> int:
         """The rank that computes the update of the index-th parameter of a group."""
         return index % self.world_size
 
-    def _update(self, p: Tensor, momentum: float) -> Tensor:
+    def _rounds(self):
+        """(group, its parameters of one round, this rank's parameter in the round or None), in a fixed order."""
+        for group in self.param_groups:
+            params = group["params"]
+            for base in range(0, len(params), self.world_size):
+                i = base + self.rank
+                yield group, params[base:base + self.world_size], params[i] if i < len(params) else None
+
+    def reduce_grads(self):
+        """Start averaging the gradients onto their owners, async, so that the caller can queue other
+        communication behind it; step() waits. Collective: every rank must call it."""
+        self.reduced = []
+        for _, params, _ in self._rounds():
+            grads = [p.grad.flatten() for p in params]  # a group's shapes may differ: (768, 3072), (3072, 768)
+            grads += [torch.zeros_like(grads[0])] * (self.world_size - len(grads))  # a short last round
+            grad = torch.empty_like(grads[0])
+            work = dist.reduce_scatter_tensor(grad, torch.cat(grads), op=dist.ReduceOp.AVG, async_op=True)
+            self.reduced.append((work, grad))
+
+    def _update(self, p: Tensor, grad: Tensor, momentum: float) -> Tensor:
         state = self.state[p]
         if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p.grad)
+            state["momentum_buffer"] = torch.zeros_like(grad)
         buf = state["momentum_buffer"]
-        buf.lerp_(p.grad, 1 - momentum)
-        nesterov = p.grad.lerp_(buf, momentum)
+        buf.lerp_(grad, 1 - momentum)
+        nesterov = grad.lerp_(buf, momentum)
         return self.orthogonalize(nesterov).flatten()
 
     @staticmethod
@@ -344,30 +365,27 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
-        for group in self.param_groups:
-            params, lr, momentum = group["params"], group["lr"], group["momentum"]
-            if self.world_size == 1:
-                for p in params:
-                    self._apply([p], [self._update(p, momentum)], lr)
-                continue
-            pending = None
-            for base in range(0, len(params), self.world_size):
-                i = base + self.rank
-                if i < len(params):
-                    update = self._update(params[i], momentum)
-                else:  # the last round has fewer parameters than ranks: this one sends zeros
-                    update = params[0].new_zeros(params[0].numel(), dtype=torch.bfloat16)
-                gathered = torch.empty(self.world_size * update.numel(), dtype=update.dtype, device=update.device)
-                # async: the next parameter's Newton-Schulz runs while this all-gather is in flight
-                work = dist.all_gather_into_tensor(gathered, update, async_op=True)  # by @YouJiacheng
-                if pending is not None:
-                    self._finish(*pending, lr)
-                pending = (work, gathered, params[base:base + self.world_size])
-            self._finish(*pending, lr)
-
-    def _finish(self, work, gathered: Tensor, params: list[Tensor], lr: float):
-        work.wait()
-        self._apply(params, list(gathered.view(self.world_size, -1)), lr)
+        if self.world_size == 1:
+            for group, (p,), _ in self._rounds():
+                self._apply([p], [self._update(p, p.grad, group["momentum"])], group["lr"])
+            return
+        if self.reduced is None:
+            self.reduce_grads()
+        gathers = []
+        # async all-gathers (by @YouJiacheng); all Newton-Schulz work is queued before any update is applied,
+        # so that it overlaps them and whatever communication the caller queued after reduce_grads()
+        for (group, params, mine), (work, grad) in zip(self._rounds(), self.reduced):
+            work.wait()
+            if mine is not None:
+                update = self._update(mine, grad.view_as(mine), group["momentum"])
+            else:  # the last round has fewer parameters than ranks: this one sends zeros
+                update = params[0].new_zeros(params[0].numel(), dtype=torch.bfloat16)
+            gathered = torch.empty(self.world_size * update.numel(), dtype=update.dtype, device=update.device)
+            gathers.append((dist.all_gather_into_tensor(gathered, update, async_op=True), gathered, params, group))
+        self.reduced = None
+        for work, gathered, params, group in gathers:
+            work.wait()
+            self._apply(params, list(gathered.view(self.world_size, -1)), group["lr"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -897,16 +915,24 @@ def train_step(model, inputs: Tensor, targets: Tensor, window: Tensor, step: int
             seq_loss = model(seq_in, seq_target, window) / accum
             seq_loss.backward()
             loss += seq_loss.detach()
-    if dist.is_initialized():
-        for p in model.parameters():
-            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+    adam, muon = optimizers
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lr_factor(step, args)
-            if isinstance(opt, Muon):
-                group["momentum"] = muon_momentum(step, args)
-        opt.step()
+    for group in muon.param_groups:
+        group["momentum"] = muon_momentum(step, args)
+    if dist.is_initialized():
+        # async, in this order on the wire: Muon's reduce-scatters, then the all-reduces of Adam's gradients and
+        # the loss, which run while Muon orthogonalises; its all-gathers queue behind them
+        muon.reduce_grads()
+        averaged = [dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, async_op=True)
+                    for group in adam.param_groups for p in group["params"]]
+        averaged.append(dist.all_reduce(loss, op=dist.ReduceOp.AVG, async_op=True))
+    muon.step()
+    if dist.is_initialized():
+        for work in averaged:
+            work.wait()
+    adam.step()
     model.zero_grad(set_to_none=True)
     return loss
 
@@ -986,8 +1012,9 @@ def main(args: Hyperparameters):
 
     # Compile and warm up on dummy data, untimed, then go back to the initial state.
     t0 = time.perf_counter()
-    initial_state = copy.deepcopy(dict(model=raw_model.state_dict(), adam=adam.state_dict(),
-                                       muon=muon.state_dict()))
+    # on the CPU: a GPU copy would add the weights' size to the peak memory
+    initial_state = dict(model={name: t.to("cpu", copy=True) for name, t in raw_model.state_dict().items()},
+                         adam=copy.deepcopy(adam.state_dict()), muon=copy.deepcopy(muon.state_dict()))
     local_tokens = args.batch_seqs * args.seq_len // world_size
     generator = torch.Generator().manual_seed(args.seed)
     for step in range(args.warmup_steps):

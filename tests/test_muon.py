@@ -41,13 +41,15 @@ SHAPES = [(3, 32, 32)] * 3 + [(128, 32)] * 3 + [(32, 128)] * 2 + [(32, 32)] * 3 
 
 
 def muon_run(rank: int, world_size: int) -> list[torch.Tensor]:
-    """3 Muon steps from a fixed start with fixed gradients (the same on every rank, as after an all-reduce)."""
+    """3 Muon steps from a fixed start with fixed gradients, which differ between 2 ranks: one rank alone gets
+    their mean, as Muon computes it (a sum, then a halving)."""
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(*shape, generator=gen)) for shape in SHAPES]
     opt = Muon(params, lr=0.05, momentum=0.9, rank=rank, world_size=world_size)
     for _ in range(3):
         for p in params:
-            p.grad = torch.randn(p.shape, generator=gen)
+            grads = [torch.randn(p.shape, generator=gen) for _ in range(2)]
+            p.grad = grads[rank] if world_size == 2 else (grads[0] + grads[1]) / 2
         opt.step()
     return [p.detach().clone() for p in params]
 
