@@ -181,8 +181,8 @@ def softcap(logits: Tensor) -> Tensor:
     return 30 * torch.sigmoid(logits.float() / 7.5)
 
 
-def _quantize_x(x: Tensor) -> Tensor:
-    return x.mul(FP8_X_SCALE).to(torch.float8_e4m3fn)
+def _e4m3(t: Tensor, scale: float) -> Tensor:
+    return t.mul(scale).to(torch.float8_e4m3fn)
 
 
 def _chunk_loss_and_logit_grad(x: Tensor, w_q: Tensor, targets: Tensor, inv_tokens: float,
@@ -193,8 +193,8 @@ def _chunk_loss_and_logit_grad(x: Tensor, w_q: Tensor, targets: Tensor, inv_toke
     fp8 = w_q.dtype == torch.float8_e4m3fn
     if fp8:
         one = torch.ones((), dtype=torch.float32, device=x.device)
-        logits = torch._scaled_mm(_quantize_x(x), w_q.T, out_dtype=torch.bfloat16, scale_a=one / FP8_X_SCALE,
-                                  scale_b=one / FP8_W_SCALE, use_fast_accum=True)
+        logits = torch._scaled_mm(_e4m3(x, FP8_X_SCALE), w_q.T, out_dtype=torch.bfloat16,
+                                  scale_a=one / FP8_X_SCALE, scale_b=one / FP8_W_SCALE, use_fast_accum=True)
     else:
         logits = x @ w_q.T
     s = torch.sigmoid(logits.float() / 7.5)
@@ -220,8 +220,8 @@ def _chunk_matmul_grads(g: Tensor, x: Tensor, w_q: Tensor, grad_w: Tensor,
     grad_x = torch._scaled_mm(g, w_q.T.contiguous().T, out_dtype=torch.bfloat16, scale_a=one / grad_s,
                               scale_b=one / FP8_W_SCALE)
     # (D, n) @ (n, V) and a transpose is faster than (V, n) @ (n, D) for (V, D) = (50304, 768)
-    grad_w_chunk = torch._scaled_mm(_quantize_x(x).T.contiguous(), g.T.contiguous().T, out_dtype=torch.float32,
-                                    scale_a=one / FP8_X_SCALE, scale_b=one / grad_s)
+    grad_w_chunk = torch._scaled_mm(_e4m3(x, FP8_X_SCALE).T.contiguous(), g.T.contiguous().T,
+                                    out_dtype=torch.float32, scale_a=one / FP8_X_SCALE, scale_b=one / grad_s)
     return grad_x, grad_w + grad_w_chunk.T
 
 
@@ -241,7 +241,7 @@ def head_loss(x: Tensor, w: Tensor, targets: Tensor, fp8: bool) -> tuple[Tensor,
         loss_and_logit_grad, matmul_grads = _chunk_loss_and_logit_grad_compiled, _chunk_matmul_grads_compiled
     else:
         loss_and_logit_grad, matmul_grads = _chunk_loss_and_logit_grad, _chunk_matmul_grads
-    w_q = w.mul(FP8_W_SCALE).to(torch.float8_e4m3fn) if fp8 else w.bfloat16()
+    w_q = _e4m3(w, FP8_W_SCALE) if fp8 else w.bfloat16()
     grad_s = FP8_GRAD_SCALE_PER_TOKEN * len(x)
     loss = torch.zeros((), dtype=torch.float32, device=x.device)
     grad_x, grad_w = torch.empty_like(x), torch.zeros_like(w, dtype=torch.float32)
