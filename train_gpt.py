@@ -940,15 +940,14 @@ def train_step(model, inputs: Tensor, targets: Tensor, window: Tensor, step: int
 PROFILED_STEPS = 3
 
 
-def write_profile(profiler: torch.profiler.profile, path: Path):
+def write_profile(profiler: torch.profiler.profile, path: Path, steps: int):
     """Per-step device (GPU) and CPU time of every kernel, op and phase the profiler saw, largest first."""
     rows = sorted(((e.self_device_time_total, e.self_cpu_time_total, e.count, e.key)
                    for e in profiler.key_averages()), reverse=True)
     with path.open("w") as f:
-        print(f"# {PROFILED_STEPS} steps profiled; per step: self device us, self cpu us, calls, name", file=f)
+        print(f"# {steps} steps profiled; per step: self device us, self cpu us, calls, name", file=f)
         for device_us, cpu_us, count, name in rows:
-            print(f"{device_us / PROFILED_STEPS:.1f}\t{cpu_us / PROFILED_STEPS:.1f}\t"
-                  f"{count / PROFILED_STEPS:g}\t{name}", file=f)
+            print(f"{device_us / steps:.1f}\t{cpu_us / steps:.1f}\t{count / steps:g}\t{name}", file=f)
 
 
 @torch.no_grad()
@@ -1072,7 +1071,8 @@ def main(args: Hyperparameters):
         if profiler is not None and step + 1 in (args.profile_at + PROFILED_STEPS, T):
             profiler.stop()
             if log.path is not None:
-                write_profile(profiler, log.path.with_suffix(".profile.tsv"))
+                # fewer than PROFILED_STEPS when the run ends first
+                write_profile(profiler, log.path.with_suffix(".profile.tsv"), step + 1 - args.profile_at)
                 log(f"profile of steps {args.profile_at + 1}..{step + 1}: {log.path.with_suffix('.profile.tsv')}")
             profiler = None
         if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < T:
