@@ -228,7 +228,10 @@ def _chunk_matmul_grads(g: Tensor, x: Tensor, w_q: Tensor, grad_w: Tensor,
 # On the GPU inductor fuses each half's elementwise work into few kernels, compiled once per chunk shape. The
 # halves are compiled apart: fused into the row-wise reduction of the first, the transposed copy of g in the
 # second writes one byte at a time (on an H200: 1.85 ms a chunk, against 1.07 + 0.32 ms as two kernels).
-_chunk_loss_and_logit_grad_compiled = torch.compile(_chunk_loss_and_logit_grad, dynamic=False)
+# emulate_precision_casts: inductor otherwise drops the rounding of g to bf16 before its scaling and cast to FP8,
+# which the record's path (and the CPU) has; the GPU tests of test_head_loss.py caught the difference
+_chunk_loss_and_logit_grad_compiled = torch.compile(_chunk_loss_and_logit_grad, dynamic=False,
+                                                    options={"emulate_precision_casts": True})
 _chunk_matmul_grads_compiled = torch.compile(_chunk_matmul_grads, dynamic=False)
 
 

@@ -33,7 +33,7 @@ def devices() -> list[str]:
     return ["cpu"] + ["cuda"] * torch.cuda.is_available()
 
 
-def inputs(device: str, n: int = 48, d: int = 32, v: int = 128):
+def inputs(device: str, n: int = 64, d: int = 32, v: int = 128):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, d, generator=gen).bfloat16().to(device)
     w = (0.5 * torch.randn(v, d, generator=gen)).to(device)  # logits of a few units: the soft cap bends
@@ -53,7 +53,7 @@ class RecordFp8Matmul(torch.autograd.Function):
     def forward(ctx, x, w):
         ctx.save_for_backward(x, w)
         x_q, w_q = x.mul(FP8_X_SCALE).to(torch.float8_e4m3fn), w.mul(FP8_W_SCALE).to(torch.float8_e4m3fn)
-        one = torch.ones(())
+        one = torch.ones((), device=x.device)
         return torch._scaled_mm(x_q, w_q.T, out_dtype=torch.bfloat16, scale_a=one / FP8_X_SCALE,
                                 scale_b=one / FP8_W_SCALE, use_fast_accum=True)
 
@@ -86,7 +86,10 @@ def compare(x, w, targets, fp8: bool, grad_x_tol: float, grad_w_tol: float):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("chunk", [48, 16, 20])  # one chunk; three; two and a short one
+# one chunk; four; one and a short one. Chunks are multiples of 16, as CUDA's FP8 matmul needs, and 64 tokens
+# make grad_s a power of 2, so that scaling the logits' gradient rounds the same in bf16 (CPU) and in float32
+# (inductor on the GPU)
+@pytest.mark.parametrize("chunk", [64, 16, 48])
 def test_bf16_matches_autograd(device, chunk, monkeypatch):
     monkeypatch.setattr(train_gpt, "HEAD_CHUNK", chunk)
     # bf16 rounding: of the logits' gradient, and of grad_w, once in the plain path and once a chunk here
@@ -94,7 +97,7 @@ def test_bf16_matches_autograd(device, chunk, monkeypatch):
 
 
 @pytest.mark.parametrize("device", fp8_devices())
-@pytest.mark.parametrize("chunk", [48, 16, 20])
+@pytest.mark.parametrize("chunk", [64, 16, 48])
 def test_fp8_matches_record_path(device, chunk, monkeypatch):
     monkeypatch.setattr(train_gpt, "HEAD_CHUNK", chunk)
     # FP8 tensor cores accumulate in less than float32 (a relative error near 1e-4 on the H200)
@@ -106,5 +109,6 @@ def test_fp8_matches_record_path(device, chunk, monkeypatch):
 def test_opcheck(device, fp8, monkeypatch):
     if fp8 and device not in fp8_devices():
         pytest.skip("no float8 matmul here")
-    monkeypatch.setattr(train_gpt, "HEAD_CHUNK", 16)
-    torch.library.opcheck(head_loss, inputs(device, n=40) + (fp8,))
+    monkeypatch.setattr(train_gpt, "HEAD_CHUNK", 32)
+    torch.library.opcheck(head_loss, inputs(device) + (fp8,))
+
