@@ -14,6 +14,8 @@ import re
 import sys
 from pathlib import Path
 
+from summarize import STEP_RE
+
 PHASES = ("forward_backward", "Optimizer.step#Muon.step", "Optimizer.step#Adam.step")
 COMMUNICATION = "communication (NCCL, own stream)"
 
@@ -61,8 +63,7 @@ def profiled_step_ms(log: Path) -> float:
     """The mean train time of the profiled steps, from the log's step lines."""
     text = log.read_text()
     first, last = map(int, re.search(r"^profile of steps (\d+)\.\.(\d+):", text, re.M).groups())
-    times = {int(m[1]): int(m[2]) for m in re.finditer(r"^step:(\d+)/\d+ train_loss:\S+ train_time:(\d+)ms", text,
-                                                       re.M)}
+    times = {int(m[1]): int(m[5]) for line in text.splitlines() if (m := STEP_RE.match(line))}
     return (times[last] - times[first - 1]) / (last - first + 1)
 
 

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 # Whole-line matches only: the source code embedded at the top of each log holds f-strings that look
 # like these lines ("step:{step}/{args.num_iterations} val_loss:..."), which must not be picked up.
@@ -177,6 +176,8 @@ def summarize(runs: list[Run], target: float = 3.28, markdown: bool = False) -> 
 
     def std(x, fmt):
         return format(np.std(x, ddof=1), fmt) if n > 1 else "n/a"
+
+    from scipy import stats  # here, not on import: profile_summary.py imports this module for STEP_RE
 
     p = _fmt_p(stats.ttest_1samp(losses, target, alternative="less").pvalue) if n > 1 else "n/a"
     peak_label = "peak alloc MiB" + (f" ({len(peaks)} of {n} runs)" if 0 < len(peaks) < n else "")
