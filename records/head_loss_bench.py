@@ -2,7 +2,9 @@
 for one 64K-token sequence on this machine's first GPU, for the train_gpt.py given (this one by default). Run it
 on an old and a new version, one after the other: the inputs are the same, and so should the loss and norms be.
 
-Usage: python records/head_loss_bench.py [path/to/train_gpt.py]
+With --chunks=a,b,..., once for each HEAD_CHUNK listed; the memory column is the peak the head adds.
+
+Usage: python records/head_loss_bench.py [path/to/train_gpt.py] [--chunks=4096,8192]
 """
 import importlib.util
 import sys
@@ -21,18 +23,25 @@ def load(path: Path):
 
 
 def main():
-    default = Path(__file__).resolve().parent.parent / "train_gpt.py"
-    path = Path(sys.argv[1] if len(sys.argv) > 1 else default).resolve()
+    chunks = [int(c) for a in sys.argv[1:] if a.startswith("--chunks=") for c in a.split("=")[1].split(",")]
+    paths = [a for a in sys.argv[1:] if not a.startswith("--")]
+    path = Path(paths[0] if paths else Path(__file__).resolve().parent.parent / "train_gpt.py").resolve()
     tg = load(path)
     gen = torch.Generator(device="cuda").manual_seed(0)
     T, D, V = 64 * 1024, 768, 50304
     x = torch.randn(T, D, device="cuda", generator=gen).bfloat16()
     w = 0.02 * torch.randn(V, D, device="cuda", generator=gen)
     targets = torch.randint(0, V, (T,), device="cuda", generator=gen)
-    loss, grad_x, grad_w = tg.head_loss(x, w, targets, True)
-    ms = median_ms(lambda: tg.head_loss(x, w, targets, True), reps=20)
-    print(f"{ms:8.3f} ms  loss {loss.item():.6f}  |grad_x| {grad_x.float().norm().item():.6e}  "
-          f"|grad_w| {grad_w.norm().item():.6e}  {path.name}")
+    for chunk in chunks or [tg.HEAD_CHUNK]:
+        tg.HEAD_CHUNK = chunk
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loss, grad_x, grad_w = tg.head_loss(x, w, targets, True)
+        added_mib = (torch.cuda.max_memory_allocated() - before) // 2**20
+        ms = median_ms(lambda: tg.head_loss(x, w, targets, True), reps=20)
+        print(f"{ms:8.3f} ms  loss {loss.item():.6f}  |grad_x| {grad_x.float().norm().item():.6e}  "
+              f"|grad_w| {grad_w.norm().item():.6e}  {path.name}  chunk {chunk}  +{added_mib} MiB", flush=True)
 
 
 if __name__ == "__main__":
