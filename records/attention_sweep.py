@@ -15,10 +15,11 @@ import torch
 from torch.nn.attention.flex_attention import flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from train_gpt import flex_block_masks  # noqa: E402
+from train_gpt import document_ids, flex_block_masks  # noqa: E402
 
 from matmul_peak import median_ms  # noqa: E402
 
+EOT = 50256
 OPTIONS = [
     {},  # inductor's defaults
     {"ROWS_GUARANTEED_SAFE": True},  # 1-3% faster here, but training with it gave a nan loss at step 1
@@ -35,13 +36,13 @@ OPTIONS = [
 
 
 def documents(tokens: int, seed: int = 0) -> torch.Tensor:
+    """Document ids, as the model derives them from end-of-text tokens, for documents of lognormal length."""
     rng = np.random.default_rng(seed)
     lengths = np.maximum(1, rng.lognormal(np.log(1000) - 0.5, 1.0, size=tokens)).astype(np.int64)
     starts = np.cumsum(lengths)
-    starts = starts[starts < tokens]
-    is_start = np.zeros(tokens, dtype=np.int64)
-    is_start[starts] = 1
-    return torch.from_numpy(np.cumsum(is_start)).cuda()
+    ids = torch.zeros(tokens, dtype=torch.int64)
+    ids[torch.from_numpy(starts[starts < tokens])] = EOT
+    return document_ids(ids, EOT).cuda()
 
 
 def main():
