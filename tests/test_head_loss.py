@@ -5,7 +5,8 @@
   and for several, also when the last chunk is short;
 - in FP8, they match autograd through the record's FP8 matmul (x, w quantised to e4m3, the logits' gradient
   to e5m2 with grad_s = 2^13 T) followed by the same soft cap and cross entropy.
-The FP8 tests run wherever float8 matmuls do (recent PyTorch on CPU; GPUs of compute capability 8.9+)."""
+The FP8 tests run wherever float8 matmuls do (recent PyTorch on CPU; GPUs of compute capability 8.9+). On the CPU
+the op runs the torch function _loss_and_logit_grad; on a GPU its Triton kernels, so there these tests pin them."""
 import pytest
 import torch
 import torch.nn.functional as F

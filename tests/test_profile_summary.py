@@ -17,6 +17,10 @@ from profile_summary import category  # noqa: E402
     ("triton_tem_fused_flex_attention_backward_transpose_view_7", "attention (FlexAttention)"),
     ("triton_red_fused__to_copy_arange_div_eq_exp_log_mul_rsub_sigmoid_sub_sum_unsqueeze_where_3",
      "lm_head loss: soft cap, cross entropy, FP8 casts"),
+    ("_logit_grad_kernel", "lm_head loss: soft cap, cross entropy, FP8 casts"),
+    ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<"
+     "at::native::float8_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda(c10::Float8_e4m3fn)#1}>",
+     "lm_head loss: soft cap, cross entropy, FP8 casts"),
     ("triton_poi_fused__unsafe_view_pow_relu_15", "ReLU^2"),
     ("ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)", profile_summary.COMMUNICATION),
     ("nccl:all_reduce", None),
