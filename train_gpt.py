@@ -804,6 +804,15 @@ def check_data(args: Hyperparameters) -> tuple[list[str], str]:
     return train_files, val_files[0]
 
 
+def batch_to_device(tokens: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+    """n + 1 tokens (uint16 or int32) -> inputs (n,) int32 and targets (n,) int64 on the device, each a new tensor.
+    The warm-up's dummy batches go through here too: a kernel compiled for a target pointer misaligned by one
+    token (a view of the tokens) would compile again for the loader's aligned one, in the first timed step."""
+    inputs = tokens[:-1].to(device, dtype=torch.int32, non_blocking=True)
+    targets = tokens[1:].to(device, dtype=torch.int64, non_blocking=True)
+    return inputs, targets
+
+
 class TrainLoader:
     """Feeds each step's tokens to this rank. A step takes the next batch_tokens (+1 for the targets) of the
     current shard; rank r gets the r-th of world_size contiguous slices. The next shard is read in a
@@ -830,9 +839,7 @@ class TrainLoader:
             self.next_tokens = self._prefetch(self.shard + 1)
         buf = self.tokens[self.pos + self.offset:][:self.local_tokens + 1]
         self.pos += self.batch_tokens
-        inputs = buf[:-1].to(self.device, dtype=torch.int32, non_blocking=True)
-        targets = buf[1:].to(self.device, dtype=torch.int64, non_blocking=True)
-        return inputs, targets
+        return batch_to_device(buf, self.device)
 
     def state(self) -> dict:
         return dict(shard=self.shard, pos=self.pos)
@@ -1095,8 +1102,8 @@ def main(args: Hyperparameters):
     local_tokens = args.batch_seqs * args.seq_len // world_size
     generator = torch.Generator().manual_seed(args.seed)
     for step in range(args.warmup_steps):
-        dummy = torch.randint(0, args.vocab_size, (local_tokens + 1,), generator=generator).to(device)
-        train_step(model, dummy[:-1].int(), dummy[1:], window_tensor(step, args, device), step, args, optimizers)
+        dummy = torch.randint(0, args.vocab_size, (local_tokens + 1,), generator=generator, dtype=torch.int32)
+        train_step(model, *batch_to_device(dummy, device), window_tensor(step, args, device), step, args, optimizers)
     if args.warmup_steps:
         one_val_step = dataclasses.replace(args, val_tokens=world_size * args.seq_len)
         dummy = torch.randint(0, args.vocab_size, (one_val_step.val_tokens + 1,), generator=generator)

@@ -1,7 +1,8 @@
 """The data checks that run before anything is compiled: every bad input (missing folder, no matching files,
 bad magic, bad version, a truncated body, a header promising more tokens than the file has, too few tokens for
 the run, a short val file) stops the run with its own message naming the file and the fix; and the loader's
-batches (rank slices, shard switches with background reads) are the record's."""
+batches (rank slices, shard switches with background reads) are the record's, with targets in a tensor of their
+own, as the warm-up's dummy batches have them."""
 import re
 import subprocess
 import sys
@@ -11,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from train_gpt import (HEADER_INTS, SHARD_MAGIC, DataError, Hyperparameters, TrainLoader, batches_in_shard,
-                       check_data, read_shard_header, val_batches)
+from train_gpt import (HEADER_INTS, SHARD_MAGIC, DataError, Hyperparameters, TrainLoader, batch_to_device,
+                       batches_in_shard, check_data, read_shard_header, val_batches)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -133,6 +134,16 @@ def test_loader_slices_and_shard_switch(tmp_path):
         assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
     resumed = TrainLoader([str(a), str(b)], 16, rank=0, world_size=1, device=torch.device("cpu"), shard=1, pos=0)
     assert torch.equal(resumed.next_batch()[0], steps[2][0])
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.int32])  # a shard's tokens; the warm-up's dummy ones
+def test_batch_targets_are_a_tensor_of_their_own(dtype):
+    """Not a view one token into the tokens: the head loss's Triton kernels specialise on the targets' alignment,
+    and the warm-up must compile them for the loader's."""
+    inputs, targets = batch_to_device(torch.arange(11).to(dtype), torch.device("cpu"))
+    assert inputs.dtype == torch.int32 and torch.equal(inputs, torch.arange(10, dtype=torch.int32))
+    assert targets.dtype == torch.int64 and torch.equal(targets, torch.arange(1, 11))
+    assert targets.storage_offset() == 0
 
 
 def test_val_batches_cover_the_same_sequences_on_any_world_size():
