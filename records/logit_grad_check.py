@@ -36,7 +36,7 @@ def main():
         loss, g = compiled_half(logits, targets)
         return loss, g, transpose(g)
 
-    ref_loss, ref_g, ref_g_t = tg._loss_and_logit_grad(logits, targets, inv_tokens, grad_s)
+    ref_loss, ref_g, _ = tg._loss_and_logit_grad(logits, targets, inv_tokens, grad_s)
 
     def report(name, fn):
         loss, g, g_t = fn()
