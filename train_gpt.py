@@ -849,9 +849,7 @@ def val_batches(tokens: Tensor, args: Hyperparameters, rank: int, world_size: in
     """The val sequences of this rank: step k covers tokens [k * world_size * seq_len, ...), rank r its r-th
     seq_len slice. Every world size sees the same val_tokens / seq_len sequences."""
     for start in range(0, args.val_tokens, world_size * args.seq_len):
-        buf = tokens[start + rank * args.seq_len:][:args.seq_len + 1]
-        yield (buf[:-1].to(device, dtype=torch.int32, non_blocking=True),
-               buf[1:].to(device, dtype=torch.int64, non_blocking=True))
+        yield batch_to_device(tokens[start + rank * args.seq_len:][:args.seq_len + 1], device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
