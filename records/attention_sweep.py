@@ -3,7 +3,8 @@
 One 64K-token sequence (6 heads of 128, bf16) with documents of lognormal length (mean ~1000 tokens, as
 data/synthetic.py makes them), masked by train_gpt.flex_block_masks at a long window of 7 blocks (mid-run) and
 14 blocks (the end). Prints one line per option set and window: median ms of forward + backward, long and short
-mask together. Each option set compiles on its own (tens of seconds).
+mask together, and the largest difference of the output and the gradients from inductor's defaults (the
+first option set run). Each option set compiles on its own (tens of seconds).
 
 Usage: python records/attention_sweep.py [first:last]   # a slice of OPTIONS, to spread the sweep over GPUs
 """
@@ -32,6 +33,8 @@ OPTIONS = [
      "bwd_num_warps": 4},
     {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 64, "bwd_num_stages": 2,
      "bwd_num_warps": 8},
+    {"USE_TMA": True},  # Triton's tensor-memory-accelerator loads: 13-17% slower (round 5)
+    {"BACKEND": "FLASH"},  # FlashAttention-4's CuTe DSL kernels (flash-attn-4): 7-16% slower (round 5)
 ]
 
 
@@ -52,7 +55,9 @@ def main():
     # (B, T, H, D) seen as (B, H, T, D), the layout the model hands to flex_attention
     q, k, v = (torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "qkv")
     grad = torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16)
-    for options in OPTIONS[chosen]:
+    runs = OPTIONS[chosen] if OPTIONS[chosen][:1] == [{}] else [{}] + OPTIONS[chosen]  # the defaults first
+    reference = {}  # window -> the defaults' outputs and gradients
+    for options in runs:
         attend = torch.compile(lambda q, k, v, m, o=options: flex_attention(q, k, v, block_mask=m, scale=0.12,
                                                                             kernel_options=o), dynamic=False)
         for window in (7, 14):
@@ -62,7 +67,17 @@ def main():
                 for mask in masks:
                     attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask).backward(grad)
 
-            print(f"{median_ms(step, reps=20):8.3f} ms  window {window:2d}  {options}", flush=True)
+            def results() -> list[torch.Tensor]:
+                q.grad = k.grad = v.grad = None
+                outs = [attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask) for mask in masks]
+                sum(outs).backward(grad)
+                return [t.detach().clone() for t in (*outs, q.grad, k.grad, v.grad)]  # step() adds to the grads
+
+            got = results()
+            reference.setdefault(window, got)
+            diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, reference[window]))
+            print(f"{median_ms(step, reps=20):8.3f} ms  window {window:2d}  max diff {diff:.2e}  {options}",
+                  flush=True)
 
 
 if __name__ == "__main__":
