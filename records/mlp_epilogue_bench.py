@@ -1,0 +1,123 @@
+"""Would a fused ReLU^2 MLP pay? The two matmuls of an MLP layer that have elementwise work beside them, for one
+64K-token sequence at the model's shapes. Each runs two ways: as torch.compile makes it today (a cuBLAS matmul,
+then an inductor kernel), and as one Triton matmul that does the elementwise work in its epilogue:
+- forward: a = x @ w_fc.T and h = relu(a)^2; a is kept for the backward, and h feeds the down-projection;
+- backward: grad_a = (grad_y @ w_proj) * 2 relu(a).
+Prints the median ms of each, of the cuBLAS matmul alone, and how many output values differ from the compiled
+path. The same rounding is intended: the matmul rounds to bf16, the epilogue computes in float32 and rounds once.
+
+Usage: python records/mlp_epilogue_bench.py
+"""
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from matmul_peak import median_ms
+
+T, D, H = 64 * 1024, 768, 4 * 768
+
+
+def _block_shapes(nargs):  # the descriptors' block shapes follow the config that autotuning tries
+    BM, BN, BK = nargs["BM"], nargs["BN"], nargs["BK"]
+    nargs["x_desc"].block_shape = [BM, BK]
+    nargs["w_desc"].block_shape = [BK, BN] if nargs["W_KN"] else [BN, BK]
+    nargs["pre_desc"].block_shape = nargs["out_desc"].block_shape = [BM, BN]
+
+
+CONFIGS = [triton.Config(dict(BM=bm, BN=bn, BK=64, GROUP=8), num_stages=stages, num_warps=warps,
+                         pre_hook=_block_shapes)
+           for bm, bn, stages, warps in [(128, 256, 3, 8), (128, 256, 4, 8), (128, 128, 4, 8), (128, 128, 3, 4),
+                                         (256, 128, 3, 8), (128, 128, 5, 8)]]
+
+
+@triton.autotune(configs=CONFIGS, key=["M", "N", "K", "W_KN", "BACKWARD"])
+@triton.jit
+def _matmul_epilogue(x_desc, w_desc, pre_desc, out_desc, M, N, K, W_KN: tl.constexpr, BACKWARD: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):
+    # y = x @ w (w stored (K, N): W_KN) or x @ w.T (w stored (N, K)), rounded to bf16. Forward: stores y as
+    # pre and relu(y)^2 as out. Backward: loads pre and stores y * 2 relu(pre) as out.
+    pid = tl.program_id(0)
+    num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+    first_m = pid // (GROUP * num_n) * GROUP  # GROUP row-blocks at a time, for reuse of w in L2
+    rows = min(num_m - first_m, GROUP)
+    pid_m = first_m + (pid % (GROUP * num_n)) % rows
+    pid_n = (pid % (GROUP * num_n)) // rows
+    off_m, off_n = pid_m * BM, pid_n * BN
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, K, BK):
+        x = x_desc.load([off_m, k])
+        if W_KN:
+            acc = tl.dot(x, w_desc.load([k, off_n]), acc)
+        else:
+            acc = tl.dot(x, w_desc.load([off_n, k]).T, acc)
+    y = acc.to(tl.bfloat16)
+    if BACKWARD:
+        a = pre_desc.load([off_m, off_n]).to(tl.float32)
+        out_desc.store([off_m, off_n], (y.to(tl.float32) * 2 * tl.maximum(a, 0.0)).to(tl.bfloat16))
+    else:
+        pre_desc.store([off_m, off_n], y)
+        r = tl.maximum(y.to(tl.float32), 0.0)
+        out_desc.store([off_m, off_n], (r * r).to(tl.bfloat16))
+
+
+def matmul_epilogue(x: torch.Tensor, w: torch.Tensor, pre: torch.Tensor, w_kn: bool, backward: bool) -> torch.Tensor:
+    M, K = x.shape
+    N = w.size(1) if w_kn else w.size(0)
+    out = x.new_empty(M, N)
+    descs = [TensorDescriptor.from_tensor(t, [1, 1]) for t in (x, w, pre, out)]  # block shapes: _block_shapes
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
+
+    _matmul_epilogue[grid](*descs, M, N, K, w_kn, backward)
+    return out
+
+
+@torch.compile(dynamic=False)
+def forward_compiled(x, w_fc):
+    a = x @ w_fc.T
+    return a, torch.relu(a).square()
+
+
+@torch.compile(dynamic=False)
+def backward_compiled(grad_y, w_proj, a):
+    return (grad_y @ w_proj) * 2 * torch.relu(a)
+
+
+def differ(a: torch.Tensor, b: torch.Tensor) -> str:
+    return f"{(a != b).sum().item()} of {a.numel()} values differ, max {(a.float() - b.float()).abs().max().item():.3g}"
+
+
+def main():
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(T, D, device="cuda", generator=gen).bfloat16()
+    grad_y = (1e-3 * torch.randn(T, D, device="cuda", generator=gen)).bfloat16()
+    w_fc = (0.02 * torch.randn(H, D, device="cuda", generator=gen)).bfloat16()  # (out, in), as nn.Linear
+    w_proj = (0.02 * torch.randn(D, H, device="cuda", generator=gen)).bfloat16()
+    flop = 2 * T * D * H
+
+    def report(name, fn):
+        ms = median_ms(fn, reps=50)
+        print(f"{ms:7.3f} ms  {flop / ms / 1e9:4.0f} TFLOP/s  {name}", flush=True)
+
+    a, h = forward_compiled(x, w_fc)
+    pre = torch.empty_like(a)
+    h_fused = matmul_epilogue(x, w_fc, pre, w_kn=False, backward=False)
+    print(f"forward: a: {differ(pre, a)}; h: {differ(h_fused, h)}")
+    report("forward, cuBLAS matmul alone", lambda: x @ w_fc.T)
+    report("forward, compiled: matmul + relu^2 kernel", lambda: forward_compiled(x, w_fc))
+    report("forward, Triton matmul with relu^2 epilogue", lambda: matmul_epilogue(x, w_fc, pre, False, False))
+
+    grad_a = backward_compiled(grad_y, w_proj, a)
+    grad_a_fused = matmul_epilogue(grad_y, w_proj, a, w_kn=True, backward=True)
+    print(f"backward: grad_a: {differ(grad_a_fused, grad_a)}")
+    report("backward, cuBLAS matmul alone", lambda: grad_y @ w_proj)
+    report("backward, compiled: matmul + relu^2' kernel", lambda: backward_compiled(grad_y, w_proj, a))
+    report("backward, Triton matmul with relu^2' epilogue", lambda: matmul_epilogue(grad_y, w_proj, a, True, True))
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
+    print("autotuned:", {str(k): str(v) for k, v in _matmul_epilogue.cache.items()})
+
+
+if __name__ == "__main__":
+    main()
