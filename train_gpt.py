@@ -41,7 +41,8 @@ from torch.profiler import record_function
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only builds of torch come without Triton; only the GPU head loss needs it
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # CPU-only builds of torch come without Triton; only the GPU kernels need it
     triton = None
 
 REPO = Path(__file__).resolve().parent
@@ -80,9 +81,10 @@ class Hyperparameters:
     scalar_lr: float = 0.04  # Adam, all scalars (lambdas, skip weights)
     # implementation
     fp8_head: bool = True  # FP8 lm_head matmul in training where the GPU has FP8 (compute capability >= 8.9)
+    fused_mlp: bool = True  # the MLP's matmuls as Triton kernels with ReLU^2 in them, on Hopper or newer; same bits
     compile: bool = True  # torch.compile the model and Newton-Schulz
     coordinate_descent_tuning: bool = False  # inductor autotuning as in the record: many minutes more compile
-    warmup_steps: int = 10  # untimed compile/warm-up steps on dummy data, after which the state is restored
+    warmup_steps: int = 2  # untimed steps on dummy data that compile everything; then the state is restored
     seed: int = 0  # for the initial weights and the dummy warm-up data
     # logging and checkpoints
     tag: str = ""  # the log goes to records/<tag>/; default <date>_run
@@ -102,7 +104,7 @@ PRESETS = {
     ),
 }
 # Fields that only say how a run is carried out: a checkpoint may be resumed with other values for them.
-RUN_FIELDS = {"compile", "coordinate_descent_tuning", "warmup_steps", "tag", "checkpoint_every",
+RUN_FIELDS = {"fused_mlp", "compile", "coordinate_descent_tuning", "warmup_steps", "tag", "checkpoint_every",
               "checkpoint_dir", "resume", "profile_at", "preset"}
 
 
@@ -542,21 +544,140 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(B, T, D))
 
 
+# The MLP's two matmuls that have elementwise work beside them, each one Triton matmul on Hopper: the up-projection
+# stores a = x @ w_fc.T and h = relu(a)^2 in one pass, and the backward stores grad_a = (grad_y @ w_proj) * 2 relu(a)
+# in one pass. torch.compile makes each a cuBLAS matmul and an inductor kernel that reads the matmul's output again.
+# On an H200, for a 64K-token sequence: forward 0.665 -> 0.666 ms, backward 0.753 -> 0.646 ms; in training 1.0-1.3%
+# less time a step (records/2026-11-28_speed_x4/round6/). Rounding as compiled: the matmul to bf16, then the
+# epilogue once, from float32.
+
+
+def fused_mlp_available(device: torch.device) -> tuple[bool, str]:
+    """Whether the MLP's Triton matmuls can run here (they load through Hopper's tensor memory accelerator)."""
+    if device.type != "cuda":
+        return False, f"no Triton on {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 9:
+        return False, f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor} < 9.0"
+    if triton is None:
+        return False, "Triton is not installed"
+    return True, ""
+
+
+if triton is not None:
+    @triton.jit
+    def _tile(tile, num_m, num_n, GROUP: tl.constexpr):
+        """A tile's (row, column) block: GROUP row blocks at a time share the column blocks of w in L2."""
+        first_m = tile // (GROUP * num_n) * GROUP
+        rows = min(num_m - first_m, GROUP)
+        return first_m + tile % (GROUP * num_n) % rows, tile % (GROUP * num_n) // rows
+
+    @triton.jit
+    def _matmul_relu2_kernel(x_desc, w_desc, a_desc, out_desc, M, N, K, W_KN: tl.constexpr, BACKWARD: tl.constexpr,
+                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+                             NUM_SMS: tl.constexpr):
+        # y = x @ w (w stored (K, N): W_KN) or x @ w.T (w stored (N, K)), rounded to bf16. Forward: stores y as a,
+        # relu(y)^2 as out. Backward: stores y * 2 relu(a) as out. Persistent: one program per SM walks the tiles.
+        num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+        for tile in range(tl.program_id(0), num_m * num_n, NUM_SMS):
+            pid_m, pid_n = _tile(tile, num_m, num_n, GROUP)
+            off_m, off_n = pid_m * BM, pid_n * BN
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for k in range(0, K, BK):
+                if W_KN:
+                    acc = tl.dot(x_desc.load([off_m, k]), w_desc.load([k, off_n]), acc)
+                else:
+                    acc = tl.dot(x_desc.load([off_m, k]), w_desc.load([off_n, k]).T, acc)
+            y = acc.to(tl.bfloat16)
+            if BACKWARD:
+                relu_a = tl.maximum(a_desc.load([off_m, off_n]).to(tl.float32), 0.0)
+                out_desc.store([off_m, off_n], (y.to(tl.float32) * 2 * relu_a).to(tl.bfloat16))
+            else:
+                a_desc.store([off_m, off_n], y)
+                relu_y = tl.maximum(y.to(tl.float32), 0.0)
+                out_desc.store([off_m, off_n], (relu_y * relu_y).to(tl.bfloat16))
+
+
+def _matmul_relu2_triton(x: Tensor, w: Tensor, a: Tensor, w_kn: bool, backward: bool) -> Tensor:
+    # 128 x 256 tiles, BK = 64, 8 warps, 3 stages: the fastest of the block shapes tried at the model's sizes
+    # (records/mlp_epilogue_bench.py), fixed rather than autotuned, which would time each at every start
+    M, K = x.shape
+    N = w.size(1) if w_kn else w.size(0)
+    BM, BN, BK = 128, 256, 64
+    out = x.new_empty(M, N)
+    descs = [TensorDescriptor.from_tensor(x, [BM, BK]), TensorDescriptor.from_tensor(w, [BK, BN] if w_kn else [BN, BK]),
+             TensorDescriptor.from_tensor(a, [BM, BN]), TensorDescriptor.from_tensor(out, [BM, BN])]
+    num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    grid = (min(num_sms, triton.cdiv(M, BM) * triton.cdiv(N, BN)),)
+    _matmul_relu2_kernel[grid](*descs, M, N, K, w_kn, backward, BM, BN, BK, GROUP=8, NUM_SMS=grid[0], num_warps=8,
+                               num_stages=3)
+    return out
+
+
+@torch.library.custom_op("speedrun::matmul_relu2", mutates_args=())
+def matmul_relu2(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """x (n, k) and w (m, k), bf16 -> a = x @ w.T and relu(a)^2, both (n, m) bf16."""
+    if not x.is_cuda:
+        a = x @ w.T
+        return a, F.relu(a).square()
+    a = x.new_empty(x.size(0), w.size(0))
+    return a, _matmul_relu2_triton(x.contiguous(), w.contiguous(), a, w_kn=False, backward=False)
+
+
+@matmul_relu2.register_fake
+def _(x: Tensor, w: Tensor):
+    return x.new_empty(x.size(0), w.size(0)), x.new_empty(x.size(0), w.size(0))
+
+
+@torch.library.custom_op("speedrun::matmul_relu2_grad", mutates_args=())
+def matmul_relu2_grad(grad_y: Tensor, w: Tensor, a: Tensor) -> Tensor:
+    """grad_y (n, k), w (k, m), a (n, m), bf16 -> (grad_y @ w) * 2 relu(a): the gradient of a, (n, m) bf16."""
+    if not grad_y.is_cuda:
+        return (grad_y @ w) * 2 * F.relu(a)
+    return _matmul_relu2_triton(grad_y.contiguous(), w.contiguous(), a.contiguous(), w_kn=True, backward=True)
+
+
+@matmul_relu2_grad.register_fake
+def _(grad_y: Tensor, w: Tensor, a: Tensor):
+    return torch.empty_like(a)
+
+
+class FusedReLU2MLP(torch.autograd.Function):
+    """c_proj(relu(c_fc(x))^2) for x (n, dim) and the bf16 weights, with the two fused matmuls above. Saves x, a
+    and h: a training run's peak memory is the same as without it."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
+        a, h = matmul_relu2(x, w_fc)
+        ctx.save_for_backward(x, w_fc, w_proj, a, h)
+        return h @ w_proj.T
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        x, w_fc, w_proj, a, h = ctx.saved_tensors
+        grad_a = matmul_relu2_grad(grad_y, w_proj, a)
+        return grad_a @ w_fc, grad_a.T @ x, grad_y.T @ h
+
+
 class MLP(nn.Module):
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, fused: bool = False):
         super().__init__()
         self.c_fc = CastedLinear(dim, 4 * dim)
         self.c_proj = CastedLinear(4 * dim, dim, zero_init=True)
+        self.fused = fused
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused:
+            w_fc, w_proj = self.c_fc.weight.type_as(x), self.c_proj.weight.type_as(x)
+            return FusedReLU2MLP.apply(x.flatten(end_dim=-2), w_fc, w_proj).view_as(x)
         return self.c_proj(F.relu(self.c_fc(x)).square())  # ReLU^2 by @SKYLINEZ007 and @Grad62304977
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, max_seq_len: int, use_flex: bool, has_attn: bool):
+    def __init__(self, dim: int, num_heads: int, max_seq_len: int, use_flex: bool, has_attn: bool, fused_mlp: bool):
         super().__init__()
         self.attn = CausalSelfAttention(dim, num_heads, max_seq_len, use_flex) if has_attn else None
-        self.mlp = MLP(dim)
+        self.mlp = MLP(dim, fused_mlp)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # mix of the residual stream and x0
 
     def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, mask) -> Tensor:
@@ -584,15 +705,15 @@ class GPT(nn.Module):
     """
 
     def __init__(self, vocab_size: int, num_layers: int, num_heads: int, model_dim: int, max_seq_len: int,
-                 use_flex: bool = True, fp8_head: bool = False):
+                 use_flex: bool = True, fp8_head: bool = False, fused_mlp: bool = False):
         super().__init__()
         self.use_flex, self.fp8_head = use_flex, fp8_head
         self.eot_token = vocab_size - 1  # the last token ends a document (GPT-2: 50256)
         self.embed = nn.Embedding(vocab_size, model_dim)
         num_ve = min(3, num_layers // 2)
         self.value_embeds = nn.ModuleList([nn.Embedding(vocab_size, model_dim) for _ in range(num_ve)])
-        self.blocks = nn.ModuleList([Block(model_dim, num_heads, max_seq_len, use_flex, i != NO_ATTENTION_LAYER)
-                                     for i in range(num_layers)])
+        self.blocks = nn.ModuleList([Block(model_dim, num_heads, max_seq_len, use_flex, i != NO_ATTENTION_LAYER,
+                                           fused_mlp) for i in range(num_layers)])
         self.skip_weights = nn.Parameter(torch.ones(num_layers // 2))
         # the vocabulary padded to a multiple of 128 for the matmul, by @Grad62304977
         self.lm_head = CastedLinear(model_dim, next_multiple(vocab_size, 128), zero_init=True)
@@ -1068,12 +1189,16 @@ def main(args: Hyperparameters):
     if args.fp8_head and not fp8_head:
         log(f"fp8 head: off ({why_not}); the lm_head runs in bf16")
     fp8_head = fp8_head and args.fp8_head
+    fused_mlp, why_not = fused_mlp_available(device)
+    if args.fused_mlp and cuda and not fused_mlp:
+        log(f"fused MLP: off ({why_not}); its matmuls and ReLU^2 run as torch.compile makes them")
+    fused_mlp = fused_mlp and args.fused_mlp
     if cuda:
         torch._inductor.config.coordinate_descent_tuning = args.coordinate_descent_tuning  # the record had it on
 
     torch.manual_seed(args.seed)
     raw_model = GPT(args.vocab_size, args.num_layers, args.num_heads, args.model_dim, args.seq_len,
-                    use_flex=cuda, fp8_head=fp8_head).to(device)
+                    use_flex=cuda, fp8_head=fp8_head, fused_mlp=fused_mlp).to(device)
     if dist.is_initialized():
         for p in raw_model.parameters():
             dist.broadcast(p.detach(), 0)

@@ -1,0 +1,79 @@
+"""The fused MLP (custom ops speedrun::matmul_relu2 and speedrun::matmul_relu2_grad, and FusedReLU2MLP) against
+the plain path it replaces, c_proj(relu(c_fc(x))^2) through autograd:
+- both ops pass torch.library.opcheck;
+- the MLP's output and the gradients of x and both weights are the plain path's, bit for bit: on the CPU the ops
+  run the same torch expressions; on a Hopper GPU their Triton matmuls round as the plain path does (the matmul
+  to bf16, the elementwise step once);
+- a GPT with the fused MLP gives the plain GPT's loss and gradients."""
+import pytest
+import torch
+
+import train_gpt
+from train_gpt import MLP, fused_mlp_available, matmul_relu2, matmul_relu2_grad
+
+
+def devices() -> list[str]:
+    cuda = torch.cuda.is_available() and fused_mlp_available(torch.device("cuda"))[0]
+    return ["cpu"] + ["cuda"] * cuda
+
+
+def bf16(*shape, scale=1.0, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(*shape, generator=gen)).bfloat16().to(device)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_ops_pass_opcheck(device):
+    # the GPU kernels want multiples of their 128-row blocks; the CPU takes any shape
+    n, d, h = 256, 64, 256
+    x, w_fc, w_proj = bf16(n, d, device=device), bf16(h, d, scale=0.1, device=device, seed=1), bf16(
+        d, h, scale=0.1, device=device, seed=2)
+    torch.library.opcheck(matmul_relu2, (x, w_fc))
+    a, _ = matmul_relu2(x, w_fc)
+    torch.library.opcheck(matmul_relu2_grad, (bf16(n, d, device=device, seed=3), w_proj, a))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_fused_mlp_matches_the_plain_path(device):
+    n, d = 256, 64
+    mlp = MLP(d).to(device)
+    with torch.no_grad():
+        mlp.c_proj.weight.normal_(0, 0.1, generator=torch.Generator(device).manual_seed(4))  # not its zero init
+    x = bf16(1, n, d, device=device).requires_grad_()
+    grad_y = bf16(1, n, d, device=device, seed=5)
+
+    def run(fused: bool):
+        mlp.fused = fused
+        x.grad = mlp.c_fc.weight.grad = mlp.c_proj.weight.grad = None
+        y = mlp(x)
+        y.backward(grad_y)
+        return [t.clone() for t in (y, x.grad, mlp.c_fc.weight.grad, mlp.c_proj.weight.grad)]
+
+    plain, fused = run(False), run(True)
+    for name, got, expected in zip(["y", "grad_x", "grad_w_fc", "grad_w_proj"], fused, plain):
+        assert got.dtype == expected.dtype and got.shape == expected.shape, name
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=name)
+
+
+def test_fused_gpt_matches_the_plain_gpt():
+    def loss_and_grads(fused: bool):
+        torch.manual_seed(0)
+        model = train_gpt.GPT(vocab_size=128, num_layers=2, num_heads=2, model_dim=32, max_seq_len=256,
+                              use_flex=False, fused_mlp=fused)
+        for block in model.blocks:  # not the zero init, so that the MLPs matter
+            torch.nn.init.normal_(block.mlp.c_proj.weight, std=0.1)
+        torch.nn.init.normal_(model.lm_head.weight, std=0.1)
+        tokens = torch.randint(0, 128, (257,), generator=torch.Generator().manual_seed(1))
+        loss = model(tokens[:-1], tokens[1:], torch.tensor(2))
+        loss.backward()
+        return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+    plain_loss, plain_grads = loss_and_grads(False)
+    fused_loss, fused_grads = loss_and_grads(True)
+    assert fused_loss == plain_loss
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=0, atol=0, msg=name)
+
+
+def test_fused_mlp_is_off_without_hopper():
+    assert fused_mlp_available(torch.device("cpu")) == (False, "no Triton on cpu")
