@@ -20,24 +20,10 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from matmul_peak import median_ms  # noqa: E402
 from train_gpt import matmul_relu2, matmul_relu2_grad  # noqa: E402
 
 T, D, H = 64 * 1024, 768, 4 * 768
-
-
-def median_ms_per_call(fn, calls: int = 20, rounds: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return sorted(times)[len(times) // 2]
 
 
 @torch.compile(dynamic=False)
@@ -64,7 +50,7 @@ def main():
     flop = 2 * T * D * H
 
     def report(name, fn):
-        ms = median_ms_per_call(fn)
+        ms = median_ms(fn, reps=10, calls=20)
         print(f"{ms:7.3f} ms  {flop / ms / 1e9:4.0f} TFLOP/s  {name}", flush=True)
 
     a, h = forward_compiled(x, w_fc)
