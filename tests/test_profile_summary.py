@@ -1,11 +1,11 @@
-"""records/profile_summary.py: kernels fall in the right categories, phase spans and non-kernel rows are kept out
+"""tools/profile_summary.py: kernels fall in the right categories, phase spans and non-kernel rows are kept out
 of the sums, and the step time comes from the log's profiled steps."""
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "records"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import profile_summary  # noqa: E402
 from profile_summary import category  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Tests for records/summarize.py on synthetic logs written to tmp_path.
+"""Tests for tools/summarize.py on synthetic logs written to tmp_path.
 
 Pins: whole-line parsing that ignores look-alike f-strings in the embedded source preamble; the parsed
 values (steps, losses, train times, peak memory, step times); mean/std/one-sided p-value against numbers
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-SCRIPT = Path(__file__).resolve().parents[1] / "records" / "summarize.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "summarize.py"
 # records/ is not a package, so load the script by path.
 _spec = importlib.util.spec_from_file_location("summarize", SCRIPT)
 sm = importlib.util.module_from_spec(_spec)

@@ -1,6 +1,6 @@
 """End to end on the CPU with the smoke preset, under torchrun on gloo:
-- the run trains (the loss falls) and its log parses, also for records/summarize.py; --profile_at writes a
-  profile that records/profile_summary.py reads;
+- the run trains (the loss falls) and its log parses, also for tools/summarize.py; --profile_at writes a
+  profile that tools/profile_summary.py reads;
 - 1 process accumulating 2 sequences ends with the same weights as 2 processes with 1 each;
 - a resumed run repeats the uninterrupted run's losses bit for bit, also on another world size, and a
   checkpoint of another configuration is refused;
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "records"))
+sys.path.insert(0, str(REPO / "tools"))
 import profile_summary  # noqa: E402
 import summarize  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Summarise a folder of train_gpt.py logs: one table of statistics and one PNG of curves.
 
 Usage:
-    python records/summarize.py records/<tag> [--target 3.28] [--png PATH] [--markdown]
+    python tools/summarize.py records/<tag> [--target 3.28] [--png PATH] [--markdown]
 
 Every `*.txt` file in the folder is one training run. A log opens with arbitrary text (the script's
 source, versions, nvidia-smi, hyperparameters), then has lines such as

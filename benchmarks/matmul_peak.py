@@ -1,7 +1,7 @@
 """The ceilings a step is measured against, on this machine's first GPU: bf16 and FP8 matmul TFLOP/s and
 device-memory bandwidth. Prints one line each; the README's fraction-of-peak column divides by the bf16 line.
 
-Usage: python records/matmul_peak.py
+Usage: python benchmarks/matmul_peak.py
 """
 import torch
 

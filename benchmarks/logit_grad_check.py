@@ -5,7 +5,7 @@ loss and the logits' gradient g in float8_e5m2, in both layouts.
 - Agreement: the kernels against the eager torch function on the GPU, which rounds as the record does. Each line
   gives the loss's relative difference and how many of g's bytes differ (one e5m2 step each).
 
-Usage: python records/logit_grad_check.py
+Usage: python benchmarks/logit_grad_check.py
 """
 import itertools
 import sys

@@ -4,7 +4,7 @@ on an old and a new version, one after the other: the inputs are the same, and s
 
 With --chunks=a,b,..., once for each HEAD_CHUNK listed; the memory column is the peak the head adds.
 
-Usage: python records/head_loss_bench.py [path/to/train_gpt.py] [--chunks=4096,8192]
+Usage: python benchmarks/head_loss_bench.py [path/to/train_gpt.py] [--chunks=4096,8192]
 """
 import importlib.util
 import sys

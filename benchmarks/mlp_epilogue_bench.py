@@ -11,7 +11,7 @@ Each time is the median over 10 rounds of 20 calls queued back to back, per call
 CPU runs ahead of the GPU. (Round 5 timed single calls, which counts each launch's latency in, and so
 overstated what the fused ops save against a compiled function.)
 
-Usage: python records/mlp_epilogue_bench.py
+Usage: python benchmarks/mlp_epilogue_bench.py
 """
 import sys
 from pathlib import Path

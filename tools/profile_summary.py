@@ -1,7 +1,7 @@
 """Where a step's GPU time goes, from a run made with --profile_at: one table of kernel categories.
 
 Usage:
-    python records/profile_summary.py records/<tag>/<run id>.txt
+    python tools/profile_summary.py records/<tag>/<run id>.txt
 
 Reads the log (for the measured time of the profiled steps) and the <run id>.profile.tsv beside it that
 train_gpt.py wrote. Every GPU kernel falls in one category by its name: cuBLAS matmuls by precision (the FP8

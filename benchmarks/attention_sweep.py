@@ -6,7 +6,7 @@ data/synthetic.py makes them), masked by train_gpt.flex_block_masks at a long wi
 mask together, and the largest difference of the output and the gradients from inductor's defaults (the
 first option set run). Each option set compiles on its own (tens of seconds).
 
-Usage: python records/attention_sweep.py [first:last]   # a slice of OPTIONS, to spread the sweep over GPUs
+Usage: python benchmarks/attention_sweep.py [first:last]   # a slice of OPTIONS, to spread the sweep over GPUs
 """
 import sys
 from pathlib import Path
