@@ -12,6 +12,10 @@ The system is the record of 2025-01-16 by the speedrun community (github.com/Kel
 Muon (Keller Jordan), U-Net skips and value embeddings, FlexAttention with document-causal block-wise
 sliding windows (long/short by @leloykun and @YouJiacheng), FP8 lm_head, ReLU^2 MLP, QK norm, soft-capped
 logits. Credits for single tricks are in the comments where they are used. This file is our own rewrite.
+
+It reads top to bottom: hyperparameters, the model, the attention masks, Muon, the data, the training steps and
+main(). The model calls three ops by name (attention, relu2_mlp, head_loss); their GPU kernels come last, in a
+section of their own, each beside the plain-PyTorch reference that the CPU runs and the tests compare against.
 """
 import copy
 import dataclasses
@@ -97,8 +101,7 @@ class Hyperparameters:
 
 PRESETS = {
     "smoke": dict(
-        train_files=str(REPO / "data/synthetic_smoke/fineweb_train_*.bin"),
-        val_files=str(REPO / "data/synthetic_smoke/fineweb_val_*.bin"),
+        train_files="data/synthetic_smoke/fineweb_train_*.bin", val_files="data/synthetic_smoke/fineweb_val_*.bin",
         val_tokens=4096, batch_seqs=2, seq_len=1024, vocab_size=1024, num_layers=4, num_heads=2, model_dim=64,
         num_iterations=20, window_tokens=896, val_every=10, compile=False, warmup_steps=1, tag="smoke",
     ),
@@ -170,196 +173,231 @@ def check_config(args: Hyperparameters, world_size: int):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Custom op: the training loss of the lm_head, fused and in chunks of tokens
-# lm_head matmul (FP8 head by @YouJiacheng), soft cap (by @Grad62304977, @KoszarskyB, @YouJiacheng) and cross
-# entropy, with the gradients of x and w computed in the same pass, HEAD_CHUNK tokens at a time: the (T, V) logits
-# never exist whole (at 64K tokens: 6.6 GB in bf16, 13 GB in float32), and two kernels turn a chunk's logits into
-# the loss and their gradient. The backward only scales the saved gradients by the incoming one. In FP8, x and w
-# go to float8_e4m3fn and the logits' gradient to float8_e5m2; _scaled_mm multiplies in FP8, undoes the scales.
+# Constants the record fixes
 
-FP8_X_SCALE, FP8_W_SCALE = 2.0, 32.0
-# The mean over T tokens makes each logit's gradient about 1/T: grad_s = 2^13 * T brings it into float8_e5m2's
-# range (2^29 at the record's 65,536 tokens; a fixed 2^29 overflows at the smoke preset's 1024).
-FP8_GRAD_SCALE_PER_TOKEN = 2.0**13
-HEAD_CHUNK = 8192  # tokens a chunk: its logits are 0.8 GB in bf16
+# logits -> 30 sigmoid(logits / 7.5), in (0, 30): tanh soft cap by @Grad62304977 after Gemma 2, narrowed by
+# @KoszarskyB, and shifted to a sigmoid by @YouJiacheng (2 sigmoid(2x) = tanh(x) + 1)
+SOFTCAP, SOFTCAP_TEMPERATURE = 30.0, 7.5
+ATTENTION_SCALE = 0.12  # instead of 1/sqrt(head_dim), by @leloykun, after learnable scales by @brendanh0gan
+NO_ATTENTION_LAYER = 7  # the 8th layer has no attention, by @YouJiacheng
+LONG_WINDOW_LAYERS = (True, False, False, False, True, False)  # encoder layers 0..5; the decoder mirrors it
+BLOCK_SIZE = 128  # tokens a FlexAttention block; the attention window grows by whole blocks
+# small eps by @YouJiacheng: another fix for the world-size dependence found by @fernbear.bsky.social
+ADAM_BETAS, ADAM_EPS = (0.8, 0.95), 1e-10
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+
+
+def norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
 
 
 def softcap(logits: Tensor) -> Tensor:
-    """30 * sigmoid(z / 7.5) = 15 * (tanh(z / 15) + 1), in float32: the capped logits lie in (0, 30)."""
-    return 30 * torch.sigmoid(logits.float() / 7.5)
+    """SOFTCAP * sigmoid(logits / SOFTCAP_TEMPERATURE), in float32."""
+    return SOFTCAP * torch.sigmoid(logits.float() / SOFTCAP_TEMPERATURE)
 
 
-def _e4m3(t: Tensor, scale: float) -> Tensor:
-    return t.mul(scale).to(torch.float8_e4m3fn)
+def next_multiple(n: float, multiple: int) -> int:
+    return max(multiple, math.ceil(n / multiple) * multiple)
 
 
-def _logits(x_q: Tensor, w_q: Tensor) -> Tensor:
-    """x_q (n, D) and w_q (V, D), both bf16 or both float8_e4m3fn (scaled) -> the logits (n, V) in bf16."""
-    if w_q.dtype != torch.float8_e4m3fn:
-        return x_q @ w_q.T
-    one = torch.ones((), dtype=torch.float32, device=x_q.device)
-    return torch._scaled_mm(x_q, w_q.T, out_dtype=torch.bfloat16, scale_a=one / FP8_X_SCALE,
-                            scale_b=one / FP8_W_SCALE, use_fast_accum=True)
+class CastedLinear(nn.Linear):
+    """A bias-free linear layer whose weight is cast to the activation dtype."""
+
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+        super().__init__(in_features, out_features, bias=False)
+        if zero_init:  # zero init of output projections, suggested by @Grad62304977
+            self.weight.detach().zero_()
+
+    def reset_parameters(self):
+        bound = 3**0.5 * 0.5 * self.in_features**-0.5  # uniform with std 0.5 / sqrt(fan_in): better than 1/sqrt(3)
+        with torch.no_grad():
+            self.weight.uniform_(-bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.type_as(x))
 
 
-def _loss_and_logit_grad(logits: Tensor, targets: Tensor, inv_tokens: float,
-                         grad_s: float | None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The logits (n, V) bf16 -> (the summed cross entropy of softcap(logits), the gradient g of inv_tokens * that
-    sum for the logits, rounded to bf16; with grad_s (FP8): g * grad_s in float8_e5m2, and a copy transposed)."""
-    s = torch.sigmoid(logits.float() / 7.5)
-    z = 30 * s  # = softcap(logits)
-    # z < 30, so the sum of exp(z) over the 50304 logits stays below 6e17: no max needs subtracting first
-    lse = z.exp().sum(dim=1).log()
-    loss = (lse - z.gather(1, targets[:, None]).squeeze(1)).sum()
-    # d loss / d logits = (softmax(z) - onehot(target)) * dz / dlogits, where dz / dlogits = 30 s (1 - s) / 7.5;
-    # rounded to bf16, the dtype of the logits, as autograd would
-    p = (z - lse[:, None]).exp()
-    dz = torch.where(torch.arange(z.size(1), device=z.device) == targets[:, None], p - 1, p)
-    g = (dz * inv_tokens * 30 * s * (1 - s) / 7.5).bfloat16()
-    if grad_s is None:
-        return loss, g, None
-    g = g.mul(grad_s).to(torch.float8_e5m2)
-    return loss, g, g.T.contiguous()
+class Rotary(nn.Module):
+    """Half-truncated rotary embedding (by @YouJiacheng): 32 of the 64 frequency pairs of a 128-wide head
+    rotate, with angular frequency (1/1024)^(j/31); the other 32 have frequency 0 and pass through."""
+
+    def __init__(self, head_dim: int, max_seq_len: int):
+        super().__init__()
+        freq = (1 / 1024) ** torch.linspace(0, 1, steps=head_dim // 4, dtype=torch.float32)
+        freq = torch.cat([freq, freq.new_zeros(head_dim // 4)])
+        theta = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freq)  # (positions, head_dim / 2)
+        self.cos = nn.Buffer(theta.cos(), persistent=False)
+        self.sin = nn.Buffer(theta.sin(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, T, H, head_dim)
+        cos, sin = self.cos[None, :x.size(-3), None, :], self.sin[None, :x.size(-3), None, :]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
 
 
-# On the GPU, _loss_and_logit_grad is two Triton kernels, each reading the logits once: the row sums of exp(z),
-# then g tile by tile, stored in both layouts at once. On an H200 they take 1.01 ms an 8192-token chunk, against
-# 1.64 ms for torch.compile of the same function plus a transposed copy (records/logit_grad_check.py). Block
-# shapes: the fastest of those tried there; tiles of 32 x 32, 32 x 64, 64 x 32 and 128 x 32 are within 3%.
-LSE_ROWS, LSE_COLS, LSE_WARPS = 1, 2048, 4  # the row-sum kernel's block (rows x vocabulary) and warps
-GRAD_ROWS, GRAD_COLS, GRAD_WARPS = 32, 64, 4  # the gradient kernel's tile and warps
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, max_seq_len: int):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        bound = 3**0.5 * 0.5 * dim**-0.5  # init scale by @YouJiacheng
+        # merged QKV weight: suggested by many, implemented by @fernbear.bsky.social, improved by @YouJiacheng
+        self.qkv_w = nn.Parameter(torch.empty(3, dim, dim).uniform_(-bound, bound))
+        self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))  # mix of v and the value embedding
+        self.rotary = Rotary(self.head_dim, max_seq_len)
+        self.c_proj = CastedLinear(dim, dim, zero_init=True)
 
-if triton is not None:
-    @triton.jit
-    def _sigmoid_kernel(logits):  # float32 -> sigmoid(logits / 7.5), with a fast division; softcap = 30 x this
-        return tl.fdiv(1.0, 1.0 + tl.exp(logits * -0.13333333333333333))
-
-    @triton.jit
-    def _lse_kernel(logits, targets, lse, losses, n, V, ROWS: tl.constexpr, COLS: tl.constexpr):
-        # ROWS rows of the logits (n, V) bf16 -> lse = log(sum(exp(z))) and the loss lse - z[target], z = softcap
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        row_ok = rows < n
-        row_start = rows.to(tl.int64) * V
-        total = tl.zeros((ROWS,), dtype=tl.float32)
-        for start in range(0, V, COLS):
-            cols = start + tl.arange(0, COLS)
-            ok = row_ok[:, None] & (cols < V)[None, :]
-            s = _sigmoid_kernel(tl.load(logits + row_start[:, None] + cols[None, :], mask=ok).to(tl.float32))
-            total += tl.sum(tl.where(ok, tl.exp(30 * s), 0.0), axis=1)
-        row_lse = tl.log(total)
-        z_target = 30 * _sigmoid_kernel(tl.load(logits + row_start + tl.load(targets + rows, mask=row_ok),
-                                                mask=row_ok).to(tl.float32))
-        tl.store(lse + rows, row_lse, mask=row_ok)
-        tl.store(losses + rows, row_lse - z_target, mask=row_ok)
-
-    @triton.jit
-    def _logit_grad_kernel(logits, targets, lse, g, g_t, n, V, inv_tokens, grad_s, FP8: tl.constexpr,
-                           ROWS: tl.constexpr, COLS: tl.constexpr):
-        # A (ROWS, COLS) tile of the logits -> the same tile of g, as _loss_and_logit_grad computes it; in FP8 also
-        # stored transposed into g_t (V, n)
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
-        ok = (rows < n)[:, None] & (cols < V)[None, :]
-        offsets = rows.to(tl.int64)[:, None] * V + cols[None, :]
-        s = _sigmoid_kernel(tl.load(logits + offsets, mask=ok).to(tl.float32))
-        p = tl.exp(30 * s - tl.load(lse + rows, mask=rows < n)[:, None])
-        dz = tl.where(cols[None, :] == tl.load(targets + rows, mask=rows < n)[:, None], p - 1, p)
-        grad = (dz * inv_tokens * 4 * s * (1 - s)).to(tl.bfloat16)  # 30 s (1 - s) / 7.5 = 4 s (1 - s)
-        if FP8:
-            grad = (grad.to(tl.float32) * grad_s).to(tl.float8e5)
-            t_offsets = cols.to(tl.int64)[:, None] * n + rows[None, :]
-            tl.store(g_t + t_offsets, tl.trans(grad), mask=tl.trans(ok))
-        tl.store(g + offsets, grad, mask=ok)
+    def forward(self, x: Tensor, ve: Tensor | None, mask: BlockMask) -> Tensor:
+        B, T, D = x.shape
+        qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).type_as(x))
+        q, k, v = qkv.view(B, T, 3 * self.num_heads, self.head_dim).chunk(3, dim=-2)
+        q, k = norm(q), norm(k)  # QK norm by @Grad62304977
+        q, k = self.rotary(q), self.rotary(k)
+        # value embeddings by @KoszarskyB and @Grad62304977; none in the middle layers, by @YouJiacheng
+        v = self.lambdas[0] * v + self.lambdas[1] * ve.view_as(v) if ve is not None else self.lambdas[0] * v
+        y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, D))
 
 
-def _loss_and_logit_grad_triton(logits: Tensor, targets: Tensor, inv_tokens: float,
-                                grad_s: float | None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """_loss_and_logit_grad on the GPU."""
-    if triton is None:
-        raise RuntimeError("the GPU head loss needs Triton, as torch.compile does: pip install triton")
-    n, V = logits.shape
-    lse, losses = logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
-    _lse_kernel[(triton.cdiv(n, LSE_ROWS),)](logits, targets, lse, losses, n, V, LSE_ROWS, LSE_COLS,
-                                                 num_warps=LSE_WARPS)
-    fp8 = grad_s is not None
-    g = torch.empty_like(logits, dtype=torch.float8_e5m2 if fp8 else torch.bfloat16)
-    g_t = logits.new_empty((V, n), dtype=torch.float8_e5m2) if fp8 else None
-    grid = (triton.cdiv(n, GRAD_ROWS), triton.cdiv(V, GRAD_COLS))
-    _logit_grad_kernel[grid](logits, targets, lse, g, g_t if fp8 else g, n, V, inv_tokens, grad_s or 1.0, fp8,
-                             GRAD_ROWS, GRAD_COLS, num_warps=GRAD_WARPS)
-    return losses.sum(), g, g_t
+class MLP(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.c_fc = CastedLinear(dim, 4 * dim)
+        self.c_proj = CastedLinear(4 * dim, dim, zero_init=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return relu2_mlp(x, self.c_fc.weight.type_as(x), self.c_proj.weight.type_as(x))
 
 
-def _chunk_matmul_grads(g: Tensor, g_t: Tensor | None, x_q: Tensor, w_q_t: Tensor, grad_w: Tensor,
-                        grad_s: float | None) -> tuple[Tensor, Tensor]:
-    """The logits' gradient g (n, V) (in FP8 also g_t = g.T, contiguous) against x_q (n, D) and w_q_t (D, V)
-    -> (the gradient for x (n, D) bf16, grad_w + the gradient for w (V, D))."""
-    if grad_s is None:
-        return g @ w_q_t.T, grad_w + (g.T @ x_q).float()
-    one = torch.ones((), dtype=torch.float32, device=g.device)
-    # _scaled_mm wants its first operand row-major and its second column-major, so g is needed in both layouts
-    grad_x = torch._scaled_mm(g, w_q_t.T, out_dtype=torch.bfloat16, scale_a=one / grad_s, scale_b=one / FP8_W_SCALE)
-    # (D, n) @ (n, V) and a transpose is faster than (V, n) @ (n, D) for (V, D) = (50304, 768)
-    grad_w_chunk = torch._scaled_mm(x_q.T.contiguous(), g_t.T, out_dtype=torch.float32, scale_a=one / FP8_X_SCALE,
-                                    scale_b=one / grad_s)
-    return grad_x, grad_w + grad_w_chunk.T
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, max_seq_len: int, has_attention: bool):
+        super().__init__()
+        self.attn = CausalSelfAttention(dim, num_heads, max_seq_len) if has_attention else None
+        self.mlp = MLP(dim)
+        self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # mix of the residual stream and x0
+
+    def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, mask: BlockMask) -> Tensor:
+        x = self.lambdas[0] * x + self.lambdas[1] * x0
+        if self.attn is not None:
+            x = x + self.attn(norm(x), ve, mask)
+        return x + self.mlp(norm(x))
 
 
-# compiled once per chunk shape: inductor writes the transposed copy of x_q and the transposed add into grad_w
-_chunk_matmul_grads_compiled = torch.compile(_chunk_matmul_grads, dynamic=False)
+class GPT(nn.Module):
+    """A U-Net of transformer blocks (U-Net by @brendanh0gan): encoder layer i's output is added, weighted,
+    to the input of decoder layer num_layers-1-i. Three value embeddings (by @KoszarskyB, after @Grad62304977's
+    value residual) feed layers 0,1,2 and the last three again (012...012 by @YouJiacheng). forward returns the
+    mean cross entropy of the soft-capped logits."""
+
+    def __init__(self, vocab_size: int, num_layers: int, num_heads: int, model_dim: int, max_seq_len: int):
+        super().__init__()
+        self.eot_token = vocab_size - 1  # the last token ends a document (GPT-2: 50256)
+        self.embed = nn.Embedding(vocab_size, model_dim)
+        num_ve = min(3, num_layers // 2)
+        self.value_embeds = nn.ModuleList([nn.Embedding(vocab_size, model_dim) for _ in range(num_ve)])
+        self.blocks = nn.ModuleList([Block(model_dim, num_heads, max_seq_len, i != NO_ATTENTION_LAYER)
+                                     for i in range(num_layers)])
+        self.skip_weights = nn.Parameter(torch.ones(num_layers // 2))
+        # the vocabulary padded to a multiple of 128 for the matmul: suggested by @Grad62304977, after Karpathy
+        self.lm_head = CastedLinear(model_dim, next_multiple(vocab_size, 128), zero_init=True)
+        for embed in [self.embed, *self.value_embeds]:
+            embed.bfloat16()
+
+    def forward(self, input_seq: Tensor, target_seq: Tensor, window_blocks: Tensor) -> Tensor:
+        """input_seq, target_seq: (T,) token ids; window_blocks: 0-d int tensor, the long window in blocks
+        (a tensor, so that the window can grow without recompiling)."""
+        num_layers, half = len(self.blocks), len(self.skip_weights)
+        ve = [embed(input_seq) for embed in self.value_embeds]
+        ve = ve + [None] * (num_layers - 2 * len(ve)) + ve
+        long_mask, short_mask = block_masks(document_ids(input_seq, self.eot_token), window_blocks)
+        pattern = (LONG_WINDOW_LAYERS * half)[:half]
+        masks = [long_mask if is_long else short_mask for is_long in pattern + pattern[::-1]]
+
+        x = x0 = norm(self.embed(input_seq)[None])  # norm of the embedding by @Grad62304977
+        skips = []
+        for i, block in enumerate(self.blocks):
+            if i >= half:
+                x = x + self.skip_weights[i - half] * skips.pop()
+            x = block(x, ve[i], x0, masks[i])
+            if i < half:
+                skips.append(x)
+        x = norm(x)[0]
+        if self.training:
+            return head_loss(x, self.lm_head.weight, target_seq)
+        return F.cross_entropy(softcap(self.lm_head(x)), target_seq)
 
 
-@torch.library.custom_op("speedrun::head_loss", mutates_args=())
-def head_loss(x: Tensor, w: Tensor, targets: Tensor, fp8: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """The mean cross entropy of softcap(x @ w.T) against targets, and its gradients.
-    x (T, D) bf16, w (V, D) float32, targets (T,) int64 -> loss () float32, grad_x (T, D) bf16, grad_w (V, D)
-    float32. fp8: the matmuls in FP8 (compute capability >= 8.9, or a recent CPU build), else in bf16."""
-    if x.is_cuda:
-        loss_and_logit_grad, matmul_grads = _loss_and_logit_grad_triton, _chunk_matmul_grads_compiled
-    else:
-        loss_and_logit_grad, matmul_grads = _loss_and_logit_grad, _chunk_matmul_grads
-    w_q = _e4m3(w, FP8_W_SCALE) if fp8 else w.bfloat16()
-    w_q_t = w_q.T.contiguous() if fp8 else w_q.T  # the FP8 matmul of grad_x wants w_q column-major
-    grad_s = FP8_GRAD_SCALE_PER_TOKEN * len(x) if fp8 else None
-    loss = torch.zeros((), dtype=torch.float32, device=x.device)
-    grad_x, grad_w = torch.empty_like(x), torch.zeros_like(w, dtype=torch.float32)
-    for start in range(0, len(x), HEAD_CHUNK):
-        rows = slice(start, start + HEAD_CHUNK)
-        x_q = _e4m3(x[rows], FP8_X_SCALE) if fp8 else x[rows]
-        chunk_loss, g, g_t = loss_and_logit_grad(_logits(x_q, w_q), targets[rows], 1 / len(x), grad_s)
-        grad_x[rows], grad_w = matmul_grads(g, g_t, x_q, w_q_t, grad_w, grad_s)
-        loss += chunk_loss
-        del g, g_t  # before the next chunk's logits are allocated
-    return loss / len(x), grad_x, grad_w.contiguous()  # the sum's layout may follow the transposed partial
+# ----------------------------------------------------------------------------------------------------------------
+# Attention block masks: document-causal with block-wise sliding windows (block masks by @YouJiacheng)
+# A query attends to keys at or before it in the same document. FlexAttention skips whole 128x128 blocks:
+# "full" blocks need no masking, "partial" blocks apply the document-causal mask element-wise. The window
+# is counted in blocks: a query block keeps its newest w blocks (at most w-1 full ones). The long mask uses
+# w, the short mask w // 2 (long/short windows by @leloykun and @YouJiacheng, after Gemma 2, from a suggestion
+# by @Grad62304977).
 
 
-@head_loss.register_fake
-def _(x: Tensor, w: Tensor, targets: Tensor, fp8: bool):
-    assert x.ndim == w.ndim == 2 and x.shape[1] == w.shape[1] and targets.shape == x.shape[:1]
-    return x.new_empty((), dtype=torch.float32), torch.empty_like(x), torch.empty_like(w, dtype=torch.float32)
+def document_ids(tokens: Tensor, eot_token: int) -> Tensor:
+    """The document of every token: each end-of-text token starts a new document."""
+    return (tokens == eot_token).cumsum(0)
 
 
-def _head_loss_setup_context(ctx, inputs, output):
-    loss, grad_x, grad_w = output
-    ctx.save_for_backward(grad_x, grad_w)
+def _newest_first(blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """(nq, nk) bool -> per query block, the number of True key blocks and all key block indices, the True
+    ones first, newest first."""
+    num = blocks.sum(dim=-1, dtype=torch.int32)
+    order = blocks.argsort(dim=-1, descending=False, stable=True).flip(-1).to(torch.int32)
+    return num, order
 
 
-def _head_loss_autograd(ctx, grad_loss: Tensor, _grad_x, _grad_w):
-    grad_x, grad_w = ctx.saved_tensors
-    return grad_x * grad_loss, grad_w * grad_loss, None, None
+def block_tables(docs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per query block, its partial and full key blocks: (partial_num, partial_idx, full_num, full_idx),
+    the counts (nb,) and the indices (nb, nb) newest first."""
+    blocks = docs.view(-1, BLOCK_SIZE)
+    first, last = blocks[:, 0], blocks[:, -1]  # first and last document of every block
+    idx = torch.arange(len(blocks), device=docs.device)
+    q, k = idx[:, None], idx[None, :]
+    overlap = (first[:, None] <= last[None, :]) & (first[None, :] <= last[:, None])
+    one_document = (first[:, None] == last[None, :]) & (first[None, :] == last[:, None])
+    full = (q > k) & one_document
+    partial = (q >= k) & overlap & ~full
+    return (*_newest_first(partial), *_newest_first(full))
 
 
-head_loss.register_autograd(_head_loss_autograd, setup_context=_head_loss_setup_context)
+def window_counts(partial_num: Tensor, full_num: Tensor, window_blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """Cut the block counts to a window of w blocks: at most w-1 full blocks, and the partial blocks to what is
+    left of w (at least 1, the diagonal block). The short window is 0 blocks while the long one is a single
+    block (steps 0-103 at the defaults): then no full block is kept, where the record computed -1."""
+    return (torch.clamp_max(partial_num, torch.clamp_min(window_blocks - full_num, 1)),
+            torch.clamp_max(full_num, window_blocks - 1).clamp_min(0))
 
 
-def fp8_available(device: torch.device) -> tuple[bool, str]:
-    """Whether the FP8 head can run here, and why not."""
-    if device.type != "cuda":
-        return False, f"no FP8 matmul on {device.type}"
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
-        return False, f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor} < 8.9"
-    return True, ""
+def block_masks(docs: Tensor, window_blocks: Tensor) -> tuple[BlockMask, BlockMask]:
+    """The long (window_blocks) and short (window_blocks // 2) masks of a (T,) sequence with document ids docs."""
+
+    def document_causal(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (docs[q_idx] == docs[kv_idx])
+
+    partial_num, partial_idx, full_num, full_idx = block_tables(docs)
+
+    def build(w: Tensor) -> BlockMask:
+        p_num, f_num = window_counts(partial_num, full_num, w)
+        return BlockMask.from_kv_blocks(p_num[None, None], partial_idx[None, None], f_num[None, None],
+                                        full_idx[None, None], BLOCK_SIZE=BLOCK_SIZE, mask_mod=document_causal)
+
+    return build(window_blocks), build(window_blocks // 2)
+
+
+def window_blocks_at(step: int, args: Hyperparameters) -> int:
+    """The long window in blocks at a step: window_tokens * step / num_iterations rounded up to a multiple of
+    128 tokens (128 at step 0, 1792 at the end; warm-up by @fernbear.bsky.social, block-wise by @YouJiacheng)."""
+    return next_multiple(args.window_tokens * step / args.num_iterations, BLOCK_SIZE) // BLOCK_SIZE
+
+
+def window_tensor(step: int, args: Hyperparameters, device: torch.device) -> Tensor:
+    """The window as the model takes it: a 0-d int32 tensor, so that it changes without recompiling."""
+    return torch.tensor(window_blocks_at(step, args), dtype=torch.int32, device=device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -367,7 +405,8 @@ def fp8_available(device: torch.device) -> tuple[bool, str]:
 
 
 def newton_schulz5(G: Tensor, steps: int = 5) -> Tensor:
-    """Approximately orthogonalise G (..., m, n), batched over leading dimensions.
+    """Approximately orthogonalise G (..., m, n), batched over leading dimensions (batched by @scottjmaddox,
+    brought into the record by @YouJiacheng).
 
     With G = U S V^T, returns about U S' V^T with S' spread around 1 (roughly 0.7 to 1.2) instead of the exact
     U V^T: the quintic's coefficients maximise the slope at 0, so small singular values grow fast in five
@@ -392,9 +431,9 @@ class Muon(torch.optim.Optimizer):
     QKV weight (3, d, d) is orthogonalised as 3 separate matrices.
 
     Across ranks the parameters of a group (all of one size) are shared out round-robin: rank r
-    orthogonalises parameters r, r + world_size, ... . Muon averages the gradients itself, and only onto their
-    owner (a reduce-scatter per round of world_size parameters, half the bytes of an all-reduce); the updates
-    are then all-gathered. With world_size 1 there is no communication, and no process group is needed.
+    orthogonalises parameters r, r + world_size, ... (by @YouJiacheng). Muon averages the gradients itself, and
+    only onto their owner (a reduce-scatter per round of world_size parameters, half the bytes of an all-reduce);
+    the updates are then all-gathered. With world_size 1 there is no communication, and no process group is needed.
     """
 
     def __init__(self, params, lr: float, momentum: float, rank: int = 0, world_size: int = 1,
@@ -452,8 +491,9 @@ class Muon(torch.optim.Optimizer):
         if self.reduced is None:
             self.reduce_grads()
         gathers = []
-        # async all-gathers (by @YouJiacheng); all Newton-Schulz work is queued before any update is applied,
-        # so that it overlaps them and whatever communication the caller queued after reduce_grads()
+        # async all-gathers instead of an all-reduce (by @YouJiacheng); all Newton-Schulz work is queued before any
+        # update is applied, so that it overlaps them and whatever communication the caller queued after
+        # reduce_grads()
         for (group, params, mine), (work, grad) in zip(self._rounds(), self.reduced):
             work.wait()
             if mine is not None:
@@ -466,377 +506,6 @@ class Muon(torch.optim.Optimizer):
         for work, gathered, params, group in gathers:
             work.wait()
             self._apply(params, list(gathered.view(self.world_size, -1)), group["lr"])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Modules
-
-
-def norm(x: Tensor) -> Tensor:
-    return F.rms_norm(x, (x.size(-1),))
-
-
-class CastedLinear(nn.Linear):
-    """A bias-free linear layer whose weight is cast to the activation dtype."""
-
-    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
-        super().__init__(in_features, out_features, bias=False)
-        if zero_init:  # zero init of output projections by @Grad62304977
-            self.weight.detach().zero_()
-
-    def reset_parameters(self):
-        bound = 3**0.5 * 0.5 * self.in_features**-0.5  # uniform with std 0.5 / sqrt(fan_in)
-        with torch.no_grad():
-            self.weight.uniform_(-bound, bound)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight.type_as(x))
-
-
-class Rotary(nn.Module):
-    """Half-truncated rotary embedding (by @YouJiacheng): 32 of the 64 frequency pairs of a 128-wide head
-    rotate, with angular frequency (1/1024)^(j/31); the other 32 have frequency 0 and pass through."""
-
-    def __init__(self, head_dim: int, max_seq_len: int):
-        super().__init__()
-        freq = (1 / 1024) ** torch.linspace(0, 1, steps=head_dim // 4, dtype=torch.float32)
-        freq = torch.cat([freq, freq.new_zeros(head_dim // 4)])
-        theta = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freq)  # (T, head_dim / 2)
-        self.cos = nn.Buffer(theta.cos(), persistent=False)
-        self.sin = nn.Buffer(theta.sin(), persistent=False)
-
-    def forward(self, x: Tensor) -> Tensor:  # x: (B, T, H, head_dim)
-        cos, sin = self.cos[None, :x.size(-3), None, :], self.sin[None, :x.size(-3), None, :]
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
-
-
-# Uncompiled, flex_attention falls back to a reference implementation that applies mask_mod everywhere and ignores
-# the block tables, so the sliding windows would be lost: outside a compiled model it runs compiled on its own.
-_flex_attention_compiled = torch.compile(flex_attention, dynamic=False)
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, max_seq_len: int, use_flex: bool):
-        super().__init__()
-        self.num_heads, self.head_dim, self.use_flex = num_heads, dim // num_heads, use_flex
-        bound = 3**0.5 * 0.5 * dim**-0.5
-        self.qkv_w = nn.Parameter(torch.empty(3, dim, dim).uniform_(-bound, bound))  # merged Q, K, V
-        self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))  # mix of v and the value embedding
-        self.rotary = Rotary(self.head_dim, max_seq_len)
-        self.c_proj = CastedLinear(dim, dim, zero_init=True)
-
-    def forward(self, x: Tensor, ve: Tensor | None, mask) -> Tensor:
-        B, T, D = x.shape
-        qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).type_as(x))
-        q, k, v = qkv.view(B, T, 3 * self.num_heads, self.head_dim).chunk(3, dim=-2)
-        q, k = norm(q), norm(k)  # QK norm by @Grad62304977
-        q, k = self.rotary(q), self.rotary(k)
-        # value embeddings by @KoszarskyB and @Grad62304977
-        v = self.lambdas[0] * v + self.lambdas[1] * ve.view_as(v) if ve is not None else self.lambdas[0] * v
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        # scale 0.12 instead of 1/sqrt(128), by @leloykun
-        if self.use_flex:
-            attend = flex_attention if torch.compiler.is_compiling() else _flex_attention_compiled
-            y = attend(q, k, v, block_mask=mask, scale=0.12)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.12)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, D))
-
-
-# The MLP's two matmuls that have elementwise work beside them, each one Triton matmul on Hopper: the up-projection
-# stores a = x @ w_fc.T and h = relu(a)^2 in one pass, and the backward stores grad_a = (grad_y @ w_proj) * 2 relu(a)
-# in one pass. torch.compile makes each a cuBLAS matmul and an inductor kernel that reads the matmul's output again.
-# On an H200, for a 64K-token sequence: forward 0.665 -> 0.666 ms, backward 0.753 -> 0.646 ms; in training 1.0-1.3%
-# less time a step (records/2026-11-28_speed_x4/round6/). Rounding as compiled: the matmul to bf16, then the
-# epilogue once, from float32.
-
-
-def fused_mlp_available(device: torch.device) -> tuple[bool, str]:
-    """Whether the MLP's Triton matmuls can run here (they load through Hopper's tensor memory accelerator)."""
-    if device.type != "cuda":
-        return False, f"no Triton on {device.type}"
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < 9:
-        return False, f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor} < 9.0"
-    if triton is None:
-        return False, "Triton is not installed"
-    return True, ""
-
-
-if triton is not None:
-    @triton.jit
-    def _tile(tile, num_m, num_n, GROUP: tl.constexpr):
-        """A tile's (row, column) block: GROUP row blocks at a time share the column blocks of w in L2."""
-        first_m = tile // (GROUP * num_n) * GROUP
-        rows = min(num_m - first_m, GROUP)
-        return first_m + tile % (GROUP * num_n) % rows, tile % (GROUP * num_n) // rows
-
-    @triton.jit
-    def _matmul_relu2_kernel(x_desc, w_desc, a_desc, out_desc, M, N, K, W_KN: tl.constexpr, BACKWARD: tl.constexpr,
-                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
-                             NUM_SMS: tl.constexpr):
-        # y = x @ w (w stored (K, N): W_KN) or x @ w.T (w stored (N, K)), rounded to bf16. Forward: stores y as a,
-        # relu(y)^2 as out. Backward: stores y * 2 relu(a) as out. Persistent: one program per SM walks the tiles.
-        num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-        for tile in range(tl.program_id(0), num_m * num_n, NUM_SMS):
-            pid_m, pid_n = _tile(tile, num_m, num_n, GROUP)
-            off_m, off_n = pid_m * BM, pid_n * BN
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-            for k in range(0, K, BK):
-                if W_KN:
-                    acc = tl.dot(x_desc.load([off_m, k]), w_desc.load([k, off_n]), acc)
-                else:
-                    acc = tl.dot(x_desc.load([off_m, k]), w_desc.load([off_n, k]).T, acc)
-            y = acc.to(tl.bfloat16)
-            if BACKWARD:
-                relu_a = tl.maximum(a_desc.load([off_m, off_n]).to(tl.float32), 0.0)
-                out_desc.store([off_m, off_n], (y.to(tl.float32) * 2 * relu_a).to(tl.bfloat16))
-            else:
-                a_desc.store([off_m, off_n], y)
-                relu_y = tl.maximum(y.to(tl.float32), 0.0)
-                out_desc.store([off_m, off_n], (relu_y * relu_y).to(tl.bfloat16))
-
-
-def _matmul_relu2_triton(x: Tensor, w: Tensor, a: Tensor, w_kn: bool, backward: bool) -> Tensor:
-    # 128 x 256 tiles, BK = 64, 8 warps, 3 stages: the fastest of the block shapes tried at the model's sizes
-    # (records/mlp_epilogue_bench.py), fixed rather than autotuned, which would time each at every start
-    M, K = x.shape
-    N = w.size(1) if w_kn else w.size(0)
-    BM, BN, BK = 128, 256, 64
-    out = x.new_empty(M, N)
-    descs = [TensorDescriptor.from_tensor(x, [BM, BK]), TensorDescriptor.from_tensor(w, [BK, BN] if w_kn else [BN, BK]),
-             TensorDescriptor.from_tensor(a, [BM, BN]), TensorDescriptor.from_tensor(out, [BM, BN])]
-    num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    grid = (min(num_sms, triton.cdiv(M, BM) * triton.cdiv(N, BN)),)
-    _matmul_relu2_kernel[grid](*descs, M, N, K, w_kn, backward, BM, BN, BK, GROUP=8, NUM_SMS=grid[0], num_warps=8,
-                               num_stages=3)
-    return out
-
-
-@torch.library.custom_op("speedrun::matmul_relu2", mutates_args=())
-def matmul_relu2(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    """x (n, k) and w (m, k), bf16 -> a = x @ w.T and relu(a)^2, both (n, m) bf16."""
-    if not x.is_cuda:
-        a = x @ w.T
-        return a, F.relu(a).square()
-    a = x.new_empty(x.size(0), w.size(0))
-    return a, _matmul_relu2_triton(x.contiguous(), w.contiguous(), a, w_kn=False, backward=False)
-
-
-@matmul_relu2.register_fake
-def _(x: Tensor, w: Tensor):
-    return x.new_empty(x.size(0), w.size(0)), x.new_empty(x.size(0), w.size(0))
-
-
-@torch.library.custom_op("speedrun::matmul_relu2_grad", mutates_args=())
-def matmul_relu2_grad(grad_y: Tensor, w: Tensor, a: Tensor) -> Tensor:
-    """grad_y (n, k), w (k, m), a (n, m), bf16 -> (grad_y @ w) * 2 relu(a): the gradient of a, (n, m) bf16."""
-    if not grad_y.is_cuda:
-        return (grad_y @ w) * 2 * F.relu(a)
-    return _matmul_relu2_triton(grad_y.contiguous(), w.contiguous(), a.contiguous(), w_kn=True, backward=True)
-
-
-@matmul_relu2_grad.register_fake
-def _(grad_y: Tensor, w: Tensor, a: Tensor):
-    return torch.empty_like(a)
-
-
-class FusedReLU2MLP(torch.autograd.Function):
-    """c_proj(relu(c_fc(x))^2) for x (n, dim) and the bf16 weights, with the two fused matmuls above. Saves x, a
-    and h: a training run's peak memory is the same as without it."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
-        a, h = matmul_relu2(x, w_fc)
-        ctx.save_for_backward(x, w_fc, w_proj, a, h)
-        return h @ w_proj.T
-
-    @staticmethod
-    def backward(ctx, grad_y: Tensor):
-        x, w_fc, w_proj, a, h = ctx.saved_tensors
-        grad_a = matmul_relu2_grad(grad_y, w_proj, a)
-        return grad_a @ w_fc, grad_a.T @ x, grad_y.T @ h
-
-
-class MLP(nn.Module):
-    def __init__(self, dim: int, fused: bool = False):
-        super().__init__()
-        self.c_fc = CastedLinear(dim, 4 * dim)
-        self.c_proj = CastedLinear(4 * dim, dim, zero_init=True)
-        self.fused = fused
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.fused:
-            w_fc, w_proj = self.c_fc.weight.type_as(x), self.c_proj.weight.type_as(x)
-            return FusedReLU2MLP.apply(x.flatten(end_dim=-2), w_fc, w_proj).view_as(x)
-        return self.c_proj(F.relu(self.c_fc(x)).square())  # ReLU^2 by @SKYLINEZ007 and @Grad62304977
-
-
-class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, max_seq_len: int, use_flex: bool, has_attn: bool, fused_mlp: bool):
-        super().__init__()
-        self.attn = CausalSelfAttention(dim, num_heads, max_seq_len, use_flex) if has_attn else None
-        self.mlp = MLP(dim, fused_mlp)
-        self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # mix of the residual stream and x0
-
-    def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, mask) -> Tensor:
-        x = self.lambdas[0] * x + self.lambdas[1] * x0
-        if self.attn is not None:
-            x = x + self.attn(norm(x), ve, mask)
-        return x + self.mlp(norm(x))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# GPT
-
-NO_ATTENTION_LAYER = 7  # layer 7 has no attention, by @YouJiacheng
-LONG_WINDOW_LAYERS = (True, False, False, False, True, False)  # encoder layers 0..5; the decoder mirrors it
-
-
-def next_multiple(n: float, multiple: int) -> int:
-    return max(multiple, math.ceil(n / multiple) * multiple)
-
-
-class GPT(nn.Module):
-    """A U-Net of transformer blocks (U-Net by @brendanh0gan): encoder layer i's output is added, weighted,
-    to the input of decoder layer num_layers-1-i. Three value embeddings feed layers 0,1,2 and the last
-    three again (012...012 by @YouJiacheng). forward returns the mean cross entropy of the soft-capped logits.
-    """
-
-    def __init__(self, vocab_size: int, num_layers: int, num_heads: int, model_dim: int, max_seq_len: int,
-                 use_flex: bool = True, fp8_head: bool = False, fused_mlp: bool = False):
-        super().__init__()
-        self.use_flex, self.fp8_head = use_flex, fp8_head
-        self.eot_token = vocab_size - 1  # the last token ends a document (GPT-2: 50256)
-        self.embed = nn.Embedding(vocab_size, model_dim)
-        num_ve = min(3, num_layers // 2)
-        self.value_embeds = nn.ModuleList([nn.Embedding(vocab_size, model_dim) for _ in range(num_ve)])
-        self.blocks = nn.ModuleList([Block(model_dim, num_heads, max_seq_len, use_flex, i != NO_ATTENTION_LAYER,
-                                           fused_mlp) for i in range(num_layers)])
-        self.skip_weights = nn.Parameter(torch.ones(num_layers // 2))
-        # the vocabulary padded to a multiple of 128 for the matmul, by @Grad62304977
-        self.lm_head = CastedLinear(model_dim, next_multiple(vocab_size, 128), zero_init=True)
-        for embed in [self.embed, *self.value_embeds]:
-            embed.bfloat16()
-
-    def forward(self, input_seq: Tensor, target_seq: Tensor, window_blocks: Tensor) -> Tensor:
-        """input_seq, target_seq: (T,) token ids; window_blocks: 0-d int tensor, the long window in blocks
-        (a tensor, so that the window can grow without recompiling)."""
-        num_layers, half = len(self.blocks), len(self.skip_weights)
-        ve = [embed(input_seq) for embed in self.value_embeds]
-        ve = ve + [None] * (num_layers - 2 * len(ve)) + ve
-        build = flex_block_masks if self.use_flex else dense_block_masks
-        long_mask, short_mask = build(document_ids(input_seq, self.eot_token), window_blocks)
-        pattern = (LONG_WINDOW_LAYERS * half)[:half]
-        masks = [long_mask if is_long else short_mask for is_long in pattern + pattern[::-1]]
-
-        x = x0 = norm(self.embed(input_seq)[None])  # norm of the embedding by @Grad62304977
-        skips = []
-        for i, block in enumerate(self.blocks):
-            if i >= half:
-                x = x + self.skip_weights[i - half] * skips.pop()
-            x = block(x, ve[i], x0, masks[i])
-            if i < half:
-                skips.append(x)
-        x = norm(x)[0]
-        if self.training:
-            loss, _, _ = head_loss(x, self.lm_head.weight, target_seq, self.fp8_head)
-            return loss
-        return F.cross_entropy(softcap(self.lm_head(x)), target_seq)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Attention block masks: document-causal with block-wise sliding windows (block masks by @YouJiacheng)
-# A query attends to keys at or before it in the same document. FlexAttention skips whole 128x128 blocks:
-# "full" blocks need no masking, "partial" blocks apply the document-causal mask element-wise. The window
-# is counted in blocks: a query block keeps its newest w blocks (at most w-1 full ones). The long mask uses
-# w, the short mask w // 2 (long/short windows by @leloykun and @YouJiacheng).
-
-BLOCK_SIZE = 128
-
-
-def document_ids(tokens: Tensor, eot_token: int) -> Tensor:
-    """The document of every token: each end-of-text token starts a new document."""
-    return (tokens == eot_token).cumsum(0)
-
-
-def _newest_first(blocks: Tensor) -> tuple[Tensor, Tensor]:
-    """(nq, nk) bool -> per query block, the number of True key blocks and all key block indices, the True
-    ones first, newest first."""
-    num = blocks.sum(dim=-1, dtype=torch.int32)
-    order = blocks.argsort(dim=-1, descending=False, stable=True).flip(-1).to(torch.int32)
-    return num, order
-
-
-def block_tables(docs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per query block, its partial and full key blocks: (partial_num, partial_idx, full_num, full_idx),
-    the counts (nb,) and the indices (nb, nb) newest first."""
-    blocks = docs.view(-1, BLOCK_SIZE)
-    first, last = blocks[:, 0], blocks[:, -1]  # first and last document of every block
-    idx = torch.arange(len(blocks), device=docs.device)
-    q, k = idx[:, None], idx[None, :]
-    overlap = (first[:, None] <= last[None, :]) & (first[None, :] <= last[:, None])
-    one_document = (first[:, None] == last[None, :]) & (first[None, :] == last[:, None])
-    full = (q > k) & one_document
-    partial = (q >= k) & overlap & ~full
-    return (*_newest_first(partial), *_newest_first(full))
-
-
-def window_counts(partial_num: Tensor, full_num: Tensor, window_blocks: Tensor) -> tuple[Tensor, Tensor]:
-    """Cut the block counts to a window of w blocks: at most w-1 full blocks (none for w = 0, the short
-    window at step 0), and the partial blocks to what is left of w (at least 1, the diagonal block)."""
-    return (torch.clamp_max(partial_num, torch.clamp_min(window_blocks - full_num, 1)),
-            torch.clamp_max(full_num, window_blocks - 1).clamp_min(0))
-
-
-def flex_block_masks(docs: Tensor, window_blocks: Tensor) -> tuple[BlockMask, BlockMask]:
-    """The long (window_blocks) and short (window_blocks // 2) FlexAttention masks of a (T,) sequence with
-    document ids docs."""
-
-    def document_causal(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (docs[q_idx] == docs[kv_idx])
-
-    partial_num, partial_idx, full_num, full_idx = block_tables(docs)
-
-    def build(w: Tensor) -> BlockMask:
-        p_num, f_num = window_counts(partial_num, full_num, w)
-        return BlockMask.from_kv_blocks(p_num[None, None], partial_idx[None, None], f_num[None, None],
-                                        full_idx[None, None], BLOCK_SIZE=BLOCK_SIZE, mask_mod=document_causal)
-
-    return build(window_blocks), build(window_blocks // 2)
-
-
-def _kept_blocks(num: Tensor, order: Tensor) -> Tensor:
-    """(nb, nb) bool: key block order[q, j] is kept for query block q when j < num[q]."""
-    keep = torch.arange(order.size(-1), device=order.device)[None, :] < num[:, None]
-    return torch.zeros_like(keep).scatter_(1, order.long(), keep)
-
-
-def dense_block_masks(docs: Tensor, window_blocks: Tensor) -> tuple[Tensor, Tensor]:
-    """The same two masks as flex_block_masks, expanded to (T, T) bool for scaled_dot_product_attention:
-    FlexAttention has no backward on the CPU."""
-    pos = torch.arange(len(docs), device=docs.device)
-    document_causal = (pos[:, None] >= pos[None, :]) & (docs[:, None] == docs[None, :])
-    partial_num, partial_idx, full_num, full_idx = block_tables(docs)
-
-    def build(w: Tensor) -> Tensor:
-        p_num, f_num = window_counts(partial_num, full_num, w)
-        kept = _kept_blocks(p_num, partial_idx) | _kept_blocks(f_num, full_idx)
-        return document_causal & kept.repeat_interleave(BLOCK_SIZE, 0).repeat_interleave(BLOCK_SIZE, 1)
-
-    return build(window_blocks), build(window_blocks // 2)
-
-
-def window_blocks_at(step: int, args: Hyperparameters) -> int:
-    """The long window in blocks at a step: window_tokens * step / num_iterations rounded up to a multiple of
-    128 tokens (128 at step 0, 1792 at the end; warm-up by @fernbear.bsky.social)."""
-    return next_multiple(args.window_tokens * step / args.num_iterations, BLOCK_SIZE) // BLOCK_SIZE
-
-
-def window_tensor(step: int, args: Hyperparameters, device: torch.device) -> Tensor:
-    """The window as the model takes it: a 0-d int32 tensor, so that it changes without recompiling."""
-    return torch.tensor(window_blocks_at(step, args), dtype=torch.int32, device=device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -880,10 +549,11 @@ def load_shard(path, pin: bool, max_tokens: int | None = None) -> Tensor:
     num_tokens = read_shard_header(path)
     if max_tokens is not None:
         num_tokens = min(num_tokens, max_tokens)
-    tokens = torch.empty(num_tokens, dtype=torch.uint16, pin_memory=pin)  # pinned: async copies to the GPU
+    # pinned: async copies to the GPU; read straight into the tensor, no pinning copy (both by @YouJiacheng)
+    tokens = torch.empty(num_tokens, dtype=torch.uint16, pin_memory=pin)
     with open(path, "rb", buffering=0) as f:
         f.seek(HEADER_INTS * 4)
-        f.readinto(tokens.numpy())  # straight into the tensor, by @YouJiacheng
+        f.readinto(tokens.numpy())
     return tokens
 
 
@@ -974,7 +644,85 @@ def val_batches(tokens: Tensor, args: Hyperparameters, rank: int, world_size: in
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Setup, logging and checkpoints
+# Training steps
+
+
+def lr_factor(step: int, args: Hyperparameters) -> float:
+    """1 until the last cooldown_frac of the steps, then linear decay towards 0.1."""
+    w = min((1 - step / args.num_iterations) / args.cooldown_frac, 1.0)
+    return w + (1 - w) * 0.1
+
+
+def muon_momentum(step: int, args: Hyperparameters) -> float:
+    frac = min(step / args.muon_momentum_steps, 1)
+    return (1 - frac) * args.muon_momentum_start + frac * args.muon_momentum_end
+
+
+def build_optimizers(model: nn.Module, args: Hyperparameters, rank: int, world_size: int):
+    """Adam for the lm_head, the embeddings and the scalars; Muon for the matrices inside the blocks."""
+    matrices = [p for p in model.blocks.parameters() if p.ndim >= 2]
+    embeddings = [model.embed.weight, *model.value_embeds.parameters()]
+    scalars = [p for p in model.parameters() if p.ndim < 2]
+    adam = torch.optim.Adam([dict(params=[model.lm_head.weight]), dict(params=embeddings), dict(params=scalars)],
+                            betas=ADAM_BETAS, eps=ADAM_EPS, fused=True)
+    orthogonalize = torch.compile(newton_schulz5, dynamic=False) if args.compile else newton_schulz5
+    muon = Muon(matrices, lr=args.muon_lr, momentum=args.muon_momentum_start, rank=rank, world_size=world_size,
+                orthogonalize=orthogonalize)
+    set_schedule(adam, muon, 0, args)
+    return adam, muon
+
+
+def set_schedule(adam: torch.optim.Adam, muon: Muon, step: int, args: Hyperparameters):
+    """This step's learning rates (each its base value x lr_factor) and Muon momentum."""
+    scale = lr_factor(step, args)
+    for group, lr in zip(adam.param_groups, (args.head_lr, args.embed_lr, args.scalar_lr)):  # build's order
+        group["lr"] = lr * scale
+    for group in muon.param_groups:
+        group["lr"], group["momentum"] = args.muon_lr * scale, muon_momentum(step, args)
+
+
+def train_step(model: nn.Module, inputs: Tensor, targets: Tensor, window: Tensor, seq_len: int,
+               adam: torch.optim.Adam, muon: Muon) -> Tensor:
+    """One optimizer step on this rank's share of the batch; returns the loss averaged over all ranks.
+    The gradient is the mean over all batch_seqs sequences, for any world size: each of the `accum`
+    sequences a rank holds is weighted 1/accum, then the ranks average."""
+    accum = len(inputs) // seq_len
+    loss = torch.zeros((), device=inputs.device)
+    with record_function("forward_backward"):  # a phase in --profile_at tables, as is each optimizer's step
+        for seq_in, seq_target in zip(inputs.split(seq_len), targets.split(seq_len)):
+            seq_loss = model(seq_in, seq_target, window) / accum
+            seq_loss.backward()
+            loss += seq_loss.detach()
+    if dist.is_initialized():
+        # async, in this order on the wire: Muon's reduce-scatters, then the all-reduces of Adam's gradients and
+        # the loss, which run while Muon orthogonalises; its all-gathers queue behind them
+        muon.reduce_grads()
+        averaged = [dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, async_op=True)
+                    for group in adam.param_groups for p in group["params"]]
+        averaged.append(dist.all_reduce(loss, op=dist.ReduceOp.AVG, async_op=True))
+    muon.step()
+    if dist.is_initialized():
+        for work in averaged:
+            work.wait()
+    adam.step()
+    model.zero_grad(set_to_none=True)
+    return loss
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, val_tokens: Tensor, window: Tensor, args: Hyperparameters, rank: int,
+             world_size: int, device: torch.device) -> float:
+    model.eval()
+    losses = [model(x, y, window) for x, y in val_batches(val_tokens, args, rank, world_size, device)]
+    loss = torch.stack(losses).mean()
+    if dist.is_initialized():
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+    model.train()
+    return loss.item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processes, the log, checkpoints and profiles
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -1039,8 +787,8 @@ def muon_owners(muon: Muon):
             yield p, muon.owner(i)
 
 
-def save_checkpoint(path: Path, args, step: int, train_time_ms: float, model: nn.Module, adam, muon: Muon,
-                    loader: TrainLoader, rank: int):
+def save_checkpoint(path: Path, args: Hyperparameters, step: int, train_time_ms: float, model: nn.Module,
+                    adam: torch.optim.Adam, muon: Muon, loader: TrainLoader, rank: int):
     """Rank 0 writes the full state atomically (temporary file, then rename). Muon's momentum buffers live
     on their owner rank, so they are first broadcast to all: a checkpoint does not depend on the world size.
     Collective: every rank must call it."""
@@ -1083,7 +831,7 @@ def load_checkpoint(path: str, args: Hyperparameters) -> dict:
     return ckpt
 
 
-def restore_checkpoint(ckpt: dict, model: nn.Module, adam, muon: Muon, rank: int):
+def restore_checkpoint(ckpt: dict, model: nn.Module, adam: torch.optim.Adam, muon: Muon, rank: int):
     model.load_state_dict(ckpt["model"])
     adam.load_state_dict(ckpt["adam"])
     muon.load_state_dict(ckpt["muon"])
@@ -1091,54 +839,6 @@ def restore_checkpoint(ckpt: dict, model: nn.Module, adam, muon: Muon, rank: int
     torch.set_rng_state(ckpt["rng"])
     if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(ckpt["cuda_rng"])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training
-
-
-def lr_factor(step: int, args: Hyperparameters) -> float:
-    """1 until the last cooldown_frac of the steps, then linear decay towards 0.1."""
-    w = min((1 - step / args.num_iterations) / args.cooldown_frac, 1.0)
-    return w + (1 - w) * 0.1
-
-
-def muon_momentum(step: int, args: Hyperparameters) -> float:
-    frac = min(step / args.muon_momentum_steps, 1)
-    return (1 - frac) * args.muon_momentum_start + frac * args.muon_momentum_end
-
-
-def train_step(model, inputs: Tensor, targets: Tensor, window: Tensor, step: int, args, optimizers) -> Tensor:
-    """One optimizer step on this rank's share of the batch; returns the loss averaged over all ranks.
-    The gradient is the mean over all batch_seqs sequences, for any world size: each of the `accum`
-    sequences a rank holds is weighted 1/accum, then the ranks average."""
-    accum = len(inputs) // args.seq_len
-    loss = torch.zeros((), device=inputs.device)
-    with record_function("forward_backward"):  # a phase in --profile_at tables, as is each optimizer's step
-        for seq_in, seq_target in zip(inputs.split(args.seq_len), targets.split(args.seq_len)):
-            seq_loss = model(seq_in, seq_target, window) / accum
-            seq_loss.backward()
-            loss += seq_loss.detach()
-    adam, muon = optimizers
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lr_factor(step, args)
-    for group in muon.param_groups:
-        group["momentum"] = muon_momentum(step, args)
-    if dist.is_initialized():
-        # async, in this order on the wire: Muon's reduce-scatters, then the all-reduces of Adam's gradients and
-        # the loss, which run while Muon orthogonalises; its all-gathers queue behind them
-        muon.reduce_grads()
-        averaged = [dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, async_op=True)
-                    for group in adam.param_groups for p in group["params"]]
-        averaged.append(dist.all_reduce(loss, op=dist.ReduceOp.AVG, async_op=True))
-    muon.step()
-    if dist.is_initialized():
-        for work in averaged:
-            work.wait()
-    adam.step()
-    model.zero_grad(set_to_none=True)
-    return loss
 
 
 PROFILED_STEPS = 3
@@ -1154,21 +854,13 @@ def write_profile(profiler: torch.profiler.profile, path: Path, steps: int):
             print(f"{device_us / steps:.1f}\t{cpu_us / steps:.1f}\t{count / steps:g}\t{name}", file=f)
 
 
-@torch.no_grad()
-def evaluate(model, val_tokens: Tensor, window: Tensor, args, rank: int, world_size: int, device) -> float:
-    model.eval()
-    losses = [model(x, y, window) for x, y in val_batches(val_tokens, args, rank, world_size, device)]
-    loss = torch.stack(losses).mean()
-    if dist.is_initialized():
-        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-    model.train()
-    return loss.item()
+# ----------------------------------------------------------------------------------------------------------------
+# main: the steps of a run
 
 
-def main(args: Hyperparameters):
-    rank, world_size, device = setup_distributed()
-    cuda = device.type == "cuda"
-    check_config(args, world_size)
+def prepare_data(args: Hyperparameters) -> tuple[list[str], str]:
+    """The smoke preset first makes its data (one process a node); then every rank checks the shards, before
+    anything is compiled."""
     if args.preset == "smoke" and int(os.environ.get("LOCAL_RANK", 0)) == 0:
         try:
             check_data(args)
@@ -1176,127 +868,523 @@ def main(args: Hyperparameters):
             make_smoke_data(args)
     if dist.is_initialized():
         dist.barrier()
-    train_files, val_file = check_data(args)  # before anything is compiled
-    ckpt = load_checkpoint(args.resume, args) if args.resume else None
+    return check_data(args)
 
-    run_id = uuid.uuid4().hex[:12]
+
+def start_log(args: Hyperparameters, rank: int, world_size: int, device: torch.device, run_id: str) -> Logger:
+    """The log opens with this file's source, the versions, nvidia-smi and every hyperparameter."""
     log = Logger(args, rank, run_id)
     log(Path(__file__).read_text(), console=False)
     log("=" * 100, console=False)
     log(environment_report(args, world_size, device), console=False)
     log("=" * 100, console=False)
-    fp8_head, why_not = fp8_available(device)
-    if args.fp8_head and not fp8_head:
-        log(f"fp8 head: off ({why_not}); the lm_head runs in bf16")
-    fp8_head = fp8_head and args.fp8_head
-    fused_mlp, why_not = fused_mlp_available(device)
-    if args.fused_mlp and cuda and not fused_mlp:
-        log(f"fused MLP: off ({why_not}); its matmuls and ReLU^2 run as torch.compile makes them")
-    fused_mlp = fused_mlp and args.fused_mlp
-    if cuda:
-        torch._inductor.config.coordinate_descent_tuning = args.coordinate_descent_tuning  # the record had it on
+    return log
 
+
+def build_model(args: Hyperparameters, device: torch.device) -> nn.Module:
+    """The same initial weights on every rank and any world size: made on the CPU from the seed, then
+    broadcast from rank 0 all the same."""
     torch.manual_seed(args.seed)
-    raw_model = GPT(args.vocab_size, args.num_layers, args.num_heads, args.model_dim, args.seq_len,
-                    use_flex=cuda, fp8_head=fp8_head, fused_mlp=fused_mlp).to(device)
+    model = GPT(args.vocab_size, args.num_layers, args.num_heads, args.model_dim, args.seq_len).to(device)
     if dist.is_initialized():
-        for p in raw_model.parameters():
+        for p in model.parameters():
             dist.broadcast(p.detach(), 0)
-    matrices = [p for p in raw_model.blocks.parameters() if p.ndim >= 2]
-    embeddings = [raw_model.embed.weight, *raw_model.value_embeds.parameters()]
-    scalars = [p for p in raw_model.parameters() if p.ndim < 2]
-    adam = torch.optim.Adam([dict(params=[raw_model.lm_head.weight], lr=args.head_lr),
-                             dict(params=embeddings, lr=args.embed_lr),
-                             dict(params=scalars, lr=args.scalar_lr)], betas=(0.8, 0.95), eps=1e-10, fused=True)
-    orthogonalize = torch.compile(newton_schulz5, dynamic=False) if args.compile else newton_schulz5
-    muon = Muon(matrices, lr=args.muon_lr, momentum=args.muon_momentum_start, rank=rank, world_size=world_size,
-                orthogonalize=orthogonalize)
-    optimizers = [adam, muon]
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["initial_lr"] = group["lr"]
-    model = torch.compile(raw_model, dynamic=False) if args.compile else raw_model
+    return model
 
-    # Compile and warm up on dummy data, untimed, then go back to the initial state.
-    t0 = time.perf_counter()
-    # on the CPU: a GPU copy would add the weights' size to the peak memory
-    initial_state = dict(model={name: t.to("cpu", copy=True) for name, t in raw_model.state_dict().items()},
-                         adam=copy.deepcopy(adam.state_dict()), muon=copy.deepcopy(muon.state_dict()))
+
+def warm_up(model: nn.Module, raw_model: nn.Module, adam: torch.optim.Adam, muon: Muon, args: Hyperparameters,
+            rank: int, world_size: int, device: torch.device):
+    """Compile and run warmup_steps training steps and one validation step on random tokens, untimed, then
+    restore the initial weights and optimizer state. The first step compiles; the second runs with the
+    optimizers' state, so that the first timed step compiles nothing."""
+    # kept on the CPU: a GPU copy would add the weights' size to the peak memory
+    initial = dict(model={name: t.to("cpu", copy=True) for name, t in raw_model.state_dict().items()},
+                   adam=copy.deepcopy(adam.state_dict()), muon=copy.deepcopy(muon.state_dict()))
     local_tokens = args.batch_seqs * args.seq_len // world_size
     generator = torch.Generator().manual_seed(args.seed)
     for step in range(args.warmup_steps):
         dummy = torch.randint(0, args.vocab_size, (local_tokens + 1,), generator=generator, dtype=torch.int32)
-        train_step(model, *batch_to_device(dummy, device), window_tensor(step, args, device), step, args, optimizers)
+        set_schedule(adam, muon, step, args)
+        train_step(model, *batch_to_device(dummy, device), window_tensor(step, args, device), args.seq_len, adam,
+                   muon)
     if args.warmup_steps:
         one_val_step = dataclasses.replace(args, val_tokens=world_size * args.seq_len)
         dummy = torch.randint(0, args.vocab_size, (one_val_step.val_tokens + 1,), generator=generator)
         evaluate(model, dummy, window_tensor(0, args, device), one_val_step, rank, world_size, device)
-    raw_model.load_state_dict(initial_state["model"])
-    adam.load_state_dict(initial_state["adam"])
-    muon.load_state_dict(initial_state["muon"])
-    del initial_state
-    start_step, train_time_ms, loader_state = 0, 0.0, dict(shard=0, pos=0)
-    if ckpt is not None:
-        restore_checkpoint(ckpt, raw_model, adam, muon, rank)
-        start_step, train_time_ms, loader_state = ckpt["step"], ckpt["train_time_ms"], ckpt["loader"]
-        log(f"resumed from {args.resume} at step {start_step}")
-        del ckpt
-    if cuda:
-        torch.cuda.synchronize()
-    log(f"warmup_time:{time.perf_counter() - t0:.1f}s (compile and {args.warmup_steps} untimed steps)")
+    raw_model.load_state_dict(initial["model"])
+    adam.load_state_dict(initial["adam"])
+    muon.load_state_dict(initial["muon"])
 
-    loader = TrainLoader(train_files, args.batch_seqs * args.seq_len, rank, world_size, device, **loader_state)
-    val_tokens = load_shard(val_file, pin=cuda, max_tokens=args.val_tokens + 1)
-    checkpoint_path = Path(args.checkpoint_dir) / run_id
-    T = args.num_iterations
+
+def train(model: nn.Module, raw_model: nn.Module, adam: torch.optim.Adam, muon: Muon, loader: TrainLoader,
+          val_tokens: Tensor, args: Hyperparameters, rank: int, world_size: int, device: torch.device, log: Logger,
+          checkpoint_dir: Path, start_step: int, train_time_ms: float):
+    """The timed loop: evaluate every val_every steps and at the end, time every training step with the GPU
+    synchronised (the loss's .item() waits for it), stop on a non-finite loss, save checkpoints."""
+    num_steps = args.num_iterations
     profiler = None
-    for step in range(start_step, T + 1):
+    for step in range(start_step, num_steps + 1):
         window = window_tensor(step, args, device)
-        if step == T or (args.val_every and step % args.val_every == 0):
+        if step == num_steps or (args.val_every and step % args.val_every == 0):
             val_loss = evaluate(model, val_tokens, window, args, rank, world_size, device)
-            log(f"step:{step}/{T} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms "
+            log(f"step:{step}/{num_steps} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms "
                 f"step_avg:{train_time_ms / max(step, 1):.2f}ms")
-        if step == T:
+        if step == num_steps:
             break
         if step == args.profile_at > 0:
             profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
-                                              + [torch.profiler.ProfilerActivity.CUDA] * cuda)
+                                              + [torch.profiler.ProfilerActivity.CUDA] * (device.type == "cuda"))
             profiler.start()
         t0 = time.perf_counter()
+        set_schedule(adam, muon, step, args)
         inputs, targets = loader.next_batch()
-        loss = train_step(model, inputs, targets, window, step, args, optimizers).item()  # .item() syncs
+        loss = train_step(model, inputs, targets, window, args.seq_len, adam, muon).item()
         train_time_ms += 1000 * (time.perf_counter() - t0)
-        log(f"step:{step + 1}/{T} train_loss:{loss:.4f} train_time:{train_time_ms:.0f}ms "
+        log(f"step:{step + 1}/{num_steps} train_loss:{loss:.4f} train_time:{train_time_ms:.0f}ms "
             f"step_avg:{train_time_ms / (step + 1):.2f}ms")
         if not math.isfinite(loss):
             message = f"step {step + 1}: the train loss is {loss}; stopping"
             if args.checkpoint_every:
-                path = checkpoint_path / f"step_{step + 1:06d}_nonfinite.pt"
+                path = checkpoint_dir / f"step_{step + 1:06d}_nonfinite.pt"
                 save_checkpoint(path, args, step + 1, train_time_ms, raw_model, adam, muon, loader, rank)
                 message += f" (state after the step saved to {path}; resume from an earlier checkpoint)"
             log(message)
             raise SystemExit(1)
-        if profiler is not None and step + 1 in (args.profile_at + PROFILED_STEPS, T):
+        if profiler is not None and step + 1 in (args.profile_at + PROFILED_STEPS, num_steps):
             profiler.stop()
             if log.path is not None:
                 # fewer than PROFILED_STEPS when the run ends first
                 write_profile(profiler, log.path.with_suffix(".profile.tsv"), step + 1 - args.profile_at)
                 log(f"profile of steps {args.profile_at + 1}..{step + 1}: {log.path.with_suffix('.profile.tsv')}")
             profiler = None
-        if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < T:
-            path = checkpoint_path / f"step_{step + 1:06d}.pt"
+        if args.checkpoint_every and ((step + 1) % args.checkpoint_every == 0 or step + 1 == num_steps):
+            path = checkpoint_dir / f"step_{step + 1:06d}.pt"
             save_checkpoint(path, args, step + 1, train_time_ms, raw_model, adam, muon, loader, rank)
             log(f"checkpoint: {path}")
-    if args.checkpoint_every:
-        path = checkpoint_path / f"step_{T:06d}.pt"
-        save_checkpoint(path, args, T, train_time_ms, raw_model, adam, muon, loader, rank)
-        log(f"checkpoint: {path}")
-    if cuda:
+
+
+def main(args: Hyperparameters):
+    rank, world_size, device = setup_distributed()
+    check_config(args, world_size)
+    train_files, val_file = prepare_data(args)
+    ckpt = load_checkpoint(args.resume, args) if args.resume else None
+    run_id = uuid.uuid4().hex[:12]
+    log = start_log(args, rank, world_size, device, run_id)
+    for line in choose_kernels(args, device):
+        log(line)
+    if device.type == "cuda":
+        torch._inductor.config.coordinate_descent_tuning = args.coordinate_descent_tuning  # the record had it on
+
+    raw_model = build_model(args, device)
+    adam, muon = build_optimizers(raw_model, args, rank, world_size)
+    model = torch.compile(raw_model, dynamic=False) if args.compile else raw_model
+    t0 = time.perf_counter()
+    warm_up(model, raw_model, adam, muon, args, rank, world_size, device)
+    start_step, train_time_ms, loader_state = 0, 0.0, dict(shard=0, pos=0)
+    if ckpt is not None:
+        restore_checkpoint(ckpt, raw_model, adam, muon, rank)
+        start_step, train_time_ms, loader_state = ckpt["step"], ckpt["train_time_ms"], ckpt["loader"]
+        log(f"resumed from {args.resume} at step {start_step}")
+        del ckpt
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    log(f"warmup_time:{time.perf_counter() - t0:.1f}s (compile and {args.warmup_steps} untimed steps)")
+
+    loader = TrainLoader(train_files, args.batch_seqs * args.seq_len, rank, world_size, device, **loader_state)
+    val_tokens = load_shard(val_file, pin=device.type == "cuda", max_tokens=args.val_tokens + 1)
+    train(model, raw_model, adam, muon, loader, val_tokens, args, rank, world_size, device, log,
+          Path(args.checkpoint_dir) / run_id, start_step, train_time_ms)
+    if device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     log(f"log: {log.path}")
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fused ops and their kernels
+# The model calls three ops by name: attention, relu2_mlp and head_loss. Each picks its implementation here, from
+# the device of its inputs and the run's switches in KERNELS (set once by main), and has its plain-PyTorch
+# reference beside it: what the CPU runs, and what the tests compare the GPU kernels with.
+
+
+@dataclass
+class Kernels:
+    """The run's implementation switches. The defaults are the plain paths, which any device runs."""
+    fp8_head: bool = False  # the lm_head's training matmuls in FP8
+    fused_mlp: bool = False  # the MLP's Triton matmuls with ReLU^2 in their epilogues
+
+
+KERNELS = Kernels()
+
+
+def fp8_available(device: torch.device) -> tuple[bool, str]:
+    """Whether the FP8 head can run here, and why not."""
+    if device.type != "cuda":
+        return False, f"no FP8 matmul on {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return False, f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor} < 8.9"
+    return True, ""
+
+
+def fused_mlp_available(device: torch.device) -> tuple[bool, str]:
+    """Whether the MLP's Triton matmuls can run here (they load through Hopper's tensor memory accelerator)."""
+    if device.type != "cuda":
+        return False, f"no Triton on {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 9:
+        return False, f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor} < 9.0"
+    if triton is None:
+        return False, "Triton is not installed"
+    return True, ""
+
+
+def choose_kernels(args: Hyperparameters, device: torch.device) -> list[str]:
+    """Set KERNELS from the run's switches and what this device can do; return a log line for each switch
+    that is on but can't be honoured here."""
+    lines = []
+    fp8, why_not = fp8_available(device)
+    if args.fp8_head and not fp8:
+        lines.append(f"fp8 head: off ({why_not}); the lm_head runs in bf16")
+    fused, why_not = fused_mlp_available(device)
+    if args.fused_mlp and device.type == "cuda" and not fused:
+        lines.append(f"fused MLP: off ({why_not}); its matmuls and ReLU^2 run as torch.compile makes them")
+    KERNELS.fp8_head, KERNELS.fused_mlp = args.fp8_head and fp8, args.fused_mlp and fused
+    return lines
+
+
+# --- attention: FlexAttention on the GPU (use of FlexAttention by @KoszarskyB), dense SDPA elsewhere
+
+# Uncompiled, flex_attention falls back to a reference implementation that applies mask_mod everywhere and ignores
+# the block tables, so the sliding windows would be lost: outside a compiled model it runs compiled on its own.
+_flex_attention_compiled = torch.compile(flex_attention, dynamic=False)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask) -> Tensor:
+    """Softmax attention of q, k, v (B, H, T, head_dim) under a block mask, scaled by ATTENTION_SCALE."""
+    if not q.is_cuda:  # FlexAttention has no backward on the CPU
+        return attention_reference(q, k, v, mask)
+    attend = flex_attention if torch.compiler.is_compiling() else _flex_attention_compiled
+    return attend(q, k, v, block_mask=mask, scale=ATTENTION_SCALE)
+
+
+def dense_mask(mask: BlockMask) -> Tensor:
+    """A block mask as a (T, T) bool matrix: mask_mod applied inside the kept blocks."""
+    pos = torch.arange(mask.seq_lengths[0], device=mask.kv_indices.device)
+    kept = mask.to_dense()[0, 0].bool().repeat_interleave(BLOCK_SIZE, 0).repeat_interleave(BLOCK_SIZE, 1)
+    return kept & mask.mask_mod(0, 0, pos[:, None], pos[None, :])
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(mask), scale=ATTENTION_SCALE)
+
+
+# --- relu2_mlp: the MLP's two matmuls that have elementwise work beside them, each one Triton matmul on Hopper
+# The up-projection stores a = x @ w_fc.T and h = relu(a)^2 in one pass, and the backward stores
+# grad_a = (grad_y @ w_proj) * 2 relu(a) in one pass; torch.compile makes each a cuBLAS matmul and an inductor kernel
+# that reads the matmul's output again. Rounding as compiled: the matmul to bf16, then the epilogue once, from
+# float32, so the fused path gives the plain path's bits.
+
+
+def relu2_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
+    """relu(x @ w_fc.T)^2 @ w_proj.T for x (..., dim) and bf16 weights (ReLU^2 suggested by @SKYLINEZ007 and
+    @Grad62304977, after arXiv:2109.08668)."""
+    if KERNELS.fused_mlp:
+        return FusedReLU2MLP.apply(x.flatten(end_dim=-2), w_fc, w_proj).view_as(x)
+    return relu2_mlp_reference(x, w_fc, w_proj)
+
+
+def relu2_mlp_reference(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
+    return F.linear(F.relu(F.linear(x, w_fc)).square(), w_proj)
+
+
+class FusedReLU2MLP(torch.autograd.Function):
+    """relu2_mlp for x (n, dim) with the two fused matmuls below. Saves x, a and h: a training run's peak memory
+    is the same as without it."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
+        a, h = matmul_relu2(x, w_fc)
+        ctx.save_for_backward(x, w_fc, w_proj, a, h)
+        return h @ w_proj.T
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        x, w_fc, w_proj, a, h = ctx.saved_tensors
+        grad_a = matmul_relu2_grad(grad_y, w_proj, a)
+        return grad_a @ w_fc, grad_a.T @ x, grad_y.T @ h
+
+
+@torch.library.custom_op("speedrun::matmul_relu2", mutates_args=())
+def matmul_relu2(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """x (n, k) and w (m, k), bf16 -> a = x @ w.T and relu(a)^2, both (n, m) bf16. This body is the reference;
+    on CUDA the Triton kernel runs instead."""
+    a = x @ w.T
+    return a, F.relu(a).square()
+
+
+@matmul_relu2.register_kernel("cuda")
+def _(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    a = x.new_empty(x.size(0), w.size(0))
+    return a, _matmul_relu2_triton(x.contiguous(), w.contiguous(), a, w_kn=False, backward=False)
+
+
+@matmul_relu2.register_fake
+def _(x: Tensor, w: Tensor):
+    return x.new_empty(x.size(0), w.size(0)), x.new_empty(x.size(0), w.size(0))
+
+
+@torch.library.custom_op("speedrun::matmul_relu2_grad", mutates_args=())
+def matmul_relu2_grad(grad_y: Tensor, w: Tensor, a: Tensor) -> Tensor:
+    """grad_y (n, k), w (k, m), a (n, m), bf16 -> (grad_y @ w) * 2 relu(a): the gradient of a, (n, m) bf16. This
+    body is the reference; on CUDA the Triton kernel runs instead."""
+    return (grad_y @ w) * 2 * F.relu(a)
+
+
+@matmul_relu2_grad.register_kernel("cuda")
+def _(grad_y: Tensor, w: Tensor, a: Tensor) -> Tensor:
+    return _matmul_relu2_triton(grad_y.contiguous(), w.contiguous(), a.contiguous(), w_kn=True, backward=True)
+
+
+@matmul_relu2_grad.register_fake
+def _(grad_y: Tensor, w: Tensor, a: Tensor):
+    return torch.empty_like(a)
+
+
+def _matmul_relu2_triton(x: Tensor, w: Tensor, a: Tensor, w_kn: bool, backward: bool) -> Tensor:
+    # 128 x 256 tiles, BK = 64, 8 warps, 3 stages: the fastest of the block shapes tried at the model's sizes
+    # (benchmarks/mlp_epilogue_bench.py), fixed rather than autotuned, which would time each at every start
+    M, K = x.shape
+    N = w.size(1) if w_kn else w.size(0)
+    BM, BN, BK = 128, 256, 64
+    out = x.new_empty(M, N)
+    descs = [TensorDescriptor.from_tensor(x, [BM, BK]), TensorDescriptor.from_tensor(w, [BK, BN] if w_kn else [BN, BK]),
+             TensorDescriptor.from_tensor(a, [BM, BN]), TensorDescriptor.from_tensor(out, [BM, BN])]
+    num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    grid = (min(num_sms, triton.cdiv(M, BM) * triton.cdiv(N, BN)),)
+    _matmul_relu2_kernel[grid](*descs, M, N, K, w_kn, backward, BM, BN, BK, GROUP=8, NUM_SMS=grid[0], num_warps=8,
+                               num_stages=3)
+    return out
+
+
+if triton is not None:
+    @triton.jit
+    def _tile(tile, num_m, num_n, GROUP: tl.constexpr):
+        """A tile's (row, column) block: GROUP row blocks at a time share the column blocks of w in L2."""
+        first_m = tile // (GROUP * num_n) * GROUP
+        rows = min(num_m - first_m, GROUP)
+        return first_m + tile % (GROUP * num_n) % rows, tile % (GROUP * num_n) // rows
+
+    @triton.jit
+    def _matmul_relu2_kernel(x_desc, w_desc, a_desc, out_desc, M, N, K, W_KN: tl.constexpr, BACKWARD: tl.constexpr,
+                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+                             NUM_SMS: tl.constexpr):
+        # y = x @ w (w stored (K, N): W_KN) or x @ w.T (w stored (N, K)), rounded to bf16. Forward: stores y as a,
+        # relu(y)^2 as out. Backward: stores y * 2 relu(a) as out. Persistent: one program per SM walks the tiles.
+        num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+        for tile in range(tl.program_id(0), num_m * num_n, NUM_SMS):
+            pid_m, pid_n = _tile(tile, num_m, num_n, GROUP)
+            off_m, off_n = pid_m * BM, pid_n * BN
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for k in range(0, K, BK):
+                if W_KN:
+                    acc = tl.dot(x_desc.load([off_m, k]), w_desc.load([k, off_n]), acc)
+                else:
+                    acc = tl.dot(x_desc.load([off_m, k]), w_desc.load([off_n, k]).T, acc)
+            y = acc.to(tl.bfloat16)
+            if BACKWARD:
+                relu_a = tl.maximum(a_desc.load([off_m, off_n]).to(tl.float32), 0.0)
+                out_desc.store([off_m, off_n], (y.to(tl.float32) * 2 * relu_a).to(tl.bfloat16))
+            else:
+                a_desc.store([off_m, off_n], y)
+                relu_y = tl.maximum(y.to(tl.float32), 0.0)
+                out_desc.store([off_m, off_n], (relu_y * relu_y).to(tl.bfloat16))
+
+
+# --- head_loss: the lm_head's training loss, fused and in chunks of tokens
+# The lm_head matmul (FP8 head by @YouJiacheng), the soft cap and the cross entropy, with the gradients of x and w
+# computed in the same pass, HEAD_CHUNK tokens at a time: the (tokens, V) logits never exist whole (at 64K tokens:
+# 6.6 GB in bf16, 13 GB in float32). The backward only scales the saved gradients by the incoming one. In FP8, x
+# and w go to float8_e4m3fn and the logits' gradient to float8_e5m2; _scaled_mm multiplies in FP8, undoes the
+# scales. A chunk's logits become the loss and their gradient in _loss_and_logit_grad: on the GPU two Triton
+# kernels, each reading the logits once, the second storing the gradient in both layouts that the FP8 matmuls need.
+
+FP8_X_SCALE, FP8_W_SCALE = 2.0, 32.0
+# The mean over the tokens makes each logit's gradient about 1/tokens: grad_s = 2^13 * tokens brings it into
+# float8_e5m2's range (2^29 at the record's 65,536 tokens; a fixed 2^29 overflows at the smoke preset's 1024).
+FP8_GRAD_SCALE_PER_TOKEN = 2.0**13
+HEAD_CHUNK = 8192  # tokens a chunk: its logits are 0.8 GB in bf16
+
+
+def head_loss(x: Tensor, w: Tensor, targets: Tensor) -> Tensor:
+    """The mean cross entropy of softcap(x @ w.T) against targets, for x (tokens, D) bf16 and w (V, D)."""
+    loss, _, _ = fused_head_loss(x, w, targets, KERNELS.fp8_head)
+    return loss
+
+
+@torch.library.custom_op("speedrun::head_loss", mutates_args=())
+def fused_head_loss(x: Tensor, w: Tensor, targets: Tensor, fp8: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The mean cross entropy of softcap(x @ w.T) against targets, and its gradients.
+    x (T, D) bf16, w (V, D) float32, targets (T,) int64 -> loss () float32, grad_x (T, D) bf16, grad_w (V, D)
+    float32. fp8: the matmuls in FP8 (compute capability >= 8.9, or a recent CPU build), else in bf16."""
+    if x.is_cuda:
+        loss_and_logit_grad, matmul_grads = _loss_and_logit_grad_triton, _chunk_matmul_grads_compiled
+    else:
+        loss_and_logit_grad, matmul_grads = _loss_and_logit_grad, _chunk_matmul_grads
+    w_q = _e4m3(w, FP8_W_SCALE) if fp8 else w.bfloat16()
+    w_q_t = w_q.T.contiguous() if fp8 else w_q.T  # the FP8 matmul of grad_x wants w_q column-major
+    grad_s = FP8_GRAD_SCALE_PER_TOKEN * len(x) if fp8 else None
+    loss = torch.zeros((), dtype=torch.float32, device=x.device)
+    grad_x, grad_w = torch.empty_like(x), torch.zeros_like(w, dtype=torch.float32)
+    for start in range(0, len(x), HEAD_CHUNK):
+        rows = slice(start, start + HEAD_CHUNK)
+        x_q = _e4m3(x[rows], FP8_X_SCALE) if fp8 else x[rows]
+        chunk_loss, g, g_t = loss_and_logit_grad(_logits(x_q, w_q), targets[rows], 1 / len(x), grad_s)
+        grad_x[rows], grad_w = matmul_grads(g, g_t, x_q, w_q_t, grad_w, grad_s)
+        loss += chunk_loss
+        del g, g_t  # before the next chunk's logits are allocated
+    return loss / len(x), grad_x, grad_w.contiguous()  # the sum's layout may follow the transposed partial
+
+
+@fused_head_loss.register_fake
+def _(x: Tensor, w: Tensor, targets: Tensor, fp8: bool):
+    assert x.ndim == w.ndim == 2 and x.shape[1] == w.shape[1] and targets.shape == x.shape[:1]
+    return x.new_empty((), dtype=torch.float32), torch.empty_like(x), torch.empty_like(w, dtype=torch.float32)
+
+
+def _head_loss_setup_context(ctx, inputs, output):
+    loss, grad_x, grad_w = output
+    ctx.save_for_backward(grad_x, grad_w)
+
+
+def _head_loss_backward(ctx, grad_loss: Tensor, _grad_x, _grad_w):
+    grad_x, grad_w = ctx.saved_tensors
+    return grad_x * grad_loss, grad_w * grad_loss, None, None
+
+
+fused_head_loss.register_autograd(_head_loss_backward, setup_context=_head_loss_setup_context)
+
+
+def _e4m3(t: Tensor, scale: float) -> Tensor:
+    return t.mul(scale).to(torch.float8_e4m3fn)
+
+
+def _logits(x_q: Tensor, w_q: Tensor) -> Tensor:
+    """x_q (n, D) and w_q (V, D), both bf16 or both float8_e4m3fn (scaled) -> the logits (n, V) in bf16."""
+    if w_q.dtype != torch.float8_e4m3fn:
+        return x_q @ w_q.T
+    one = torch.ones((), dtype=torch.float32, device=x_q.device)
+    return torch._scaled_mm(x_q, w_q.T, out_dtype=torch.bfloat16, scale_a=one / FP8_X_SCALE,
+                            scale_b=one / FP8_W_SCALE, use_fast_accum=True)
+
+
+def _loss_and_logit_grad(logits: Tensor, targets: Tensor, inv_tokens: float,
+                         grad_s: float | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The reference of the Triton kernels below. The logits (n, V) bf16 -> (the summed cross entropy of
+    softcap(logits), the gradient g of inv_tokens * that sum for the logits, rounded to bf16; with grad_s (FP8):
+    g * grad_s in float8_e5m2, and a copy transposed)."""
+    s = torch.sigmoid(logits.float() / SOFTCAP_TEMPERATURE)
+    z = SOFTCAP * s  # = softcap(logits)
+    # z < 30, so the sum of exp(z) over the 50304 logits stays below 6e17: no max needs subtracting first
+    lse = z.exp().sum(dim=1).log()
+    loss = (lse - z.gather(1, targets[:, None]).squeeze(1)).sum()
+    # d loss / d logits = (softmax(z) - onehot(target)) * dz / dlogits, where dz / dlogits = 30 s (1 - s) / 7.5;
+    # rounded to bf16, the dtype of the logits, as autograd would
+    p = (z - lse[:, None]).exp()
+    dz = torch.where(torch.arange(z.size(1), device=z.device) == targets[:, None], p - 1, p)
+    g = (dz * inv_tokens * SOFTCAP * s * (1 - s) / SOFTCAP_TEMPERATURE).bfloat16()
+    if grad_s is None:
+        return loss, g, None
+    g = g.mul(grad_s).to(torch.float8_e5m2)
+    return loss, g, g.T.contiguous()
+
+
+def _loss_and_logit_grad_triton(logits: Tensor, targets: Tensor, inv_tokens: float,
+                                grad_s: float | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """_loss_and_logit_grad on the GPU: the row sums of exp(z), then g tile by tile."""
+    if triton is None:
+        raise RuntimeError("the GPU head loss needs Triton, as torch.compile does: pip install triton")
+    n, V = logits.shape
+    lse, losses = logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+    _lse_kernel[(triton.cdiv(n, LSE_ROWS),)](logits, targets, lse, losses, n, V, SOFTCAP, SOFTCAP_TEMPERATURE,
+                                                 LSE_ROWS, LSE_COLS, num_warps=LSE_WARPS)
+    fp8 = grad_s is not None
+    g = torch.empty_like(logits, dtype=torch.float8_e5m2 if fp8 else torch.bfloat16)
+    g_t = logits.new_empty((V, n), dtype=torch.float8_e5m2) if fp8 else None
+    grid = (triton.cdiv(n, GRAD_ROWS), triton.cdiv(V, GRAD_COLS))
+    _logit_grad_kernel[grid](logits, targets, lse, g, g_t if fp8 else g, n, V, inv_tokens, grad_s or 1.0, fp8,
+                             SOFTCAP, SOFTCAP_TEMPERATURE, GRAD_ROWS, GRAD_COLS, num_warps=GRAD_WARPS)
+    return losses.sum(), g, g_t
+
+
+# Block shapes: the fastest of those tried (benchmarks/logit_grad_check.py)
+LSE_ROWS, LSE_COLS, LSE_WARPS = 1, 2048, 4  # the row-sum kernel's block (rows x vocabulary) and warps
+GRAD_ROWS, GRAD_COLS, GRAD_WARPS = 32, 64, 4  # the gradient kernel's tile and warps
+
+if triton is not None:
+    @triton.jit
+    def _sigmoid_kernel(logits, TEMPERATURE: tl.constexpr):  # float32 -> sigmoid(logits / TEMPERATURE)
+        return tl.fdiv(1.0, 1.0 + tl.exp(logits * (-1.0 / TEMPERATURE)))  # a multiplication and a fast division
+
+    @triton.jit
+    def _lse_kernel(logits, targets, lse, losses, n, V, CAP: tl.constexpr, TEMPERATURE: tl.constexpr,
+                    ROWS: tl.constexpr, COLS: tl.constexpr):
+        # ROWS rows of the logits (n, V) bf16 -> lse = log(sum(exp(z))) and the loss lse - z[target], z = softcap
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < n
+        row_start = rows.to(tl.int64) * V
+        total = tl.zeros((ROWS,), dtype=tl.float32)
+        for start in range(0, V, COLS):
+            cols = start + tl.arange(0, COLS)
+            ok = row_ok[:, None] & (cols < V)[None, :]
+            s = _sigmoid_kernel(tl.load(logits + row_start[:, None] + cols[None, :], mask=ok).to(tl.float32),
+                                TEMPERATURE)
+            total += tl.sum(tl.where(ok, tl.exp(CAP * s), 0.0), axis=1)
+        row_lse = tl.log(total)
+        z_target = CAP * _sigmoid_kernel(tl.load(logits + row_start + tl.load(targets + rows, mask=row_ok),
+                                                 mask=row_ok).to(tl.float32), TEMPERATURE)
+        tl.store(lse + rows, row_lse, mask=row_ok)
+        tl.store(losses + rows, row_lse - z_target, mask=row_ok)
+
+    @triton.jit
+    def _logit_grad_kernel(logits, targets, lse, g, g_t, n, V, inv_tokens, grad_s, FP8: tl.constexpr,
+                           CAP: tl.constexpr, TEMPERATURE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+        # A (ROWS, COLS) tile of the logits -> the same tile of g, as _loss_and_logit_grad computes it; in FP8 also
+        # stored transposed into g_t (V, n)
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
+        ok = (rows < n)[:, None] & (cols < V)[None, :]
+        offsets = rows.to(tl.int64)[:, None] * V + cols[None, :]
+        s = _sigmoid_kernel(tl.load(logits + offsets, mask=ok).to(tl.float32), TEMPERATURE)
+        p = tl.exp(CAP * s - tl.load(lse + rows, mask=rows < n)[:, None])
+        dz = tl.where(cols[None, :] == tl.load(targets + rows, mask=rows < n)[:, None], p - 1, p)
+        grad = (dz * inv_tokens * (CAP / TEMPERATURE) * s * (1 - s)).to(tl.bfloat16)  # = dz / dlogits
+        if FP8:
+            grad = (grad.to(tl.float32) * grad_s).to(tl.float8e5)
+            t_offsets = cols.to(tl.int64)[:, None] * n + rows[None, :]
+            tl.store(g_t + t_offsets, tl.trans(grad), mask=tl.trans(ok))
+        tl.store(g + offsets, grad, mask=ok)
+
+
+def _chunk_matmul_grads(g: Tensor, g_t: Tensor | None, x_q: Tensor, w_q_t: Tensor, grad_w: Tensor,
+                        grad_s: float | None) -> tuple[Tensor, Tensor]:
+    """The logits' gradient g (n, V) (in FP8 also g_t = g.T, contiguous) against x_q (n, D) and w_q_t (D, V)
+    -> (the gradient for x (n, D) bf16, grad_w + the gradient for w (V, D))."""
+    if grad_s is None:
+        return g @ w_q_t.T, grad_w + (g.T @ x_q).float()
+    one = torch.ones((), dtype=torch.float32, device=g.device)
+    # _scaled_mm wants its first operand row-major and its second column-major, so g is needed in both layouts
+    grad_x = torch._scaled_mm(g, w_q_t.T, out_dtype=torch.bfloat16, scale_a=one / grad_s, scale_b=one / FP8_W_SCALE)
+    # (D, n) @ (n, V) and a transpose is faster than (V, n) @ (n, D) for (V, D) = (50304, 768)
+    grad_w_chunk = torch._scaled_mm(x_q.T.contiguous(), g_t.T, out_dtype=torch.float32, scale_a=one / FP8_X_SCALE,
+                                    scale_b=one / grad_s)
+    return grad_x, grad_w + grad_w_chunk.T
+
+
+# compiled once per chunk shape: inductor writes the transposed copy of x_q and the transposed add into grad_w
+_chunk_matmul_grads_compiled = torch.compile(_chunk_matmul_grads, dynamic=False)
 
 
 if __name__ == "__main__":

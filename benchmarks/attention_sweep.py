@@ -1,7 +1,7 @@
 """FlexAttention forward + backward time of one layer under several kernel options, on this machine's GPU.
 
 One 64K-token sequence (6 heads of 128, bf16) with documents of lognormal length (mean ~1000 tokens, as
-data/synthetic.py makes them), masked by train_gpt.flex_block_masks at a long window of 7 blocks (mid-run) and
+data/synthetic.py makes them), masked by train_gpt.block_masks at a long window of 7 blocks (mid-run) and
 14 blocks (the end). Prints one line per option set and window: median ms of forward + backward, long and short
 mask together, and the largest difference of the output and the gradients from inductor's defaults (the
 first option set run). Each option set compiles on its own (tens of seconds).
@@ -16,7 +16,7 @@ import torch
 from torch.nn.attention.flex_attention import flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from train_gpt import document_ids, flex_block_masks  # noqa: E402
+from train_gpt import block_masks, document_ids  # noqa: E402
 
 from matmul_peak import median_ms  # noqa: E402
 
@@ -61,7 +61,7 @@ def main():
         attend = torch.compile(lambda q, k, v, m, o=options: flex_attention(q, k, v, block_mask=m, scale=0.12,
                                                                             kernel_options=o), dynamic=False)
         for window in (7, 14):
-            masks = flex_block_masks(docs, torch.tensor(window, device="cuda"))
+            masks = block_masks(docs, torch.tensor(window, device="cuda"))
 
             def step():
                 for mask in masks:

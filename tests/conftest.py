@@ -1,7 +1,14 @@
-"""Shared fixtures: a free TCP port for process groups."""
+"""Shared fixtures: a free TCP port for process groups. The suite writes nothing into the repository: no
+bytecode here or in the processes it starts (pytest.ini turns off pytest's cache), and every run works in a
+temporary folder."""
+import os
 import socket
+import sys
 
 import pytest
+
+sys.dont_write_bytecode = True
+os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
 
 
 @pytest.fixture

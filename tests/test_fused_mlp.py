@@ -1,8 +1,9 @@
-"""The fused MLP (custom ops speedrun::matmul_relu2 and speedrun::matmul_relu2_grad, and FusedReLU2MLP) against
-the plain path it replaces, c_proj(relu(c_fc(x))^2) through autograd:
+"""The fused MLP (custom ops speedrun::matmul_relu2 and speedrun::matmul_relu2_grad, and FusedReLU2MLP, which
+relu2_mlp runs when KERNELS.fused_mlp is on) against the plain path it replaces, relu2_mlp_reference through
+autograd:
 - both ops pass torch.library.opcheck;
 - the MLP's output and the gradients of x and both weights are the plain path's, bit for bit: on the CPU the ops
-  run the same torch expressions; on a Hopper GPU their Triton matmuls round as the plain path does (the matmul
+  run their reference bodies; on a Hopper GPU their Triton matmuls round as the plain path does (the matmul
   to bf16, the elementwise step once);
 - a GPT with the fused MLP gives the plain GPT's loss and gradients."""
 import pytest
@@ -34,7 +35,7 @@ def test_ops_pass_opcheck(device):
 
 
 @pytest.mark.parametrize("device", devices())
-def test_fused_mlp_matches_the_plain_path(device):
+def test_fused_mlp_matches_the_plain_path(device, monkeypatch):
     n, d = 256, 64
     mlp = MLP(d).to(device)
     with torch.no_grad():
@@ -43,7 +44,7 @@ def test_fused_mlp_matches_the_plain_path(device):
     grad_y = bf16(1, n, d, device=device, seed=5)
 
     def run(fused: bool):
-        mlp.fused = fused
+        monkeypatch.setattr(train_gpt.KERNELS, "fused_mlp", fused)
         x.grad = mlp.c_fc.weight.grad = mlp.c_proj.weight.grad = None
         y = mlp(x)
         y.backward(grad_y)
@@ -55,11 +56,11 @@ def test_fused_mlp_matches_the_plain_path(device):
         torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=name)
 
 
-def test_fused_gpt_matches_the_plain_gpt():
+def test_fused_gpt_matches_the_plain_gpt(monkeypatch):
     def loss_and_grads(fused: bool):
+        monkeypatch.setattr(train_gpt.KERNELS, "fused_mlp", fused)
         torch.manual_seed(0)
-        model = train_gpt.GPT(vocab_size=128, num_layers=2, num_heads=2, model_dim=32, max_seq_len=256,
-                              use_flex=False, fused_mlp=fused)
+        model = train_gpt.GPT(vocab_size=128, num_layers=2, num_heads=2, model_dim=32, max_seq_len=256)
         for block in model.blocks:  # not the zero init, so that the MLPs matter
             torch.nn.init.normal_(block.mlp.c_proj.weight, std=0.1)
         torch.nn.init.normal_(model.lm_head.weight, std=0.1)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt
-from train_gpt import FP8_GRAD_SCALE_PER_TOKEN, FP8_W_SCALE, FP8_X_SCALE, fp8_available, head_loss, softcap
+from train_gpt import FP8_GRAD_SCALE_PER_TOKEN, FP8_W_SCALE, FP8_X_SCALE, fp8_available, fused_head_loss, softcap
 
 
 def fp8_devices() -> list[str]:
@@ -74,7 +74,7 @@ def plain_loss(x, w, targets, fp8: bool):
 
 
 def compare(x, w, targets, fp8: bool, grad_x_tol: float, grad_w_tol: float):
-    loss, _, _ = head_loss(x, w, targets, fp8)
+    loss, _, _ = fused_head_loss(x, w, targets, fp8)
     (loss / 2).backward()  # a gradient accumulation of 2 steps scales the gradients by 1/2
     fused = loss.detach(), x.grad.clone(), w.grad.clone()
     x.grad = w.grad = None
@@ -110,4 +110,4 @@ def test_opcheck(device, fp8, monkeypatch):
     if fp8 and device not in fp8_devices():
         pytest.skip("no float8 matmul here")
     monkeypatch.setattr(train_gpt, "HEAD_CHUNK", 32)
-    torch.library.opcheck(head_loss, inputs(device) + (fp8,))
+    torch.library.opcheck(fused_head_loss, inputs(device) + (fp8,))

@@ -1,13 +1,13 @@
-"""Attention block masks: the block tables and the dense expansion used on the CPU against a reference mask built
-independently, token by token, from document ids, causality and the block-wise window; and FlexAttention's
-forward with the block masks against scaled_dot_product_attention with the reference masks."""
+"""Attention block masks: the block masks, expanded to dense masks as the CPU's attention uses them, against a
+reference mask built independently, token by token, from document ids, causality and the block-wise window; and
+FlexAttention's forward with the block masks against scaled_dot_product_attention with the reference masks."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from train_gpt import (BLOCK_SIZE, Hyperparameters, dense_block_masks, document_ids, flex_attention,
-                       flex_block_masks, window_blocks_at)
+from train_gpt import (BLOCK_SIZE, Hyperparameters, block_masks, dense_mask, document_ids, flex_attention,
+                       window_blocks_at)
 
 EOT = 50256
 
@@ -63,7 +63,7 @@ def test_dense_masks_match_reference_for_every_window(seed):
     tokens = random_tokens(np.random.default_rng(seed), num_blocks=16)
     docs = document_ids(tokens, EOT)
     for w in schedule_windows():
-        long_mask, short_mask = dense_block_masks(docs, torch.tensor(w))
+        long_mask, short_mask = map(dense_mask, block_masks(docs, torch.tensor(w)))
         assert torch.equal(long_mask, reference_mask(tokens, w)), f"long mask, window {w}"
         assert torch.equal(short_mask, reference_mask(tokens, w // 2)), f"short mask, window {w // 2}"
 
@@ -71,7 +71,7 @@ def test_dense_masks_match_reference_for_every_window(seed):
 def test_masks_are_causal_and_keep_the_diagonal():
     tokens = random_tokens(np.random.default_rng(3), num_blocks=8)
     for w in (1, 2, 7):
-        for mask in dense_block_masks(document_ids(tokens, EOT), torch.tensor(w)):
+        for mask in map(dense_mask, block_masks(document_ids(tokens, EOT), torch.tensor(w))):
             assert not torch.triu(mask, diagonal=1).any()
             assert mask.diagonal().all()  # every query sees itself, so no softmax row is empty
 
@@ -81,7 +81,7 @@ def test_one_document_window_counts_blocks():
     the diagonal), the short mask w // 2 (at least the diagonal)."""
     tokens = torch.zeros(8 * BLOCK_SIZE, dtype=torch.long)
     for w in (1, 2, 3, 8):
-        long_mask, short_mask = dense_block_masks(document_ids(tokens, EOT), torch.tensor(w))
+        long_mask, short_mask = map(dense_mask, block_masks(document_ids(tokens, EOT), torch.tensor(w)))
         blocks = long_mask.view(8, BLOCK_SIZE, 8, BLOCK_SIZE).any(3).any(1)
         assert blocks.sum(1).tolist() == [min(q + 1, w) for q in range(8)]
         blocks = short_mask.view(8, BLOCK_SIZE, 8, BLOCK_SIZE).any(3).any(1)
@@ -96,7 +96,7 @@ def test_flex_attention_forward_matches_dense_sdpa():
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, len(tokens), 32, generator=gen) for _ in range(3))
     for w in (1, 2, 3, 5, 14):
-        long_mask, short_mask = flex_block_masks(document_ids(tokens, EOT), torch.tensor(w))
+        long_mask, short_mask = block_masks(document_ids(tokens, EOT), torch.tensor(w))
         for block_mask, window in ((long_mask, w), (short_mask, w // 2)):
             expected = F.scaled_dot_product_attention(q, k, v, attn_mask=reference_mask(tokens, window), scale=0.12)
             got = flex(q, k, v, block_mask=block_mask, scale=0.12)

@@ -1,6 +1,7 @@
 """End to end on the CPU with the smoke preset, under torchrun on gloo:
 - the run trains (the loss falls) and its log parses, also for tools/summarize.py; --profile_at writes a
   profile that tools/profile_summary.py reads;
+- on 1 and 2 ranks it prints the losses pinned in SMOKE_LOSSES, to the log's 4 decimals;
 - 1 process accumulating 2 sequences ends with the same weights as 2 processes with 1 each;
 - a resumed run repeats the uninterrupted run's losses bit for bit, also on another world size, and a
   checkpoint of another configuration is refused;
@@ -12,7 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+
+import train_gpt
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
@@ -23,6 +27,21 @@ import summarize  # noqa: E402
 # then add up in the same order for any nproc.
 CPU_ENV = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 STEP_LINE = re.compile(r"^step:(\d+)/(\d+) (val_loss|train_loss):(\S+) train_time:(\d+)ms step_avg:(\S+)ms$")
+# What the smoke preset printed, on 1 and 2 ranks alike, before train_gpt.py was reorganised (commit d18c381):
+# (step, kind) -> loss. A change that keeps the math keeps these; one that changes it updates them, and says why.
+SMOKE_LOSSES = {(0, "val_loss"): 6.9315, (10, "val_loss"): 4.6977, (20, "val_loss"): 3.8282} | {
+    (step, "train_loss"): loss for step, loss in enumerate(
+        [6.9315, 6.7458, 6.4905, 6.2244, 6.0305, 5.7697, 5.4916, 5.2835, 5.1200, 4.9014, 4.6462, 4.5786, 4.4546,
+         4.2690, 4.1069, 4.0604, 4.0860, 3.9385, 3.8114, 3.7942], start=1)}
+
+
+@pytest.fixture(scope="session")
+def smoke_data(tmp_path_factory) -> tuple[str, str]:
+    """--train_files and --val_files of shards made once, as the smoke preset makes them for its 20 steps."""
+    folder = tmp_path_factory.mktemp("smoke_data")
+    files = (f"--train_files={folder}/fineweb_train_*.bin", f"--val_files={folder}/fineweb_val_*.bin")
+    train_gpt.make_smoke_data(train_gpt.parse_args(["--preset=smoke", *files]))
+    return files
 
 
 def torchrun(cwd: Path, *args: str, nproc: int = 2, launcher: tuple = ("--standalone",), check: bool = True,
@@ -58,6 +77,7 @@ def test_smoke_run_trains(tmp_path):
     text = log.read_text()
     assert "PyTorch" in text and "num_iterations = 20" in text and "fp8 head: off" in text
     losses = step_lines(log)
+    assert losses == SMOKE_LOSSES
     assert [s for s, kind in losses if kind == "train_loss"] == list(range(1, 21))
     assert [s for s, kind in losses if kind == "val_loss"] == [0, 10, 20]
     assert losses[20, "val_loss"] < losses[0, "val_loss"] - 1.0, losses
@@ -69,9 +89,13 @@ def test_smoke_run_trains(tmp_path):
     assert profile_summary.summary(log).startswith("measured step (profiled): ")
 
 
-def test_world_size_invariance(tmp_path):
+def test_one_rank_prints_the_pinned_losses(tmp_path, smoke_data):
+    assert step_lines(log_of(torchrun(tmp_path, *smoke_data, nproc=1), tmp_path)) == SMOKE_LOSSES
+
+
+def test_world_size_invariance(tmp_path, smoke_data):
     """batch_seqs=2: one rank accumulating both sequences vs two ranks with one each."""
-    args = ("--num_iterations=3", "--checkpoint_every=100")
+    args = (*smoke_data, "--num_iterations=3", "--checkpoint_every=100")
     torchrun(tmp_path / "one", *args, nproc=1)
     torchrun(tmp_path / "two", *args, nproc=2)
     one, two = final_model(tmp_path / "one"), final_model(tmp_path / "two")
@@ -81,8 +105,8 @@ def test_world_size_invariance(tmp_path):
     assert not torch.equal(one["lm_head.weight"], torch.zeros_like(one["lm_head.weight"]))
 
 
-def test_resume_repeats_the_run_exactly(tmp_path):
-    args = ("--num_iterations=8", "--val_every=2", "--checkpoint_every=4")
+def test_resume_repeats_the_run_exactly(tmp_path, smoke_data):
+    args = (*smoke_data, "--num_iterations=8", "--val_every=2", "--checkpoint_every=4")
     full = step_lines(log_of(torchrun(tmp_path, *args), tmp_path))
     checkpoint = sorted(tmp_path.glob("checkpoints/*/step_000004.pt"))[0]
     resumed_run = torchrun(tmp_path, *args, f"--resume={checkpoint}")
@@ -102,8 +126,8 @@ def test_resume_repeats_the_run_exactly(tmp_path):
     assert "model_dim: checkpoint 64, now 32" in refused.stderr
 
 
-def test_two_nodes_on_loopback_match_one_node(tmp_path, free_port):
-    args = ("--num_iterations=4", "--val_every=2")
+def test_two_nodes_on_loopback_match_one_node(tmp_path, free_port, smoke_data):
+    args = (*smoke_data, "--num_iterations=4", "--val_every=2")
     single = step_lines(log_of(torchrun(tmp_path / "single", *args), tmp_path / "single"))
     node_dir = tmp_path / "nodes"
     node_dir.mkdir()
@@ -118,8 +142,9 @@ def test_two_nodes_on_loopback_match_one_node(tmp_path, free_port):
     assert step_lines(log) == single
 
 
-def test_nonfinite_loss_stops_the_run(tmp_path):
-    result = torchrun(tmp_path, "--num_iterations=6", "--head_lr=inf", "--checkpoint_every=100", check=False)
+def test_nonfinite_loss_stops_the_run(tmp_path, smoke_data):
+    args = (*smoke_data, "--num_iterations=6", "--head_lr=inf", "--checkpoint_every=100")
+    result = torchrun(tmp_path, *args, check=False)
     assert result.returncode != 0
     match = re.search(r"step (\d+): the train loss is (nan|inf); stopping", result.stdout)
     assert match, result.stdout[-2000:]
