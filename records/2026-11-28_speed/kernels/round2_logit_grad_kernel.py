@@ -5,9 +5,9 @@ once for the logits' gradient g. It writes g in FP8, and with TRANS also g trans
 matmul needs), so that no separate transpose kernel is needed. WIDE selects 64-bit offsets. It is timed
 against what train_gpt.py runs: inductor's kernel for the same function, then a compiled transpose.
 `reference` is the torch function that train_gpt.py had at the time, taking the logits instead of x and w.
-Output: logit_grad_kernel.txt (one H200). Every shape tried was slower than inductor: see README.md.
+Output: round2_logit_grad_kernel.txt (one H200). Every shape tried was slower than inductor: see ../README.md.
 
-Usage: python records/2026-11-28_speed_x4/round2/logit_grad_kernel.py
+Usage: python records/2026-11-28_speed/kernels/round2_logit_grad_kernel.py
 """
 import sys
 from pathlib import Path
@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
 from matmul_peak import median_ms  # noqa: E402
 
 FP8_GRAD_SCALE_PER_TOKEN = 2.0**13
