@@ -1,5 +1,6 @@
-"""tools/profile_summary.py: kernels fall in the right categories, phase spans and non-kernel rows are kept out
-of the sums, and the step time comes from the log's profiled steps."""
+"""tools/profile_summary.py: kernels fall in the right categories (train_gpt's own Triton kernels by name, the
+fused MLP's among them), phase spans and non-kernel rows are kept out of the sums, and the step time comes from
+the log's profiled steps."""
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from profile_summary import category  # noqa: E402
      "at::native::float8_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda(c10::Float8_e4m3fn)#1}>",
      "lm_head loss: soft cap, cross entropy, FP8 casts"),
     ("triton_poi_fused__unsafe_view_pow_relu_15", "ReLU^2"),
+    ("_matmul_relu2_kernel", "MLP matmuls with ReLU^2 (Triton)"),  # train_gpt's fused MLP, not "other"
     ("ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)", profile_summary.COMMUNICATION),
     ("nccl:all_reduce", None),
     ("forward_backward", None),
@@ -42,9 +44,11 @@ def test_summary(tmp_path):
         "60000.0\t50.0\t4\taten::mm\n"  # an op: its kernels are counted below
         "60000.0\t0.0\t4\tnvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT\n"
         "30000.0\t0.0\t2\ttriton_poi_fused__unsafe_view_pow_relu_15\n"
+        "10000.0\t0.0\t48\t_matmul_relu2_kernel\n"
         "8000.0\t0.0\t2\tncclDevKernel_AllReduce_Sum_f32_RING_LL(x)\n")
     text = profile_summary.summary(log)
     assert text.startswith("measured step (profiled): 115.0 ms")
     assert "| matmul, bf16 | 60.0 | 52% |" in text and "| ReLU^2 | 30.0 | 26% |" in text
-    assert "| not covered by a compute kernel | 25.0 | 22% |" in text  # NCCL overlaps: not subtracted
+    assert "| MLP matmuls with ReLU^2 (Triton) | 10.0 | 9% |" in text
+    assert "| not covered by a compute kernel | 15.0 | 13% |" in text  # NCCL overlaps: not subtracted
     assert "forward_backward 100.0 ms" in text

@@ -4,13 +4,20 @@ Pins: whole-line parsing that ignores look-alike f-strings in the embedded sourc
 values (steps, losses, train times, peak memory, step times); mean/std/one-sided p-value against numbers
 computed here with numpy/scipy (seed record: 32 runs, mean 3.27869, p 0.0001); cut-off, malformed,
 unreadable and different-T logs listed as skipped and excluded from the mean; exit code 1 for an empty
-or all-bad folder; a valid PNG; Markdown output; the CLI entry point.
+or all-bad folder; a valid PNG; Markdown output; the CLI entry point. Grouping: logs found in subfolders,
+non-logs ignored; code versions, world sizes, hyperparameters and resumed runs in groups of their own, never
+pooled, while tag, resume and checkpoint settings do not split; the plot draws only counted runs, one legend
+entry per group, a target line, a frame holding every evaluation after the first; --png is honoured; no
+scipy or matplotlib on import.
 
 Run: python -m pytest tests/test_summarize.py -q
 """
+import hashlib
 import importlib.util
+import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -48,10 +55,11 @@ num_iterations: 20 val_loss_every: 5
 '''
 
 
-def make_log(total=20, final_loss=3.28, ms=236, val_every=5, peak=38912, cut_at=None, preamble=PREAMBLE):
-    """A log as train_gpt.py writes it; cut_at ends it at that step (a crashed run: no final val line)."""
+def make_log(total=20, final_loss=3.28, ms=236, val_every=5, peak=38912, cut_at=None, preamble=PREAMBLE, start=0):
+    """A log as train_gpt.py writes it; cut_at ends it at that step (a crashed run: no final val line); start > 0
+    is a run resumed at that step."""
     lines = [preamble.rstrip("\n"), "warmup_time:71.2s", "fp8 head: off", "log: records/test/run.txt"]
-    for step in range(total + 1):
+    for step in range(start, total + 1):
         if cut_at is not None and step > cut_at:
             break
         t = ms * step
@@ -183,7 +191,7 @@ def test_all_bad_folder_exits_1(tmp_path, capsys):
 def test_main_writes_png(tmp_path, capsys):
     write(tmp_path, "a.txt", make_log(final_loss=3.279))
     write(tmp_path, "b.txt", make_log(final_loss=3.281, ms=240))
-    write(tmp_path, "c.txt", make_log(cut_at=7))  # drawn dashed, not averaged
+    write(tmp_path, "c.txt", make_log(cut_at=7))  # neither averaged nor drawn
     assert sm.main([str(tmp_path)]) == 0
     png = (tmp_path / "summary.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -215,5 +223,150 @@ def test_cli(tmp_path):
     res = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--png", str(tmp_path / "p.png")],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.startswith("summary: 2 complete runs of 20 steps, target val loss 3.28")
+    lines = res.stdout.splitlines()  # a group header first: synthetic logs without the header, one group
+    assert lines[0] == "group 1: code unknown, world size ?; 2 logs"
+    assert lines[2] == "summary: 2 complete runs of 20 steps, target val loss 3.28"
     assert (tmp_path / "p.png").exists()
+
+
+# --- grouping: logs with the header train_gpt.py writes (source, rule, environment report, rule) -------------
+
+RULE = "=" * 100
+SOURCE_V1 = 'import torch\nprint0(f"step:{step}/{T} val_loss:{val_loss:.4f} train_time:{t:.0f}ms step_avg:{a}ms")\n'
+SOURCE_V2 = SOURCE_V1 + "# a changed line\n"
+HPARAMS = dict(train_files="data/synthetic/fineweb_train_*.bin", num_iterations=20, seed=0, tag="",
+               checkpoint_every=0, checkpoint_dir="checkpoints", resume="", profile_at=0, preset="")
+
+
+def header(source=SOURCE_V1, world_size=1, resumed_at=None, **hparams):
+    """Parts 1-4 of a log: the source, a rule, the environment report, a rule; then "resumed from" if resumed."""
+    env = ["Python 3.12.3 (main, Aug 31 2026, 10:18:26) [GCC 13.3.0]", "PyTorch 2.13.0+cpu, CUDA None",
+           f"world_size {world_size}, device cpu", "nvidia-smi: not available"]
+    env += [f"{name} = {value!r}" for name, value in {**HPARAMS, **hparams}.items()]
+    resumed = [f"resumed from {hparams['resume']} at step {resumed_at}"] if resumed_at is not None else []
+    return "\n".join([source, RULE, *env, RULE, *resumed])
+
+
+def sections(text):
+    """The output split at its group headers: [(header line, section text)]."""
+    return [(part.splitlines()[0], part) for part in re.split(r"^(?=group \d+: )", text, flags=re.M) if part]
+
+
+def summarize_folder(folder):
+    return sm.summarize([sm.parse_log(p, folder) for p in sorted(folder.rglob("*.txt"))], 3.28)
+
+
+def test_logs_in_subfolders_are_found_and_non_logs_ignored(tmp_path, capsys):
+    write(tmp_path / "round1", "a.txt", make_log(final_loss=3.279, preamble=header()))
+    write(tmp_path / "round2" / "x1", "b.txt", make_log(final_loss=3.281, preamble=header()))
+    write(tmp_path, "bench.txt", "matmul 4096^3: 0.21 ms, 650 TFLOP/s\n")  # a benchmark's output, not a log
+    write(tmp_path / "round1", "a.profile.tsv", "1.0\t0.0\t1\tforward_backward\n")
+    assert sm.main([str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "ignored, not logs (1): bench.txt" in err
+    assert len(sections(out)) == 1 and summary_lines(out)["n runs"] == ["2"]
+    assert "\nround1/a " in out and "\nround2/x1/b " in out
+    assert (tmp_path / "summary.png").exists()
+
+
+def test_code_versions_are_grouped_apart_and_never_pooled(tmp_path):
+    for i, loss in enumerate([3.27, 3.28]):
+        write(tmp_path, f"v1_{i}.txt", make_log(final_loss=loss, preamble=header(SOURCE_V1)))
+    for i, loss in enumerate([3.30, 3.32]):
+        write(tmp_path, f"v2_{i}.txt", make_log(final_loss=loss, preamble=header(SOURCE_V2)))
+    text = summarize_folder(tmp_path)
+    # The code is the short sha256 of part 1 exactly as logged: the source and the newline print() adds.
+    codes = {f"code {hashlib.sha256((src + chr(10)).encode()).hexdigest()[:10]}" for src in (SOURCE_V1, SOURCE_V2)}
+    found = sections(text)
+    assert len(found) == 2 and {h.split(": ")[1].split(",")[0] for h, _ in found} == codes
+    means = sorted(summary_lines(body)["final val loss"][0] for _, body in found)
+    assert means == ["3.27500", "3.31000"]
+    assert "3.29500" not in text  # the mean over both versions is printed nowhere
+    assert all(("v1_0" in body) != ("v2_0" in body) for _, body in found)
+
+
+def test_world_sizes_are_grouped_apart(tmp_path):
+    write(tmp_path, "one.txt", make_log(final_loss=3.27, ms=900, preamble=header(world_size=1)))
+    write(tmp_path, "two.txt", make_log(final_loss=3.29, ms=460, preamble=header(world_size=2)))
+    found = sections(summarize_folder(tmp_path))
+    assert [h for h, _ in found] == [f"group 1: code {sm.parse_log(tmp_path / 'one.txt').code}, world size 1; 1 log",
+                                     f"group 2: code {sm.parse_log(tmp_path / 'two.txt').code}, world size 2; 1 log"]
+    assert [summary_lines(body)["ms/step"] for _, body in found] == [["900.00"], ["460.00"]]
+
+
+def test_resumed_runs_are_marked_and_not_pooled(tmp_path):
+    write(tmp_path, "a.txt", make_log(final_loss=3.27, preamble=header()))
+    write(tmp_path, "b.txt", make_log(final_loss=3.29, preamble=header()))
+    for name, loss, ckpt in (("r1", 3.5, "ck/x/step_000010.pt"), ("r2", 3.52, "ck/y/step_000010.pt")):
+        resumed = header(resume=ckpt, resumed_at=10)
+        write(tmp_path, f"{name}.txt", make_log(final_loss=loss, start=10, preamble=resumed))
+    runs = [sm.parse_log(p) for p in sorted(tmp_path.glob("*.txt"))]
+    assert [r.resumed_at for r in runs] == [None, None, 10, 10]
+    found = sections(sm.summarize(runs, 3.28))
+    assert len(found) == 2  # the two resumed runs differ only in their checkpoint path: pooled with each other
+    (plain_header, plain), (resumed_header, resumed) = found
+    assert "resumed" not in plain_header and summary_lines(plain)["final val loss"][0] == "3.28000"
+    assert resumed_header.endswith(", resumed; 2 logs") and summary_lines(resumed)["n runs"] == ["2"]
+    assert "\nr1 (resumed at step 10) " in resumed and "r1" not in plain
+    fig = sm.draw(runs, 3.28)
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert len(labels) == 2 and "resumed" in labels[1] and "resumed" not in labels[0]
+    styles = {line.get_linestyle() for line in fig.axes[0].get_lines() if len(line.get_xdata()) > 2}
+    assert styles == {"-", ":"}  # the resumed group is dotted
+    plt_close(fig)
+
+
+def test_hyperparameters_split_groups_but_bookkeeping_does_not(tmp_path):
+    write(tmp_path, "a.txt", make_log(final_loss=3.27, preamble=header(tag="run_a")))
+    write(tmp_path, "b.txt", make_log(final_loss=3.29, preamble=header(
+        tag="run_b", checkpoint_every=5, checkpoint_dir="/tmp/ck", profile_at=3)))
+    write(tmp_path, "c.txt", make_log(final_loss=3.40, preamble=header(seed=1)))
+    found = sections(summarize_folder(tmp_path))
+    assert len(found) == 2
+    assert summary_lines(found[0][1])["n runs"] == ["2"] and summary_lines(found[1][1])["n runs"] == ["1"]
+    # Each header says what tells its group apart, and only that.
+    assert found[0][1].splitlines()[1] == "  seed = 0" and found[1][1].splitlines()[1] == "  seed = 1"
+    assert "tag" not in found[0][1] and "checkpoint" not in found[0][1]
+
+
+def test_plot_draws_counted_runs_one_entry_per_group(tmp_path):
+    write(tmp_path, "v1_a.txt", make_log(final_loss=3.27, preamble=header(SOURCE_V1)))
+    write(tmp_path, "v1_b.txt", make_log(final_loss=3.29, preamble=header(SOURCE_V1)))
+    write(tmp_path, "v1_cut.txt", make_log(final_loss=1.0, cut_at=12, preamble=header(SOURCE_V1)))  # not drawn
+    write(tmp_path, "v2.txt", make_log(final_loss=3.6, ms=300, preamble=header(SOURCE_V2)))
+    write(tmp_path, "synthetic.txt", make_log(final_loss=3.9, ms=120))  # no header: group "unknown"
+    runs = [sm.parse_log(p) for p in sorted(tmp_path.glob("*.txt"))]
+    fig = sm.draw(runs, 3.28)
+    ax_loss, ax_time = fig.axes
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert [label.split(":")[0] for label in labels] == ["1", "2", "3"] and "code unknown" in labels[2]
+    target = [line for line in ax_loss.get_lines() if line.get_linestyle() == "--"]
+    assert len(target) == 1 and set(target[0].get_ydata()) == {3.28}
+    curves = [line for line in ax_loss.get_lines() if line.get_linestyle() != "--"]
+    assert len(curves) == 4 and len(ax_time.get_lines()) == 4  # the cut-off run is not drawn
+    assert sorted(Counter(c.get_color() for c in curves).values()) == [1, 1, 2]  # a colour per group
+    lo, hi = ax_loss.get_ylim()
+    for c in curves:
+        assert all(lo < y < hi for y in c.get_ydata()[1:])  # every evaluation after the first is in the frame
+    assert all(c.get_ydata()[0] > hi for c in curves) and "step-0 losses above" in ax_loss.get_title()
+    assert ax_time.get_ylim() == (0, 600)  # 2x the slowest counted run's 300 ms step
+    plt_close(fig)
+
+
+def test_png_goes_to_the_png_path(tmp_path, capsys):
+    write(tmp_path / "logs", "a.txt", make_log(final_loss=3.279, preamble=header()))
+    png = tmp_path / "plots" / "mine.png"
+    assert sm.main([str(tmp_path / "logs"), "--png", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {png}" in capsys.readouterr().err
+    assert not (tmp_path / "logs" / "summary.png").exists()
+
+
+def test_import_leaves_scipy_and_matplotlib_unloaded():
+    code = (f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r}); import summarize; "
+            "assert 'scipy' not in sys.modules and 'matplotlib' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def plt_close(fig):
+    import matplotlib.pyplot as plt
+    plt.close(fig)

@@ -6,10 +6,10 @@ Usage:
 Reads the log (for the measured time of the profiled steps) and the <run id>.profile.tsv beside it that
 train_gpt.py wrote. Every GPU kernel falls in one category by its name: cuBLAS matmuls by precision (the FP8
 ones are the lm_head's), FlexAttention's kernels, NCCL's, inductor's fused elementwise kernels by the ops they
-contain, and train_gpt.py's own Triton kernels by name. The names are heuristics for this model, written for
-torch 2.11's kernels. NCCL runs on its own stream and may overlap the rest; "not covered" is the step time that
-no compute kernel fills: launch gaps and waits for communication. Prints a markdown table, then the GPU spans of
-the annotated phases.
+contain, and train_gpt.py's own Triton kernels (the lm_head loss's, the fused ReLU^2 MLP's) by name. The names
+are heuristics for this model, written for torch 2.11's kernels. NCCL runs on its own stream and may overlap the
+rest; "not covered" is the step time that no compute kernel fills: launch gaps and waits for communication.
+Prints a markdown table, then the GPU spans of the annotated phases.
 """
 import re
 import sys
@@ -33,6 +33,9 @@ def category(name: str) -> str | None:
         return "matmul, FP8 (lm_head)" if name.split("_")[2][0] in "qr" else "matmul, bf16"
     if "splitKreduce" in name or "gemm" in name:
         return "matmul, bf16"
+    # train_gpt's fused MLP: forward, the up-projection; backward, the hidden's gradient; ReLU^2 fused in both
+    if name.startswith("_matmul_relu2_kernel"):
+        return "MLP matmuls with ReLU^2 (Triton)"
     if name in ("_lse_kernel", "_logit_grad_kernel") or "float8_copy" in name:  # train_gpt's Triton; eager casts
         return "lm_head loss: soft cap, cross entropy, FP8 casts"
     if name.startswith("triton_"):

@@ -1,20 +1,32 @@
-"""Summarise a folder of train_gpt.py logs: one table of statistics and one PNG of curves.
+"""Summarise a folder of train_gpt.py logs: statistics per group of comparable runs, and one PNG of curves.
 
 Usage:
     python tools/summarize.py records/<tag> [--target 3.28] [--png PATH] [--markdown]
 
-Every `*.txt` file in the folder is one training run. A log opens with arbitrary text (the script's
-source, versions, nvidia-smi, hyperparameters), then has lines such as
+Every `*.txt` file in the folder or its subfolders is read; files with neither step lines nor the log's
+"=" * 100 rules (benchmark outputs, notes) are not logs and are ignored. A log opens with the script's source,
+a rule, the environment report (Python, PyTorch, `world_size N, device D`, nvidia-smi, `name = value` per
+hyperparameter), another rule, and then the run's lines, such as
+    resumed from <checkpoint> at step 500
     step:125/1393 val_loss:4.3692 train_time:29512ms step_avg:236.10ms
     peak memory allocated: 38912 MiB reserved: 40120 MiB
-A run is complete when it has a val_loss line for step T/T. Cut-off, malformed or unreadable logs, and
-runs whose T differs from the most common T, are listed under "skipped" and never averaged.
 
-Prints: n runs, mean/std of the final val loss, the one-sided t-test p-value for mean < target,
-mean/std train time, mean ms/step, mean peak memory, then one row per run. Writes val-loss and
-step-time curves to <folder>/summary.png (or --png). Exits 1 when no complete run remains.
+Runs are grouped by code (a short sha256 of the logged source), world size and hyperparameters (except tag,
+resume, checkpoint_every, checkpoint_dir and profile_at, which only name or bookkeep a run); resumed runs form
+groups of their own, as their train time is not comparable. Logs without the header (synthetic ones) fall in
+a group with code "unknown". Each group is reported on its own and nothing is averaged across groups.
+
+A run is complete when it has a val_loss line for step T/T. Cut-off, malformed or unreadable logs, and runs
+whose T differs from the most common T of their group, are listed under "skipped" and never averaged.
+
+Prints for each group a header (code, world size, the hyperparameters that differ between groups, number of
+logs), then n runs, mean/std of the final val loss, the one-sided t-test p-value for mean < target, mean/std
+train time, mean ms/step, mean peak memory, then one row per run. Writes val-loss and step-time curves of the
+counted runs to <folder>/summary.png (or --png): one colour and legend entry per group, a dashed line at the
+target, the loss axis framed on the evaluations after each run's first. Exits 1 when no complete run remains.
 """
 import argparse
+import hashlib
 import math
 import re
 import sys
@@ -30,6 +42,14 @@ _NUM = r"(?:nan|[-+]?inf|[-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)"
 STEP_RE = re.compile(
     rf"^step:(\d+)/(\d+) (val_loss|train_loss):({_NUM}) train_time:(\d+)ms step_avg:({_NUM})ms$")
 PEAK_RE = re.compile(r"^peak memory allocated: (\d+) MiB reserved: (\d+) MiB$")
+RESUMED_RE = re.compile(r"^resumed from (.*) at step (\d+)$")
+RULE = "=" * 100  # train_gpt.py's separator around the environment report
+WORLD_RE = re.compile(r"^world_size (\d+), device (\w+)$")
+HPARAM_RE = re.compile(r"^([A-Za-z_]\w*) = (.*)$")
+# Hyperparameters that only name or bookkeep a run; they do not change what it computes, so runs that differ
+# only in them are pooled. Whether a run was resumed is part of the grouping key on its own (Run.resumed).
+BOOKKEEPING = frozenset({"tag", "resume", "checkpoint_every", "checkpoint_dir", "profile_at"})
+NOT_A_LOG = "not a log: no step lines and no environment report"
 
 
 @dataclass
@@ -44,11 +64,31 @@ class Run:
     train_times_ms: list[int] = field(default_factory=list)
     peak_alloc_mib: int | None = None
     peak_reserved_mib: int | None = None
+    code: str = "unknown"  # short sha256 of the logged source; "unknown" for logs without the header
+    world_size: int | None = None
+    hparams: dict[str, str] = field(default_factory=dict)  # name -> value as logged (its repr)
+    resumed_at: int | None = None  # the step of the "resumed from" line
     error: str | None = None
 
     @property
     def complete(self) -> bool:
         return self.error is None
+
+    @property
+    def resumed(self) -> bool:
+        return self.resumed_at is not None or self.hparams.get("resume", "''") not in ("''", '""')
+
+    @property
+    def group_key(self) -> tuple:
+        hparams = tuple((k, v) for k, v in self.hparams.items() if k not in BOOKKEEPING)
+        return self.code, self.world_size, hparams, self.resumed
+
+    @property
+    def label(self) -> str:
+        """The run id, marked when the run was resumed from a checkpoint."""
+        if self.resumed_at is not None:
+            return f"{self.run_id} (resumed at step {self.resumed_at})"
+        return self.run_id + " (resumed)" * self.resumed
 
     @property
     def final_val_loss(self) -> float:
@@ -75,22 +115,52 @@ class Run:
         return s[1:], ms
 
 
-def parse_log(path) -> Run:
-    """Parse one log; never raises for bad content, records the reason in `Run.error` instead."""
+def parse_header(lines: list[str]) -> tuple[str, int | None, dict[str, str], int]:
+    """(code hash, world size, hyperparameters, index of the first line after the header) from the lines of a
+    log (with their line ends); ("unknown", None, {}, 0) when there is no environment report between rules."""
+    rules = [i for i, line in enumerate(lines) if line.rstrip("\r\n") == RULE]
+    for a, b in zip(rules, rules[1:]):
+        env = [line.rstrip() for line in lines[a + 1:b]]
+        world = next((m for line in env if (m := WORLD_RE.match(line))), None)
+        # A rule inside the source itself (a docstring, say) is not followed by the report: look further.
+        if env and env[0].startswith("Python ") and world:
+            code = hashlib.sha256("".join(lines[:a]).encode()).hexdigest()[:10]
+            hparams = dict(m.groups() for line in env if (m := HPARAM_RE.match(line)))
+            return code, int(world[1]), hparams, b + 1
+    return "unknown", None, {}, 0
+
+
+def parse_log(path, root=None) -> Run:
+    """Parse one log; never raises for bad content, records the reason in `Run.error` instead.
+    The run id is the path relative to `root` without ".txt" (the file name's stem without a root)."""
     path = Path(path)
-    run = Run(run_id=path.stem, path=path)
+    run_id = path.relative_to(root).with_suffix("").as_posix() if root is not None else path.stem
+    run = Run(run_id=run_id, path=path)
     try:
         # errors="replace": a stray byte in the nvidia-smi banner should not cost us the whole run.
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as e:
         run.error = f"unreadable: {e.strerror or e}"
         return run
+    lines = text.splitlines(keepends=True)
+    run.code, run.world_size, run.hparams, body = parse_header(lines)
+    run.error = _parse_body(run, lines[body:], body)
+    if run.error == "malformed: no step lines" and body == 0 and not any(line.rstrip() == RULE for line in lines):
+        run.error = NOT_A_LOG
+    return run
+
+
+def _parse_body(run: Run, lines: list[str], first_lineno: int) -> str | None:
+    """Fill the run's steps, losses, times and peak memory from its own lines; -> the error, or None."""
     seen = set()  # (step, kind): the same kind twice for one step means two runs were concatenated
     last_step = -1
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(lines, first_lineno + 1):
         line = line.rstrip()
         if m := PEAK_RE.match(line):
             run.peak_alloc_mib, run.peak_reserved_mib = int(m[1]), int(m[2])
+            continue
+        if m := RESUMED_RE.match(line):
+            run.resumed_at = int(m[2])
             continue
         m = STEP_RE.match(line)
         if not m:
@@ -99,15 +169,12 @@ def parse_log(path) -> Run:
         if run.total_steps is None:
             run.total_steps = total
         elif total != run.total_steps:
-            run.error = f"malformed: inconsistent total steps ({total} vs {run.total_steps}, line {lineno})"
-            return run
+            return f"malformed: inconsistent total steps ({total} vs {run.total_steps}, line {lineno})"
         if step > total:
-            run.error = f"malformed: step {step} beyond total {total} (line {lineno})"
-            return run
+            return f"malformed: step {step} beyond total {total} (line {lineno})"
         # The val line for step s and the train line for step s legitimately share s: non-decreasing.
         if step < last_step or (step, kind) in seen:
-            run.error = f"malformed: steps not monotone (step {step} after {last_step}, line {lineno})"
-            return run
+            return f"malformed: steps not monotone (step {step} after {last_step}, line {lineno})"
         seen.add((step, kind))
         if step != last_step:
             run.time_steps.append(step)
@@ -117,11 +184,24 @@ def parse_log(path) -> Run:
             run.val_steps.append(step)
             run.val_losses.append(value)
     if run.total_steps is None:
-        run.error = "malformed: no step lines"
-    elif not run.val_steps or run.val_steps[-1] != run.total_steps:
+        return "malformed: no step lines"
+    if not run.val_steps or run.val_steps[-1] != run.total_steps:
         t = run.total_steps
-        run.error = f"cut off: no val_loss line for step {t}/{t} (last step {last_step})"
-    return run
+        return f"cut off: no val_loss line for step {t}/{t} (last step {last_step})"
+    return None
+
+
+def find_logs(folder: Path) -> tuple[list[Run], list[Path]]:
+    """(parsed logs, files that are not logs) among the *.txt files of a folder and its subfolders.
+    Profiles (*.profile.tsv) and summaries (*.md, *.png) do not match *.txt."""
+    runs, ignored = [], []
+    for path in sorted(p for p in folder.rglob("*.txt") if p.is_file()):
+        run = parse_log(path, root=folder)
+        if run.error == NOT_A_LOG:
+            ignored.append(path)
+        else:
+            runs.append(run)
+    return runs, ignored
 
 
 def _natural_key(run: Run):
@@ -129,8 +209,47 @@ def _natural_key(run: Run):
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", run.run_id)]
 
 
+@dataclass
+class Group:
+    """Runs with one code, world size and set of hyperparameters, resumed or not: the unit of statistics."""
+    number: int  # 1, 2, ...: the label shared by the text and the plot's legend
+    code: str
+    world_size: int | None
+    hparams: dict[str, str]  # bookkeeping fields left out
+    resumed: bool
+    runs: list[Run]
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+    """Runs grouped by Run.group_key; groups with the header first, then in order of code, world size."""
+    by_key: dict[tuple, list[Run]] = {}
+    for r in runs:
+        by_key.setdefault(r.group_key, []).append(r)
+
+    def order(key):
+        code, world_size, hparams, resumed = key
+        return code == "unknown", code, world_size or 0, resumed, hparams
+
+    return [Group(i, k[0], k[1], dict(k[2]), k[3], sorted(by_key[k], key=_natural_key))
+            for i, k in enumerate(sorted(by_key, key=order), 1)]
+
+
+def differing_hparams(groups: list[Group]) -> list[str]:
+    """Names of the hyperparameters whose values are not the same in every group that logged them."""
+    known = [g.hparams for g in groups if g.hparams]
+    names = dict.fromkeys(name for h in known for name in h)  # logged order, no duplicates
+    return [name for name in names if len({h.get(name) for h in known}) > 1]
+
+
+def describe(group: Group, names: list[str]) -> tuple[str, str]:
+    """('code 1a2b3c4d5e, world size 4, resumed', 'num_iterations = 1393, ...'): what tells the group apart."""
+    world = group.world_size if group.world_size is not None else "?"
+    ids = ", ".join([f"code {group.code}", f"world size {world}"] + ["resumed"] * group.resumed)
+    return ids, ", ".join(f"{name} = {group.hparams[name]}" for name in names if name in group.hparams)
+
+
 def split_runs(runs: list[Run]) -> tuple[list[Run], list[tuple[Run, str]]]:
-    """(usable runs, [(skipped run, reason)]): complete runs with the most common T are usable."""
+    """(usable runs, [(skipped run, reason)]) of one group: complete runs with the most common T are usable."""
     runs = sorted(runs, key=_natural_key)
     counts = Counter(r.total_steps for r in runs if r.complete)
     if not counts:
@@ -163,11 +282,8 @@ def _fmt_p(p: float) -> str:
     return f"{p:.4f}" if not p < 1e-4 else f"{p:.1e}"
 
 
-def summarize(runs: list[Run], target: float = 3.28, markdown: bool = False) -> str:
-    """Statistics over the usable runs, one row per run, and the skipped runs with reasons."""
-    good, skipped = split_runs(runs)
-    if not good:
-        raise ValueError("no complete run to summarise")
+def _statistics(good: list[Run], target: float, markdown: bool) -> list[str]:
+    """The summary table and the per-run rows of one group's usable runs."""
     n = len(good)
     losses = np.array([r.final_val_loss for r in good])
     times_s = np.array([r.final_train_time_ms / 1000 for r in good])
@@ -189,56 +305,124 @@ def summarize(runs: list[Run], target: float = 3.28, markdown: bool = False) -> 
         ["ms/step", f"{ms_step.mean():.2f}", ""],
         [peak_label, f"{np.mean(peaks):.0f}" if peaks else "n/a", ""],
     ]
-    per_run = [[r.run_id, f"{r.final_val_loss:.4f}", f"{r.final_train_time_ms / 1000:.2f}", f"{r.ms_per_step:.2f}",
+    per_run = [[r.label, f"{r.final_val_loss:.4f}", f"{r.final_train_time_ms / 1000:.2f}", f"{r.ms_per_step:.2f}",
                 str(r.peak_alloc_mib) if r.peak_alloc_mib is not None else "n/a"] for r in good]
     out = [f"summary: {n} complete run{'s' * (n > 1)} of {good[0].total_steps} steps, target val loss {target:g}", ""]
     out += _table(["metric", "mean", "std"], summary, markdown) + [""]
-    out += _table(["run", "val loss", "train time s", "ms/step", "peak MiB"], per_run, markdown)
+    return out + _table(["run", "val loss", "train time s", "ms/step", "peak MiB"], per_run, markdown)
+
+
+def _group_section(group: Group, names: list[str], target: float, markdown: bool) -> list[str]:
+    good, skipped = split_runs(group.runs)
+    n = len(group.runs)
+    ids, hparams = describe(group, names)
+    out = [f"{'### ' * markdown}group {group.number}: {ids}; {n} log{'s' * (n > 1)}"]
+    out += ([f"{'  ' * (not markdown)}{hparams}"] if hparams else []) + [""]
+    out += _statistics(good, target, markdown) if good else ["no complete run"]
     if skipped:
         out += ["", f"skipped ({len(skipped)}):"]
-        out += [f"{'-' if markdown else ' '} {r.run_id}: {reason}" for r, reason in skipped]
-    return "\n".join(out) + "\n"
+        out += [f"{'-' if markdown else ' '} {r.label}: {reason}" for r, reason in skipped]
+    return out
 
 
-def plot(runs: list[Run], png_path) -> None:
-    """Val loss vs step and ms/step vs step, one line per run; runs that are not complete are dashed."""
+def summarize(runs: list[Run], target: float = 3.28, markdown: bool = False) -> str:
+    """Per group: a header, statistics over its usable runs, one row per run, its skipped runs with reasons."""
+    groups = group_runs(runs)
+    if not any(split_runs(g.runs)[0] for g in groups):
+        raise ValueError("no complete run to summarise")
+    names = differing_hparams(groups)
+    sections = [_group_section(g, names, target, markdown) for g in groups]
+    return "\n\n".join("\n".join(s) for s in sections) + "\n"
+
+
+def _loss_limits(runs: list[Run], target: float) -> tuple[float, float]:
+    """A val-loss range holding the target and every evaluation after each run's first (the step-0 loss of
+    ~10.8 would squash the interesting end near the target, so it may lie above the frame)."""
+    points = [target] + [v for r in runs for v in (r.val_losses[1:] or r.val_losses) if np.isfinite(v)]
+    lo, hi = min(points), max(points)
+    pad = 0.05 * (hi - lo) or 0.01
+    return lo - pad, hi + pad
+
+
+def _time_limit(runs: list[Run]) -> float | None:
+    """Twice the median step time of the slowest run: compile steps and pauses, many times the typical step,
+    are clipped off, while a 1-GPU group stays in the frame beside a faster 8-GPU one."""
+    medians = [np.median(ms[np.isfinite(ms)]) for r in runs if np.isfinite(ms := r.step_times_ms()[1]).any()]
+    return 2 * max(medians) if medians else None
+
+
+def _legend_label(group: Group, names: list[str], n: int) -> str:
+    label = f"{group.number}: {n} run{'s' * (n > 1)}, {', '.join(filter(None, describe(group, names)))}"
+    # The full description is in the printed text under the same number; two columns must fit the page.
+    return label if len(label) <= 100 else label[:99] + "\u2026"
+
+
+def _frame_loss(ax, runs: list[Run], target: float):
+    ax.axhline(target, color="black", ls="--", lw=1)
+    if runs:
+        ax.set_ylim(*_loss_limits(runs, target))
+    above = any(v > ax.get_ylim()[1] for r in runs for v in r.val_losses)
+    ax.set(xlabel="step", ylabel="val loss",
+           title=f"validation loss (dashed: target {target:g}" + ("; step-0 losses above" if above else "") + ")")
+
+
+def _frame_time(ax, runs: list[Run]):
+    ax.set(xlabel="step", ylabel="ms / step", title="step time (y clipped at 2x the slowest run's median)")
+    if (top := _time_limit(runs)) is not None:
+        ax.set_ylim(0, top)
+
+
+def draw(runs: list[Run], target: float = 3.28):
+    """The figure: val loss and ms/step vs step for the usable runs only, one colour and legend entry per
+    group, resumed groups dotted, a dashed line at the target."""
     import matplotlib
     matplotlib.use("Agg")  # headless: no display on the training or CI machines
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FormatStrFormatter
 
-    runs = sorted((r for r in runs if r.time_steps), key=_natural_key)
-    fig, (ax_loss, ax_time) = plt.subplots(1, 2, figsize=(14, 5.5))
-    all_ms = []
-    for r in runs:
-        style = dict(lw=1, ls="-" if r.complete else "--", label=r.run_id + ("" if r.complete else " (skipped)"))
-        line, = ax_loss.plot(r.val_steps, r.val_losses, marker=".", ms=3, **style)
-        steps, ms = r.step_times_ms()
-        ax_time.plot(steps, ms, color=line.get_color(), alpha=0.7, **style)
-        all_ms.append(ms[np.isfinite(ms)])
-    # Losses fall from ~11 to ~3.3; a log axis keeps the late, interesting part readable.
-    ax_loss.set(xlabel="step", ylabel="val loss", yscale="log", title="validation loss")
-    for axis in (ax_loss.yaxis.set_major_formatter, ax_loss.yaxis.set_minor_formatter):
-        axis(FormatStrFormatter("%g"))  # plain 4, 6, 10 instead of 4x10^0
-    ax_time.set(xlabel="step", ylabel="ms / step", title="step time")
-    finite = np.concatenate(all_ms) if all_ms else np.empty(0)
-    if finite.size:
-        # The compile step and validation pauses are many times the typical step; clip them off.
-        ax_time.set_ylim(0, 2 * np.median(finite))
-        ax_time.set_title("step time (y clipped at 2x median)")
+    groups = group_runs(runs)
+    names = differing_hparams(groups)
+    counted = [(g, good) for g in groups if (good := split_runs(g.runs)[0])]
+    ncol = 1 if len(counted) < 7 else 2
+    legend_in = 0.17 * math.ceil(len(counted) / ncol) + 0.2  # inches below the axes for the legend
+    fig, (ax_loss, ax_time) = plt.subplots(1, 2, figsize=(14, 5 + legend_in))
+    for g, good in counted:
+        style = dict(color=f"C{(g.number - 1) % 10}", ls=":" if g.resumed else "-", lw=1)
+        for j, r in enumerate(good):
+            label = _legend_label(g, names, len(good)) if j == 0 else "_nolegend_"
+            ax_loss.plot(r.val_steps, r.val_losses, marker=".", ms=3, label=label, **style)
+            ax_time.plot(*r.step_times_ms(), alpha=0.7, **style)
+    drawn = [r for _, good in counted for r in good]
+    _frame_loss(ax_loss, drawn, target)
+    _frame_time(ax_time, drawn)
     for ax in (ax_loss, ax_time):
         ax.grid(alpha=0.3)
-    if runs:
-        ax_loss.legend(fontsize=6, ncol=math.ceil(len(runs) / 16))
-    fig.tight_layout()
+    if counted:  # below the axes: group labels are long and would cover the curves
+        fig.legend(loc="lower center", fontsize=7, ncol=ncol, frameon=False)
+    fig.tight_layout(rect=(0, legend_in / (5 + legend_in), 1, 1))
+    return fig
+
+
+def plot(runs: list[Run], png_path, target: float = 3.28) -> None:
+    """Write draw()'s figure to png_path, making its folder if needed."""
+    import matplotlib.pyplot as plt
+
+    fig = draw(runs, target)
+    Path(png_path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Summarise the train_gpt.py logs (*.txt) in a folder.")
-    ap.add_argument("folder", type=Path)
-    ap.add_argument("--target", type=float, default=3.28, help="val loss to beat (one-sided t-test)")
+    ap = argparse.ArgumentParser(
+        description="Summarise the train_gpt.py logs (*.txt, subfolders included) in a folder: one table per "
+                    "group of runs with the same code, world size and hyperparameters (resumed runs apart); "
+                    "never averaged across groups.",
+        epilog=f"Hyperparameters left out of the grouping: {', '.join(sorted(BOOKKEEPING))}. Logs without the "
+               "header form a group with code 'unknown'; *.txt files with neither step lines nor a header are "
+               "ignored. The plot shows the counted runs only, one legend entry per group, a dashed line at "
+               "--target, and frames the val losses after each run's first evaluation.")
+    ap.add_argument("folder", type=Path, help="searched recursively for *.txt logs")
+    ap.add_argument("--target", type=float, default=3.28, help="val loss to beat (one-sided t-test, plot line)")
     ap.add_argument("--png", type=Path, help="plot path (default: <folder>/summary.png)")
     ap.add_argument("--markdown", action="store_true", help="print Markdown tables")
     args = ap.parse_args(argv)
@@ -246,20 +430,21 @@ def main(argv=None) -> int:
     if not args.folder.is_dir():
         print(f"error: {args.folder} is not a folder", file=sys.stderr)
         return 1
-    logs = sorted(args.folder.glob("*.txt"))
-    if not logs:
-        print(f"error: no *.txt logs in {args.folder}", file=sys.stderr)
+    runs, ignored = find_logs(args.folder)
+    if ignored:
+        print(f"ignored, not logs ({len(ignored)}): "
+              + ", ".join(p.relative_to(args.folder).as_posix() for p in ignored), file=sys.stderr)
+    if not runs:
+        print(f"error: no *.txt logs in {args.folder} or its subfolders", file=sys.stderr)
         return 1
-    runs = [parse_log(p) for p in logs]
-    good, skipped = split_runs(runs)
-    if not good:
-        for r, reason in skipped:
-            print(f"skipped {r.run_id}: {reason}", file=sys.stderr)
-        print(f"error: no complete run among {len(logs)} logs in {args.folder}", file=sys.stderr)
+    if not any(split_runs(g.runs)[0] for g in group_runs(runs)):
+        for r in sorted(runs, key=_natural_key):
+            print(f"skipped {r.run_id}: {r.error}", file=sys.stderr)
+        print(f"error: no complete run among {len(runs)} logs in {args.folder}", file=sys.stderr)
         return 1
     print(summarize(runs, args.target, markdown=args.markdown), end="")
     png = args.png or args.folder / "summary.png"
-    plot(runs, png)
+    plot(runs, png, args.target)
     # stderr, so stdout stays a clean table to paste into a README
     print(f"wrote {png}", file=sys.stderr)
     return 0
