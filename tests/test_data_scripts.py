@@ -5,13 +5,17 @@ sane mean length), bytes fixed by the seed and independent of worker count and c
 the conditional entropy far lower than the unigram one (and matches `entropies`), kept valid files, replaced
 broken ones, and no shard under its final name after an interrupted run.
 data/cached_fineweb10B.py: offline or unreachable hub -> exit code 1 and a message saying what to do (no
-traceback); valid local files never touch the hub; a broken file is fetched again (forced the second time);
-one that stays broken fails with a clear message.
+traceback), within seconds: a refused connection in under 5 s from the command line, a hub that never answers
+in its timeout; valid local files never touch the hub; a broken file is fetched again (forced the second time);
+one that stays broken fails with a clear message; the destination holds only whole shards afterwards (no
+huggingface_hub .cache, no partial file, no empty folder the run made), whether the run failed or not.
 """
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -133,13 +137,26 @@ def test_an_interrupted_run_leaves_no_partial_shard(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == [NAMES[0]]
 
 
-def fake_hub(monkeypatch, source: Path, broken_unless_forced=False, always_broken=False) -> list:
-    """Replace hf_hub_download by a copy from source (truncated when asked); return the list of calls."""
+def no_probe(monkeypatch) -> None:
+    """Skip the up-front question to the hub, so that only the (replaced) hf_hub_download talks to it."""
+    monkeypatch.setattr(cached, "check_hub", lambda repo_id, path: None)
+
+
+def fake_hub(monkeypatch, source: Path, broken_unless_forced=False, always_broken=False, fail_on=None) -> list:
+    """Replace hf_hub_download by a copy from source (truncated when asked; a network error for the file fail_on),
+    leaving metadata in local_dir/.cache as huggingface_hub does; return the list of calls."""
     calls = []
+    no_probe(monkeypatch)
 
     def download(repo_id, filename, *, repo_type, local_dir, force_download=False, **_):
         assert repo_type == "dataset"
         calls.append((filename, force_download))
+        meta = Path(local_dir) / ".cache" / "huggingface" / "download"
+        meta.mkdir(parents=True, exist_ok=True)
+        (meta / f"{filename}.lock").touch()
+        if filename == fail_on:
+            (meta / f"{filename}.incomplete").write_bytes(b"part")
+            raise ConnectionError("the network went away")
         target = Path(local_dir) / filename
         shutil.copyfile(source / filename, target)
         if always_broken or (broken_unless_forced and not force_download):
@@ -158,14 +175,50 @@ def hub_files(tmp_path) -> Path:
     return source
 
 
+def run_script(dest: Path, **env) -> tuple[subprocess.CompletedProcess, float]:
+    """Run the download of the val shard and 1 train shard into dest; return the result and the seconds it took."""
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, str(REPO / "data/cached_fineweb10B.py"), "1", "--dir", str(dest)],
+                         env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+    return run, time.perf_counter() - start
+
+
 def test_offline_exits_1_with_advice(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, str(REPO / "data/cached_fineweb10B.py"), "1", "--dir", str(tmp_path)],
-                         env=env, capture_output=True, text=True, timeout=120)
+    run, _ = run_script(tmp_path / "dest", HF_HUB_OFFLINE="1")
     assert run.returncode == 1
     assert "Traceback" not in run.stderr
     assert "HF_HUB_OFFLINE=1 is set" in run.stderr and "copy the shards" in run.stderr
     assert "fineweb_val_000000.bin" in run.stderr
+    assert os.listdir(tmp_path) == []  # no destination folder was made
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_refused_connection_fails_within_seconds(tmp_path):
+    """huggingface_hub alone retries for ~23 s; the bound includes Python's start-up on a slow CI machine."""
+    run, seconds = run_script(tmp_path / "new" / "dest", HF_ENDPOINT=f"http://127.0.0.1:{free_port()}")
+    assert run.returncode == 1 and seconds < 5
+    assert "Traceback" not in run.stderr
+    assert "could not download fineweb_val_000000.bin" in run.stderr and "HF_ENDPOINT" in run.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_hub_that_never_answers_fails_in_its_timeout(tmp_path):
+    """The kernel accepts the connection and nobody answers: the HEAD hangs until the probe's timeout (1 s here,
+    PROBE_TIMEOUT = 4 s by default), with no retries after it."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        run, seconds = run_script(tmp_path / "dest", HF_ENDPOINT=endpoint, HF_HUB_ETAG_TIMEOUT="1")
+    assert run.returncode == 1 and 1 <= seconds < 4
+    assert "Traceback" not in run.stderr
+    assert "no answer from" in run.stderr and "could not download fineweb_val_000000.bin" in run.stderr
+    assert os.listdir(tmp_path) == []
 
 
 def network_errors() -> list[BaseException]:
@@ -177,12 +230,17 @@ def network_errors() -> list[BaseException]:
     return errors
 
 
+@pytest.mark.parametrize("where", ["probe", "download"])
 @pytest.mark.parametrize("error", network_errors(), ids=lambda e: type(e).__name__)
-def test_unreachable_hub_exits_1_with_advice(tmp_path, monkeypatch, capsys, error):
+def test_unreachable_hub_exits_1_with_advice(tmp_path, monkeypatch, capsys, error, where):
     def unreachable(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(cached, "hf_hub_download", unreachable)
+    if where == "probe":
+        monkeypatch.setattr(cached, "get_hf_file_metadata", unreachable)
+    else:
+        no_probe(monkeypatch)
+        monkeypatch.setattr(cached, "hf_hub_download", unreachable)
     assert cached.main(["1", "--dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "could not download fineweb_val_000000.bin" in err and "HF_ENDPOINT" in err
@@ -199,6 +257,7 @@ def test_hub_error_exits_1(tmp_path, monkeypatch, capsys):
     def refused(*args, **kwargs):
         raise HfHubHTTPError("404 Client Error: Entry Not Found", response=response)
 
+    no_probe(monkeypatch)
     monkeypatch.setattr(cached, "hf_hub_download", refused)
     assert cached.main(["1", "--dir", str(tmp_path)]) == 1
     assert "refused fineweb_val_000000.bin" in capsys.readouterr().err
@@ -228,6 +287,7 @@ def test_a_bad_download_is_forced_once_more(tmp_path, hub_files, monkeypatch):
     assert calls == [("fineweb_val_000000.bin", False), ("fineweb_val_000000.bin", True),
                      ("fineweb_train_000001.bin", False), ("fineweb_train_000001.bin", True)]
     assert all(cached.verify(p) is None for p in paths)
+    assert sorted(os.listdir(tmp_path / "dest")) == sorted(p.name for p in paths)  # and no .cache
 
 
 def test_a_file_that_stays_broken_fails_clearly(tmp_path, hub_files, monkeypatch, capsys):
@@ -236,3 +296,15 @@ def test_a_file_that_stays_broken_fails_clearly(tmp_path, hub_files, monkeypatch
     assert len(calls) == 2
     err = capsys.readouterr().err
     assert "fineweb_val_000000.bin is still broken after downloading it twice" in err and "truncated" in err
+    assert os.listdir(tmp_path) == ["hub"]  # the broken copy went with the temporary folder, dest with it
+
+
+def test_a_failed_download_leaves_nothing_half_made(tmp_path, hub_files, monkeypatch, capsys):
+    dest = tmp_path / "new" / "dest"
+    fake_hub(monkeypatch, hub_files, fail_on="fineweb_val_000000.bin")
+    assert cached.main(["1", "--dir", str(dest)]) == 1
+    assert os.listdir(tmp_path) == ["hub"]  # the folders this run made are gone
+    fake_hub(monkeypatch, hub_files, fail_on="fineweb_train_000001.bin")
+    assert cached.main(["1", "--dir", str(dest)]) == 1
+    assert os.listdir(dest) == ["fineweb_val_000000.bin"]  # the whole shard stays, for the next run
+    assert "could not download fineweb_train_000001.bin" in capsys.readouterr().err
