@@ -4,6 +4,7 @@ Launch (one node, any of 1, 2, 4 or 8 GPUs; fewer GPUs accumulate gradients and 
     python data/cached_fineweb10B.py 8
     torchrun --standalone --nproc_per_node=8 train_gpt.py
     torchrun --standalone --nproc_per_node=2 train_gpt.py --preset=smoke   # tiny CPU run, makes its own data
+    python train_gpt.py --check=8 [--name=value ...]   # check the setup for 8 processes and the data; exit
 Every hyperparameter below can be set as --name=value. The log goes to records/<tag>/<run id>.txt.
 
 Expected: val_loss ~3.279 at step 1393 (mean of 32 runs 3.2787), 179.8 s of training on 8 x H100.
@@ -21,7 +22,7 @@ import copy
 import dataclasses
 import difflib
 import glob
-import inspect
+import hashlib
 import math
 import os
 import subprocess
@@ -32,6 +33,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
+    # Answered before the imports below, which take seconds: the launch lines above and the Hyperparameters
+    # fields, read from this file. Under torchrun, rank 0 alone prints.
+    if os.environ.get("RANK", "0") == "0":
+        fields = Path(__file__).read_text().split("class Hyperparameters:\n", 1)[1].split("\n\n\n", 1)[0]
+        print(__doc__.split("\n\n")[1] + "\n\nHyperparameters (--name=value), with their defaults:\n" + fields)
+    sys.exit(0)
 
 import numpy as np
 import torch
@@ -99,9 +108,10 @@ class Hyperparameters:
     preset: str = ""  # "smoke": a tiny configuration for a 2-core CPU that makes its own data (see PRESETS)
 
 
+SMOKE_DATA = Path("data/synthetic_smoke")  # the smoke preset's own data folder, under the working directory
 PRESETS = {
     "smoke": dict(
-        train_files="data/synthetic_smoke/fineweb_train_*.bin", val_files="data/synthetic_smoke/fineweb_val_*.bin",
+        train_files=f"{SMOKE_DATA}/fineweb_train_*.bin", val_files=f"{SMOKE_DATA}/fineweb_val_*.bin",
         val_tokens=4096, batch_seqs=2, seq_len=1024, vocab_size=1024, num_layers=4, num_heads=2, model_dim=64,
         num_iterations=20, window_tokens=896, val_every=10, compile=False, warmup_steps=1, tag="smoke",
     ),
@@ -109,6 +119,8 @@ PRESETS = {
 # Fields that only say how a run is carried out: a checkpoint may be resumed with other values for them.
 RUN_FIELDS = {"fused_mlp", "compile", "coordinate_descent_tuning", "warmup_steps", "tag", "checkpoint_every",
               "checkpoint_dir", "resume", "profile_at", "preset"}
+# Of those, what a resumed run takes from its checkpoint unless the command line sets it: it goes on as it was.
+RESUMED_FIELDS = ("checkpoint_every", "checkpoint_dir", "tag")
 
 
 class ConfigError(ValueError):
@@ -128,10 +140,9 @@ def _convert(name: str, text: str, kind: type):
         raise ConfigError(f"--{name} takes {kind.__name__} values, not {text!r}") from None
 
 
-def usage() -> str:
-    launch = __doc__.split("\n\n")[1]
-    fields = inspect.getsource(Hyperparameters).split("\n", 2)[2]  # the class body: fields and their comments
-    return launch + "\n\nHyperparameters (--name=value), with their defaults:\n" + fields
+def given_names(argv: list[str]) -> set[str]:
+    """The hyperparameters a command line sets."""
+    return {arg.removeprefix("--").partition("=")[0] for arg in argv}
 
 
 def parse_args(argv: list[str]) -> Hyperparameters:
@@ -153,17 +164,32 @@ def parse_args(argv: list[str]) -> Hyperparameters:
     return Hyperparameters(**{**PRESETS.get(preset, {}), **overrides})
 
 
+def process_counts(args: Hyperparameters) -> list[int]:
+    """The numbers of processes a run of these hyperparameters can use: each holds whole sequences of a step, and
+    of a validation step."""
+    return [n for n in range(1, args.batch_seqs + 1)
+            if args.batch_seqs % n == 0 and args.val_tokens % (n * args.seq_len) == 0]
+
+
+def _alternatives(numbers: list[int]) -> str:
+    """[1, 2, 4, 8] -> '1, 2, 4 or 8'."""
+    *rest, last = map(str, numbers)
+    return f"{', '.join(rest)} or {last}" if rest else last
+
+
 def check_config(args: Hyperparameters, world_size: int):
     """Catch the configurations that would otherwise fail minutes later, or compute something else."""
     problems = []
+    counts = process_counts(args)
+    use = f": use {_alternatives(counts)} process{'es' * (counts != [1])}" if counts else ""
     if args.batch_seqs % world_size:
         problems.append(f"batch_seqs={args.batch_seqs} sequences can't be shared out evenly over {world_size} "
-                        f"ranks: use 1, 2, 4 or 8 processes for the default 8")
+                        f"ranks{use}")
+    elif args.val_tokens % (world_size * args.seq_len):  # not both: the first would bring the second
+        problems.append(f"val_tokens={args.val_tokens} must be a multiple of world_size x seq_len "
+                        f"= {world_size * args.seq_len}{use}")
     if args.seq_len % BLOCK_SIZE:
         problems.append(f"seq_len={args.seq_len} must be a multiple of the attention block size {BLOCK_SIZE}")
-    if args.val_tokens % (world_size * args.seq_len):
-        problems.append(f"val_tokens={args.val_tokens} must be a multiple of world_size x seq_len "
-                        f"= {world_size * args.seq_len}")
     if args.num_layers % 2:
         problems.append(f"num_layers={args.num_layers} must be even: the U-Net pairs encoder and decoder layers")
     if args.model_dim % args.num_heads:
@@ -403,6 +429,10 @@ def window_tensor(step: int, args: Hyperparameters, device: torch.device) -> Ten
 # ----------------------------------------------------------------------------------------------------------------
 # Muon: MomentUm Orthogonalized by Newton-Schulz (Keller Jordan)
 
+# torch 2.13 renamed these two collectives and warns on the old names, which are all that older versions have
+reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+
 
 def newton_schulz5(G: Tensor, steps: int = 5) -> Tensor:
     """Approximately orthogonalise G (..., m, n), batched over leading dimensions (batched by @scottjmaddox,
@@ -465,7 +495,7 @@ class Muon(torch.optim.Optimizer):
             grads = [p.grad.flatten() for p in params]  # a group's shapes may differ: (768, 3072), (3072, 768)
             grads += [torch.zeros_like(grads[0])] * (self.world_size - len(grads))  # a short last round
             grad = torch.empty_like(grads[0])
-            work = dist.reduce_scatter_tensor(grad, torch.cat(grads), op=dist.ReduceOp.AVG, async_op=True)
+            work = reduce_scatter(grad, torch.cat(grads), op=dist.ReduceOp.AVG, async_op=True)
             self.reduced.append((work, grad))
 
     def _update(self, p: Tensor, grad: Tensor, momentum: float) -> Tensor:
@@ -501,7 +531,7 @@ class Muon(torch.optim.Optimizer):
             else:  # the last round has fewer parameters than ranks: this one sends zeros
                 update = params[0].new_zeros(params[0].numel(), dtype=torch.bfloat16)
             gathered = torch.empty(self.world_size * update.numel(), dtype=update.dtype, device=update.device)
-            gathers.append((dist.all_gather_into_tensor(gathered, update, async_op=True), gathered, params, group))
+            gathers.append((all_gather(gathered, update, async_op=True), gathered, params, group))
         self.reduced = None
         for work, gathered, params, group in gathers:
             work.wait()
@@ -769,15 +799,34 @@ def environment_report(args: Hyperparameters, world_size: int, device: torch.dev
     return "\n".join(lines)
 
 
+SMOKE_MADE = "made_by_smoke_preset.txt"  # in the smoke data folder: "sha256  name" of each file the preset made
+
+
 def make_smoke_data(args: Hyperparameters):
-    """The smoke preset makes its own synthetic shards, sized for the run: two train shards, so that a run
-    crosses a shard boundary; token ids below vocab_size, the last of them the end of text."""
+    """The smoke preset's synthetic shards, sized for the run, into the folder of args.train_files: two train
+    shards, so that a run crosses a shard boundary; token ids below vocab_size, the last of them the end of text.
+    A list of what was made goes beside them."""
+    folder = Path(args.train_files).parent
     tokens = (args.num_iterations // 2 + 2) * args.batch_seqs * args.seq_len
     eot = str(args.vocab_size - 1)
     val_tokens = str(max(tokens, args.val_tokens + 1))
-    subprocess.run([sys.executable, str(REPO / "data/synthetic.py"), "--out", str(Path(args.train_files).parent),
-                    "--train_shards", "2", "--tokens", str(tokens), "--val_tokens", val_tokens,
-                    "--vocab", eot, "--eot", eot, "--seed", "0"], check=True)
+    subprocess.run([sys.executable, str(REPO / "data/synthetic.py"), "--out", str(folder), "--train_shards", "2",
+                    "--tokens", str(tokens), "--val_tokens", val_tokens, "--vocab", eot, "--eot", eot, "--seed", "0"],
+                   check=True)
+    made = sorted(f for f in folder.iterdir() if f.name != SMOKE_MADE)
+    (folder / SMOKE_MADE).write_text("".join(f"{_sha256(f)}  {f.name}\n" for f in made))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def made_by_smoke_preset(folder: Path) -> bool:
+    """Whether every file in the folder is one the smoke preset made there, unchanged since."""
+    if not (folder / SMOKE_MADE).is_file():
+        return False
+    made = {name: sha for sha, name in (line.split("  ", 1) for line in (folder / SMOKE_MADE).read_text().splitlines())}
+    return all(f.name == SMOKE_MADE or made.get(f.name) == _sha256(f) for f in folder.iterdir())
 
 
 def muon_owners(muon: Muon):
@@ -817,16 +866,41 @@ def drop_others_muon_state(muon: Muon, rank: int):
             del muon.state[p]
 
 
+CHECKPOINT_NAME = "step_" + "[0-9]" * 6 + ".pt"  # not the _nonfinite ones, nor a save's .tmp file
+
+
+def checkpoints_beside(path: Path) -> str:
+    found = sorted(p.name for p in path.parent.glob(CHECKPOINT_NAME)) if path.parent.is_dir() else []
+    return f"checkpoints beside it: {', '.join(found)}" if found else f"no checkpoint in {path.parent}"
+
+
+def find_checkpoint(path: str) -> Path:
+    """--resume's file; for a folder, its newest checkpoint."""
+    if Path(path).is_dir():
+        found = sorted(Path(path).glob(CHECKPOINT_NAME))
+        if not found:
+            raise ConfigError(f"--resume={path}: a folder with no checkpoint (step_NNNNNN.pt) in it")
+        return found[-1]
+    if not Path(path).is_file():
+        raise ConfigError(f"--resume={path}: no such file; {checkpoints_beside(Path(path))}")
+    return Path(path)
+
+
 def load_checkpoint(path: str, args: Hyperparameters) -> dict:
     """Read a checkpoint and refuse it when it was made with other hyperparameters than this run's."""
-    if not Path(path).is_file():
-        raise ConfigError(f"--resume={path}: no such file")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    file = find_checkpoint(path)
+    try:
+        ckpt = torch.load(file, map_location="cpu", weights_only=False)
+        ckpt["args"], ckpt["model"], ckpt["step"]
+    except Exception as e:  # a damaged file fails in many ways: the zip reader, the unpickler, a missing key
+        raise ConfigError(f"--resume={path}: {file} is not a readable checkpoint ({type(e).__name__}: "
+                          f"{(str(e).splitlines() or [''])[0]}); {checkpoints_beside(file)}") from None
+    ckpt["path"] = file
     ours = dataclasses.asdict(args)
     diff = [f"{k}: checkpoint {v!r}, now {ours.get(k)!r}" for k, v in ckpt["args"].items()
             if k not in RUN_FIELDS and ours.get(k) != v]
     if diff:
-        raise ConfigError(f"--resume={path} was made with other hyperparameters; run with the checkpoint's "
+        raise ConfigError(f"--resume={file} was made with other hyperparameters; run with the checkpoint's "
                           f"values to continue it: " + "; ".join(diff))
     return ckpt
 
@@ -858,17 +932,25 @@ def write_profile(profiler: torch.profiler.profile, path: Path, steps: int):
 # main: the steps of a run
 
 
-def prepare_data(args: Hyperparameters) -> tuple[list[str], str]:
-    """The smoke preset first makes its data (one process a node); then every rank checks the shards, before
-    anything is compiled."""
-    if args.preset == "smoke" and int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        try:
-            check_data(args)
-        except DataError:
-            make_smoke_data(args)
+def prepare_data(args: Hyperparameters) -> tuple[list[str], str, str]:
+    """Every rank checks the shards, before anything is compiled. The smoke preset, reading its own folder, first
+    makes its data there (one process a node) when that folder is missing, or holds only what the preset made
+    there and no longer fits the run; it never writes over files it did not make. Returns the train files, the
+    val file and a line for the log about the smoke data."""
+    note = ""
+    if args.preset == "smoke" and {Path(args.train_files).parent, Path(args.val_files).parent} == {SMOKE_DATA}:
+        note = f"smoke data: the preset's own, in {SMOKE_DATA}"
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            try:
+                check_data(args)
+            except DataError:
+                if SMOKE_DATA.exists() and not made_by_smoke_preset(SMOKE_DATA):
+                    raise  # not the preset's files: the same error as without it
+                make_smoke_data(args)
+                note = f"smoke data: made by data/synthetic.py into {SMOKE_DATA}"
     if dist.is_initialized():
         dist.barrier()
-    return check_data(args)
+    return *check_data(args), note
 
 
 def start_log(args: Hyperparameters, rank: int, world_size: int, device: torch.device, run_id: str) -> Logger:
@@ -963,15 +1045,33 @@ def train(model: nn.Module, raw_model: nn.Module, adam: torch.optim.Adam, muon: 
             log(f"checkpoint: {path}")
 
 
-def main(args: Hyperparameters):
+def check_launch(argv: list[str], world_size: int):
+    """What ./run.sh runs in one process before it starts torchrun: the command line, the configuration for
+    world_size processes, the data (the smoke preset makes its own first) and the checkpoint to resume."""
+    args = parse_args(argv)
+    check_config(args, world_size)
+    *_, note = prepare_data(args)
+    if args.resume:
+        load_checkpoint(args.resume, args)
+    if note.startswith("smoke data: made"):
+        print(note)
+
+
+def main(argv: list[str]):
+    args = parse_args(argv)
     rank, world_size, device = setup_distributed()
     check_config(args, world_size)
-    train_files, val_file = prepare_data(args)
-    ckpt = load_checkpoint(args.resume, args) if args.resume else None
+    train_files, val_file, smoke_note = prepare_data(args)
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(args.resume, args)
+        kept = {name: ckpt["args"][name] for name in RESUMED_FIELDS if name not in given_names(argv)}
+        args = dataclasses.replace(args, **kept)
     run_id = uuid.uuid4().hex[:12]
     log = start_log(args, rank, world_size, device, run_id)
-    for line in choose_kernels(args, device):
-        log(line)
+    for line in [smoke_note, *choose_kernels(args, device)]:
+        if line:
+            log(line)
     if device.type == "cuda":
         torch._inductor.config.coordinate_descent_tuning = args.coordinate_descent_tuning  # the record had it on
 
@@ -984,11 +1084,14 @@ def main(args: Hyperparameters):
     if ckpt is not None:
         restore_checkpoint(ckpt, raw_model, adam, muon, rank)
         start_step, train_time_ms, loader_state = ckpt["step"], ckpt["train_time_ms"], ckpt["loader"]
-        log(f"resumed from {args.resume} at step {start_step}")
+        log(f"resumed from {ckpt['path']} at step {start_step}")
+        if args.checkpoint_every:
+            log(f"checkpoints: every {args.checkpoint_every} steps, into {Path(args.checkpoint_dir) / run_id}")
         del ckpt
     if device.type == "cuda":
         torch.cuda.synchronize()
-    log(f"warmup_time:{time.perf_counter() - t0:.1f}s (compile and {args.warmup_steps} untimed steps)")
+    steps = f"{args.warmup_steps} untimed step" + "s" * (args.warmup_steps != 1)
+    log(f"warmup_time:{time.perf_counter() - t0:.1f}s ({'compile and ' * args.compile}{steps})")
 
     loader = TrainLoader(train_files, args.batch_seqs * args.seq_len, rank, world_size, device, **loader_state)
     val_tokens = load_shard(val_file, pin=device.type == "cuda", max_tokens=args.val_tokens + 1)
@@ -1388,12 +1491,16 @@ _chunk_matmul_grads_compiled = torch.compile(_chunk_matmul_grads, dynamic=False)
 
 
 if __name__ == "__main__":
-    if {"-h", "--help"} & set(sys.argv[1:]):
-        print(usage())
-        sys.exit(0)
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    checks = [arg for arg in sys.argv[1:] if arg.startswith("--check=")]
+    argv = [arg for arg in sys.argv[1:] if arg not in checks]
     try:
-        main(parse_args(sys.argv[1:]))
+        if checks:
+            check_launch(argv, _convert("check", checks[-1].partition("=")[2], int))
+        else:
+            main(argv)
     except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # under torchrun every rank of a node finds the same error: one a node says it (so, on one node, rank 0)
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

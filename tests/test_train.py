@@ -3,8 +3,10 @@
   profile that tools/profile_summary.py reads;
 - on 1 and 2 ranks it prints the losses pinned in SMOKE_LOSSES, to the log's 4 decimals;
 - 1 process accumulating 2 sequences ends with the same weights as 2 processes with 1 each;
+- 8 processes, the main command's count, print 1 process's losses (batch_seqs=8);
 - a resumed run repeats the uninterrupted run's losses bit for bit, also on another world size, and a
-  checkpoint of another configuration is refused;
+  checkpoint of another configuration is refused; a folder resumes from its newest checkpoint, and the run
+  keeps the checkpoint's interval; a damaged checkpoint gets one line that lists the ones beside it;
 - 2 nodes x 1 process (two launchers on loopback) give the losses of 1 node x 2 processes;
 - a non-finite loss stops the run, naming the step."""
 import os
@@ -105,6 +107,15 @@ def test_world_size_invariance(tmp_path, smoke_data):
     assert not torch.equal(one["lm_head.weight"], torch.zeros_like(one["lm_head.weight"]))
 
 
+def test_eight_ranks_print_the_losses_of_one(tmp_path, smoke_data):
+    args = (*smoke_data, "--batch_seqs=8", "--val_tokens=8192", "--num_iterations=3", "--val_every=1")
+    one = step_lines(log_of(torchrun(tmp_path / "one", *args, nproc=1), tmp_path / "one"))
+    eight = step_lines(log_of(torchrun(tmp_path / "eight", *args, nproc=8), tmp_path / "eight"))
+    assert one.keys() == eight.keys() and len(one) == 7
+    for key, loss in one.items():  # gloo sums 8 gradients in its own order: at most a last printed digit apart
+        assert eight[key] == pytest.approx(loss, abs=1.01e-4), key
+
+
 def test_resume_repeats_the_run_exactly(tmp_path, smoke_data):
     args = (*smoke_data, "--num_iterations=8", "--val_every=2", "--checkpoint_every=4")
     full = step_lines(log_of(torchrun(tmp_path, *args), tmp_path))
@@ -149,3 +160,24 @@ def test_nonfinite_loss_stops_the_run(tmp_path, smoke_data):
     match = re.search(r"step (\d+): the train loss is (nan|inf); stopping", result.stdout)
     assert match, result.stdout[-2000:]
     assert list(tmp_path.glob(f"checkpoints/*/step_{int(match[1]):06d}_nonfinite.pt"))
+
+
+def test_resume_from_a_folder_keeps_the_interval_and_refuses_damaged_files(tmp_path, smoke_data):
+    torchrun(tmp_path, *smoke_data, "--num_iterations=6", "--checkpoint_every=2")
+    (folder,) = (tmp_path / "checkpoints").iterdir()
+    (folder / "step_000006.pt").unlink()
+    resumed = torchrun(tmp_path, *smoke_data, "--num_iterations=6", f"--resume={folder}")  # no --checkpoint_every
+    assert f"resumed from {folder / 'step_000004.pt'} at step 4" in resumed.stdout
+    assert "checkpoints: every 2 steps" in resumed.stdout
+    assert len(list(tmp_path.glob("checkpoints/*/step_000006.pt"))) == 1  # in the resumed run's own folder
+
+    good = (folder / "step_000004.pt").read_bytes()
+    for name, content in [("truncated.pt", good[:len(good) // 2]), ("short.pt", good[:100]), ("text.pt", b"hi\n")]:
+        (folder / name).write_bytes(content)
+        check = [sys.executable, str(REPO / "train_gpt.py"), "--check=2", "--preset=smoke", *smoke_data,
+                 "--num_iterations=6", f"--resume={folder / name}"]
+        result = subprocess.run(check, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=CPU_ENV)
+        assert result.returncode == 2 and result.stdout == "", result.stderr
+        (line,) = result.stderr.splitlines()
+        assert f"{folder / name} is not a readable checkpoint" in line
+        assert line.endswith("checkpoints beside it: step_000002.pt, step_000004.pt"), line
