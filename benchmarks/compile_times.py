@@ -1,0 +1,29 @@
+"""Where a cold compile goes: runs a train_gpt.py as torchrun would, then prints on rank 0 the seconds torch.compile
+spent in each of its phases, summed over every compiled function and recompile, largest first; phases nest, so the
+rows do not add up. Then the seconds of each compiled frame (a function, or a recompile of one) in the order they
+were compiled. Run it with an empty cache (as benchmarks/cold_run.sh does) to see what a user pays on a fresh
+machine, and with TORCH_LOGS=recompiles to see why anything compiled twice.
+
+Usage: torchrun --standalone --nproc_per_node=N benchmarks/compile_times.py [SCRIPT.py] [--name=value ...]
+SCRIPT defaults to this repository's train_gpt.py; another (say an older version from `git show`) is compared so.
+"""
+import os
+import runpy
+import sys
+from pathlib import Path
+
+import torch._dynamo.utils
+
+args = sys.argv[1:]
+script = args.pop(0) if args and args[0].endswith(".py") else str(Path(__file__).resolve().parents[1] / "train_gpt.py")
+sys.argv = [script, *args]
+try:
+    runpy.run_path(script, run_name="__main__")
+finally:
+    if os.environ.get("RANK", "0") == "0":
+        metrics = torch._dynamo.utils.compilation_time_metrics
+        print("compile phases: seconds, calls, name")
+        for name, times in sorted(metrics.items(), key=lambda item: -sum(item[1]))[:30]:
+            print(f"{sum(times):9.2f} {len(times):5d}  {name}")
+        print("compiled frames, in order: " + ", ".join(f"{t:.1f}" for t in metrics.get("_compile.compile_inner", [])),
+              flush=True)
