@@ -2,6 +2,7 @@
 in two halves of 128 x 128 instead of one 128 x 256 tile, so that less shared memory is held for the epilogue and a
 fourth pipeline stage may fit. Times each variant against train_gpt.py's fused ops and the cuBLAS matmul alone,
 one 64K-token sequence at the model's shapes, and checks that every variant gives train_gpt.py's bits.
+Its kernel is train_gpt.py's _matmul_relu2_kernel (as of 2abafea) with a SUBTILE branch added.
 
 Usage: python records/2026-11-28_speed/kernels/round7_mlp_subtile_bench.py
 (TRITON_INTERPRET=1 on a CPU checks the variants against each other at a small size; the interpreter's bf16 values
