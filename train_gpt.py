@@ -15,8 +15,9 @@ sliding windows (long/short by @leloykun and @YouJiacheng), FP8 lm_head, ReLU^2 
 logits. Credits for single tricks are in the comments where they are used. This file is our own rewrite.
 
 It reads top to bottom: hyperparameters, the model, the attention masks, Muon, the data, the training steps and
-main(). The model calls three ops by name (attention, relu2_mlp, head_loss); their GPU kernels come last, in a
-section of their own, each beside the plain-PyTorch reference that the CPU runs and the tests compare against.
+main(). The model calls four ops by name (attention_inputs, attention, relu2_mlp, head_loss); their GPU kernels
+come last, in a section of their own, each beside the plain-PyTorch reference that the CPU runs and the tests
+compare against.
 """
 import copy
 import dataclasses
@@ -95,6 +96,7 @@ class Hyperparameters:
     # implementation
     fp8_head: bool = True  # FP8 lm_head matmul in training where the GPU has FP8 (compute capability >= 8.9)
     fused_mlp: bool = True  # the MLP's matmuls as Triton kernels with ReLU^2 in them, on Hopper or newer; same bits
+    fused_qkv: bool = True  # QK norm, rotary and the value mix as one Triton kernel each way, on a CUDA GPU
     compile: bool = True  # torch.compile the model and Newton-Schulz
     coordinate_descent_tuning: bool = False  # inductor autotuning as in the record: many minutes more compile
     warmup_steps: int = 2  # untimed steps on dummy data that compile everything; then the state is restored
@@ -117,8 +119,8 @@ PRESETS = {
     ),
 }
 # Fields that only say how a run is carried out: a checkpoint may be resumed with other values for them.
-RUN_FIELDS = {"fused_mlp", "compile", "coordinate_descent_tuning", "warmup_steps", "tag", "checkpoint_every",
-              "checkpoint_dir", "resume", "profile_at", "preset"}
+RUN_FIELDS = {"fused_mlp", "fused_qkv", "compile", "coordinate_descent_tuning", "warmup_steps", "tag",
+              "checkpoint_every", "checkpoint_dir", "resume", "profile_at", "preset"}
 # Of those, what a resumed run takes from its checkpoint unless the command line sets it: it goes on as it was.
 RESUMED_FIELDS = ("checkpoint_every", "checkpoint_dir", "tag")
 
@@ -277,12 +279,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, ve: Tensor | None, mask: BlockMask) -> Tensor:
         B, T, D = x.shape
-        qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).type_as(x))
-        q, k, v = qkv.view(B, T, 3 * self.num_heads, self.head_dim).chunk(3, dim=-2)
-        q, k = norm(q), norm(k)  # QK norm by @Grad62304977
-        q, k = self.rotary(q), self.rotary(k)
-        # value embeddings by @KoszarskyB and @Grad62304977; none in the middle layers, by @YouJiacheng
-        v = self.lambdas[0] * v + self.lambdas[1] * ve.view_as(v) if ve is not None else self.lambdas[0] * v
+        qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).type_as(x)).view(B, T, 3 * self.num_heads, self.head_dim)
+        q, k, v = attention_inputs(qkv, ve, self.lambdas, self.rotary)
         y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, D))
 
@@ -1107,9 +1105,9 @@ def main(argv: list[str]):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Fused ops and their kernels
-# The model calls three ops by name: attention, relu2_mlp and head_loss. Each picks its implementation here, from
-# the device of its inputs and the run's switches in KERNELS (set once by main), and has its plain-PyTorch
-# reference beside it: what the CPU runs, and what the tests compare the GPU kernels with.
+# The model calls four ops by name: attention_inputs, attention, relu2_mlp and head_loss. Each picks its
+# implementation here, from the device of its inputs and the run's switches in KERNELS (set once by main), and has
+# its plain-PyTorch reference beside it: what the CPU runs, and what the tests compare the GPU kernels with.
 
 
 @dataclass
@@ -1117,6 +1115,7 @@ class Kernels:
     """The run's implementation switches. The defaults are the plain paths, which any device runs."""
     fp8_head: bool = False  # the lm_head's training matmuls in FP8
     fused_mlp: bool = False  # the MLP's Triton matmuls with ReLU^2 in their epilogues
+    fused_qkv: bool = False  # QK norm, rotary and the value mix as Triton kernels
 
 
 KERNELS = Kernels()
@@ -1154,7 +1153,11 @@ def choose_kernels(args: Hyperparameters, device: torch.device) -> list[str]:
     fused, why_not = fused_mlp_available(device)
     if args.fused_mlp and device.type == "cuda" and not fused:
         lines.append(f"fused MLP: off ({why_not}); its matmuls and ReLU^2 run as torch.compile makes them")
+    if args.fused_qkv and device.type == "cuda" and triton is None:
+        lines.append("fused qkv: off (Triton is not installed); QK norm, rotary and the value mix run as torch.compile "
+                     "makes them")
     KERNELS.fp8_head, KERNELS.fused_mlp = args.fp8_head and fp8, args.fused_mlp and fused
+    KERNELS.fused_qkv = args.fused_qkv and device.type == "cuda" and triton is not None
     return lines
 
 
@@ -1182,6 +1185,206 @@ def dense_mask(mask: BlockMask) -> Tensor:
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(mask), scale=ATTENTION_SCALE)
+
+
+# --- attention_inputs: QK norm, rotary and the value mix, one Triton kernel each way on a CUDA GPU
+# Compiled, the plain path is two inductor kernels that reach about 60% of the memory bandwidth; the kernels here
+# read qkv once and write q, k, v once (backward: read the three gradients and qkv, write the gradient of qkv).
+# Rounding: from float32 to bf16 once at the end, as inductor rounds when it fuses the plain path's steps.
+
+
+def attention_inputs(qkv: Tensor, ve: Tensor | None, lambdas: Tensor, rotary: Rotary) -> tuple[Tensor, Tensor, Tensor]:
+    """qkv (B, T, 3 * H, head_dim) -> q, k, v (B, T, H, head_dim): q and k normed and rotated, v mixed with the
+    value embedding ve (B, T, H * head_dim) or (T, H * head_dim) by lambdas."""
+    if KERNELS.fused_qkv:
+        T = qkv.size(1)
+        return FusedAttentionInputs.apply(qkv, ve, lambdas, rotary.cos[:T], rotary.sin[:T])
+    return attention_inputs_reference(qkv, ve, lambdas, rotary)
+
+
+def attention_inputs_reference(qkv: Tensor, ve: Tensor | None, lambdas: Tensor,
+                               rotary: Rotary) -> tuple[Tensor, Tensor, Tensor]:
+    q, k, v = qkv.chunk(3, dim=-2)
+    q, k = rotary(norm(q)), rotary(norm(k))  # QK norm by @Grad62304977
+    # value embeddings by @KoszarskyB and @Grad62304977; none in the middle layers, by @YouJiacheng
+    v = lambdas[0] * v + lambdas[1] * ve.view_as(v) if ve is not None else lambdas[0] * v
+    return q, k, v
+
+
+class FusedAttentionInputs(torch.autograd.Function):
+    """attention_inputs with the two ops below; saves qkv and ve, which the plain path saves too."""
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor):
+        ctx.save_for_backward(qkv, ve, lambdas, cos, sin)
+        return qkv_prep(qkv, ve, lambdas, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad_q: Tensor, grad_k: Tensor, grad_v: Tensor):
+        qkv, ve, lambdas, cos, sin = ctx.saved_tensors
+        grad_qkv, grad_ve, grad_lambdas = qkv_prep_grad(grad_q, grad_k, grad_v, qkv, ve, lambdas, cos, sin)
+        return grad_qkv, grad_ve if ve is not None else None, grad_lambdas, None, None
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary's rotation of x (B, T, H, head_dim) float32 by cos, sin (T, head_dim / 2); its inverse is
+    _rotate(x, cos, -sin)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+@torch.library.custom_op("speedrun::qkv_prep", mutates_args=())
+def qkv_prep(qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
+             sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """attention_inputs' forward: qkv (B, T, 3 * H, head_dim) bf16, lambdas (2,) float32, cos and sin (T,
+    head_dim / 2) float32 -> q, k, v (B, T, H, head_dim) bf16. This body is the reference; on CUDA the Triton
+    kernel runs instead."""
+    x = qkv.float()
+    q, k, v = x.chunk(3, dim=-2)
+    q, k = (_rotate(F.rms_norm(t, (t.size(-1),)), cos, sin).bfloat16() for t in (q, k))
+    v = lambdas[0] * v + (lambdas[1] * ve.float().view_as(v) if ve is not None else 0)
+    return q, k, v.bfloat16()
+
+
+@qkv_prep.register_kernel("cuda")
+def _(qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor):
+    B, T, H3, head_dim = qkv.shape
+    q, k, v = (qkv.new_empty(B, T, H3 // 3, head_dim) for _ in range(3))
+    has_ve = ve is not None
+    qkv, ve = qkv.contiguous(), ve.contiguous() if has_ve else qkv  # ve: a placeholder when there is none
+    _qkv_prep_kernel[(triton.cdiv(B * T, QKV_ROWS),)](qkv, ve, lambdas, cos, sin, q, k, v, B * T, T, has_ve, H3 // 3,
+                                                      head_dim, QKV_ROWS, num_warps=QKV_WARPS)
+    return q, k, v
+
+
+@qkv_prep.register_fake
+def _(qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor):
+    B, T, H3, head_dim = qkv.shape
+    return tuple(qkv.new_empty(B, T, H3 // 3, head_dim) for _ in range(3))
+
+
+@torch.library.custom_op("speedrun::qkv_prep_grad", mutates_args=())
+def qkv_prep_grad(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, qkv: Tensor, ve: Tensor | None, lambdas: Tensor,
+                  cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """attention_inputs' backward: the gradients of q, k, v -> those of qkv, of ve (empty without ve) and of
+    lambdas. This body is the reference; on CUDA the Triton kernel runs instead."""
+    x = qkv.float()
+    grads = []
+    for grad, t in zip((grad_q, grad_k), x.chunk(3, dim=-2)[:2]):
+        rstd = torch.rsqrt(t.square().mean(-1, keepdim=True) + torch.finfo(torch.float32).eps)
+        grad_normed, normed = _rotate(grad.float(), cos, -sin), t * rstd
+        grads.append(rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True)))
+    g_v = grad_v.float()
+    grad_qkv = torch.cat((*grads, lambdas[0] * g_v), dim=-2).bfloat16()
+    grad_ve = (lambdas[1] * g_v).bfloat16().reshape(ve.shape) if ve is not None else qkv.new_empty(0)
+    dot_ve = (g_v * ve.float().view_as(g_v)).sum() if ve is not None else g_v.new_zeros(())
+    grad_lambdas = torch.stack([(g_v * x.chunk(3, dim=-2)[2]).sum(), dot_ve])
+    return grad_qkv, grad_ve, grad_lambdas.bfloat16().float()  # bf16, as autograd makes it from bf16 products
+
+
+@qkv_prep_grad.register_kernel("cuda")
+def _(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, qkv: Tensor, ve: Tensor | None, lambdas: Tensor,
+      cos: Tensor, sin: Tensor):
+    B, T, H3, head_dim = qkv.shape
+    grad_qkv = torch.empty_like(qkv)
+    has_ve = ve is not None
+    grad_ve = torch.empty_like(ve) if has_ve else qkv.new_empty(0)
+    qkv, ve = qkv.contiguous(), ve.contiguous() if has_ve else qkv
+    grid = triton.cdiv(B * T, QKV_ROWS)
+    partial = lambdas.new_empty(grid, 2)  # each program's share of the lambdas' gradient
+    grads = [g if g.stride(-1) == 1 else g.contiguous() for g in (grad_q, grad_k, grad_v)]
+    strides = [s for g in grads for s in (g.stride(0), g.stride(1), g.stride(2))]
+    _qkv_prep_grad_kernel[(grid,)](*grads, *strides, qkv, ve, lambdas, cos, sin, grad_qkv, grad_ve if has_ve else qkv,
+                                   partial, B * T, T, has_ve, H3 // 3, head_dim, QKV_ROWS, num_warps=QKV_WARPS)
+    return grad_qkv, grad_ve, partial.sum(0).bfloat16().float()
+
+
+@qkv_prep_grad.register_fake
+def _(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, qkv: Tensor, ve: Tensor | None, lambdas: Tensor,
+      cos: Tensor, sin: Tensor):
+    return torch.empty_like(qkv), torch.empty_like(ve) if ve is not None else qkv.new_empty(0), lambdas.new_empty(2)
+
+
+QKV_ROWS, QKV_WARPS = 16, 4  # tokens a program, and its warps
+
+if triton is not None:
+    @triton.jit
+    def _qk_rows(qkv, rows, head, HD: tl.constexpr, H3: tl.constexpr):
+        """The two halves of head `head` of qkv's rows, float32, and their rsqrt(mean square + eps)."""
+        half = tl.arange(0, HD // 2)[None, :]
+        at = qkv + rows.to(tl.int64)[:, None] * (H3 * HD) + head * HD + half
+        x1, x2 = tl.load(at).to(tl.float32), tl.load(at + HD // 2).to(tl.float32)
+        rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / HD + 1.1920928955078125e-07)
+        return x1, x2, rstd[:, None]
+
+    @triton.jit
+    def _qkv_prep_kernel(qkv, ve, lambdas, cos, sin, q, k, v, n, T, HAS_VE: tl.constexpr, H: tl.constexpr,
+                         HD: tl.constexpr, ROWS: tl.constexpr):
+        # ROWS tokens, all heads: q and k normed and rotated, v = lambdas[0] v + lambdas[1] ve
+        rows = tl.minimum(tl.program_id(0) * ROWS + tl.arange(0, ROWS), n - 1)  # the last rows are done twice
+        half = tl.arange(0, HD // 2)[None, :]
+        table = (rows % T)[:, None] * (HD // 2) + half
+        c, s = tl.load(cos + table), tl.load(sin + table)
+        out_rows = rows.to(tl.int64)[:, None] * (H * HD)
+        for head in tl.static_range(2 * H):  # the heads of q, then those of k
+            x1, x2, rstd = _qk_rows(qkv, rows, head, HD, 3 * H)
+            x1, x2 = x1 * rstd, x2 * rstd
+            out = (q if head < H else k) + out_rows + (head % H) * HD + half
+            tl.store(out, (x1 * c + x2 * s).to(tl.bfloat16))
+            tl.store(out + HD // 2, (x2 * c - x1 * s).to(tl.bfloat16))
+        cols = tl.arange(0, HD)[None, :]
+        l0, l1 = tl.load(lambdas), tl.load(lambdas + 1)
+        for head in tl.static_range(H):
+            y = l0 * tl.load(qkv + rows.to(tl.int64)[:, None] * (3 * H * HD) + (2 * H + head) * HD + cols).to(
+                tl.float32)
+            if HAS_VE:
+                y += l1 * tl.load(ve + out_rows + head * HD + cols).to(tl.float32)
+            tl.store(v + out_rows + head * HD + cols, y.to(tl.bfloat16))
+
+    @triton.jit
+    def _qkv_prep_grad_kernel(grad_q, grad_k, grad_v, gq_b, gq_t, gq_h, gk_b, gk_t, gk_h, gv_b, gv_t, gv_h, qkv, ve,
+                              lambdas, cos, sin, grad_qkv, grad_ve, partial, n, T, HAS_VE: tl.constexpr,
+                              H: tl.constexpr, HD: tl.constexpr, ROWS: tl.constexpr):
+        # ROWS tokens, all heads: the gradients of q, k, v (strided (B, T, H, HD)) -> those of qkv and ve, and
+        # this program's sums for the lambdas' gradient
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        valid = rows < n
+        rows = tl.minimum(rows, n - 1)  # the last rows are done twice, their sums counted once
+        b, t = rows // T, rows % T
+        half = tl.arange(0, HD // 2)[None, :]
+        table = t[:, None] * (HD // 2) + half
+        c, s = tl.load(cos + table), tl.load(sin + table)
+        qkv_rows = rows.to(tl.int64)[:, None] * (3 * H * HD)
+        for head in tl.static_range(2 * H):
+            if head < H:
+                at = grad_q + b.to(tl.int64)[:, None] * gq_b + t[:, None] * gq_t + head * gq_h + half
+            else:
+                at = grad_k + b.to(tl.int64)[:, None] * gk_b + t[:, None] * gk_t + (head - H) * gk_h + half
+            g1, g2 = tl.load(at).to(tl.float32), tl.load(at + HD // 2).to(tl.float32)
+            d1, d2 = g1 * c - g2 * s, g1 * s + g2 * c  # the gradient of the normed halves: the inverse rotation
+            x1, x2, rstd = _qk_rows(qkv, rows, head, HD, 3 * H)
+            x1, x2 = x1 * rstd, x2 * rstd
+            mean_dot = ((tl.sum(d1 * x1, axis=1) + tl.sum(d2 * x2, axis=1)) / HD)[:, None]
+            out = grad_qkv + qkv_rows + head * HD + half
+            tl.store(out, (rstd * (d1 - x1 * mean_dot)).to(tl.bfloat16))
+            tl.store(out + HD // 2, (rstd * (d2 - x2 * mean_dot)).to(tl.bfloat16))
+        cols = tl.arange(0, HD)[None, :]
+        l0, l1 = tl.load(lambdas), tl.load(lambdas + 1)
+        dot_v = tl.zeros((ROWS, HD), dtype=tl.float32)
+        dot_ve = tl.zeros((ROWS, HD), dtype=tl.float32)
+        for head in tl.static_range(H):
+            g = tl.load(grad_v + b.to(tl.int64)[:, None] * gv_b + t[:, None] * gv_t + head * gv_h + cols).to(
+                tl.float32)
+            at = qkv_rows + (2 * H + head) * HD + cols
+            dot_v += tl.where(valid[:, None], g * tl.load(qkv + at).to(tl.float32), 0.0)
+            tl.store(grad_qkv + at, (l0 * g).to(tl.bfloat16))
+            if HAS_VE:
+                at_ve = rows.to(tl.int64)[:, None] * (H * HD) + head * HD + cols
+                dot_ve += tl.where(valid[:, None], g * tl.load(ve + at_ve).to(tl.float32), 0.0)
+                tl.store(grad_ve + at_ve, (l1 * g).to(tl.bfloat16))
+        tl.store(partial + 2 * tl.program_id(0), tl.sum(tl.sum(dot_v, axis=1), axis=0))
+        tl.store(partial + 2 * tl.program_id(0) + 1, tl.sum(tl.sum(dot_ve, axis=1), axis=0))
 
 
 # --- relu2_mlp: the MLP's two matmuls that have elementwise work beside them, each one Triton matmul on Hopper

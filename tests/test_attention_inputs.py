@@ -1,0 +1,90 @@
+"""attention_inputs (QK norm, rotary and the value mix) through its fused ops, speedrun::qkv_prep and
+speedrun::qkv_prep_grad in FusedAttentionInputs, against the plain path, attention_inputs_reference through
+autograd:
+- both ops pass torch.library.opcheck;
+- q, k, v and the gradients of qkv, ve and the lambdas are as close to float64 math as the plain path's are, with
+  and without a value embedding, for gradients in the strided layout that attention's backward gives, and for a
+  token count that is not a multiple of the kernels' row block. On the CPU the ops run their reference bodies; on a
+  CUDA GPU their Triton kernels;
+- a GPT with the fused ops gives the plain GPT's loss."""
+import pytest
+import torch
+
+import train_gpt
+from train_gpt import Rotary, attention_inputs, qkv_prep, qkv_prep_grad
+
+
+def devices() -> list[str]:
+    return ["cpu"] + ["cuda"] * (torch.cuda.is_available() and train_gpt.triton is not None)
+
+
+def inputs(device: str, T: int, H: int = 2, head_dim: int = 128, with_ve: bool = True, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    qkv = (3 * torch.randn(1, T, 3 * H, head_dim, generator=gen)).bfloat16()
+    ve = torch.randn(T, H * head_dim, generator=gen).bfloat16() if with_ve else None
+    lambdas = torch.tensor([0.7, 0.4])
+    grads = [torch.randn(1, T, H, head_dim, generator=gen).bfloat16() for _ in range(3)]
+    rotary = Rotary(head_dim, max_seq_len=2 * T)
+    move = lambda t: t.to(device) if t is not None else None
+    return [move(t) for t in (qkv, ve, lambdas)], [move(g) for g in grads], rotary.to(device)
+
+
+def run(qkv, ve, lambdas, grads, rotary, fused: bool, monkeypatch, strided_grads: bool = False):
+    """q, k, v and the gradients of qkv, ve and lambdas from one forward and backward."""
+    monkeypatch.setattr(train_gpt.KERNELS, "fused_qkv", fused)
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (qkv, ve, lambdas)]
+    outs = attention_inputs(*leaves, rotary)
+    if strided_grads:  # FlexAttention's backward gives (B, H, T, head_dim) gradients, seen as (B, T, H, head_dim)
+        grads = [g.transpose(1, 2).contiguous().transpose(1, 2) for g in grads]
+    torch.autograd.backward(outs, grads)
+    return [t.detach() for t in outs] + [t.grad for t in leaves if t is not None]
+
+
+def float64_truth(qkv, ve, lambdas, grads, rotary, monkeypatch):
+    rotary64 = Rotary(qkv.size(-1), rotary.cos.size(0)).double().to(qkv.device)
+    rotary64.cos, rotary64.sin = rotary.cos.double(), rotary.sin.double()
+    args = [t.double() if t is not None else None for t in (qkv, ve, lambdas)]
+    return run(*args, [g.double() for g in grads], rotary64, fused=False, monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_ops_pass_opcheck(device):
+    (qkv, ve, lambdas), grads, rotary = inputs(device, T=48)
+    cos, sin = rotary.cos[:48], rotary.sin[:48]
+    for v_embed in (ve, None):
+        torch.library.opcheck(qkv_prep, (qkv, v_embed, lambdas, cos, sin))
+        torch.library.opcheck(qkv_prep_grad, (*grads, qkv, v_embed, lambdas, cos, sin))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("with_ve", [True, False])
+@pytest.mark.parametrize("strided_grads", [False, True])
+def test_fused_is_as_close_to_float64_as_the_plain_path(device, with_ve, strided_grads, monkeypatch):
+    (qkv, ve, lambdas), grads, rotary = inputs(device, T=200, with_ve=with_ve)
+    truth = float64_truth(qkv, ve, lambdas, grads, rotary, monkeypatch)
+    plain = run(qkv, ve, lambdas, grads, rotary, False, monkeypatch, strided_grads)
+    fused = run(qkv, ve, lambdas, grads, rotary, True, monkeypatch, strided_grads)
+    names = ["q", "k", "v", "grad_qkv"] + ["grad_ve"] * with_ve + ["grad_lambdas"]
+    for name, got, expected, exact in zip(names, fused, plain, truth):
+        assert got.dtype == expected.dtype and got.shape == expected.shape, name
+        fused_err, plain_err = ((t.double() - exact).abs().max().item() for t in (got, expected))
+        # the plain path rounds to bf16 between its steps, the fused ops once: they are at least as close
+        assert fused_err <= plain_err * 1.01 + 1e-12, f"{name}: {fused_err:.3e}, the plain path {plain_err:.3e}"
+
+
+def test_fused_gpt_matches_the_plain_gpt(monkeypatch):
+    def loss(fused: bool):
+        monkeypatch.setattr(train_gpt.KERNELS, "fused_qkv", fused)
+        torch.manual_seed(0)
+        model = train_gpt.GPT(vocab_size=128, num_layers=2, num_heads=2, model_dim=64, max_seq_len=256)
+        torch.nn.init.normal_(model.lm_head.weight, std=0.1)  # not its zero init, so that the loss moves
+        tokens = torch.randint(0, 128, (257,), generator=torch.Generator().manual_seed(1))
+        return model(tokens[:-1], tokens[1:], torch.tensor(2)).item()
+
+    assert loss(True) == pytest.approx(loss(False), abs=1e-3)
+
+
+def test_fused_qkv_is_off_on_the_cpu():
+    args = train_gpt.Hyperparameters()
+    train_gpt.choose_kernels(args, torch.device("cpu"))
+    assert not train_gpt.KERNELS.fused_qkv
