@@ -248,6 +248,13 @@ class CastedLinear(nn.Linear):
         return F.linear(x, self.weight.type_as(x))
 
 
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The rotary rotation of x (B, T, H, head_dim) by cos, sin (T, head_dim / 2); rotate(x, cos, -sin) undoes it."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
 class Rotary(nn.Module):
     """Half-truncated rotary embedding (by @YouJiacheng): 32 of the 64 frequency pairs of a 128-wide head
     rotate, with angular frequency (1/1024)^(j/31); the other 32 have frequency 0 and pass through."""
@@ -261,9 +268,7 @@ class Rotary(nn.Module):
         self.sin = nn.Buffer(theta.sin(), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, T, H, head_dim)
-        cos, sin = self.cos[None, :x.size(-3), None, :], self.sin[None, :x.size(-3), None, :]
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
+        return rotate(x.float(), self.cos[:x.size(-3)], self.sin[:x.size(-3)]).type_as(x)
 
 
 class CausalSelfAttention(nn.Module):
@@ -1188,9 +1193,9 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask) -> Ten
 
 
 # --- attention_inputs: QK norm, rotary and the value mix, one Triton kernel each way on a CUDA GPU
-# Compiled, the plain path is two inductor kernels that reach about 60% of the memory bandwidth; the kernels here
-# read qkv once and write q, k, v once (backward: read the three gradients and qkv, write the gradient of qkv).
-# Rounding: from float32 to bf16 once at the end, as inductor rounds when it fuses the plain path's steps.
+# Compiled, the plain path is two inductor kernels that move these bytes more slowly: the kernels here read qkv
+# (and ve) once and write q, k, v once; the backward reads the three gradients and qkv once and writes the gradient
+# of qkv. Rounding: from float32 to bf16 once at the end, as inductor rounds when it fuses the plain path's steps.
 
 
 def attention_inputs(qkv: Tensor, ve: Tensor | None, lambdas: Tensor, rotary: Rotary) -> tuple[Tensor, Tensor, Tensor]:
@@ -1212,7 +1217,7 @@ def attention_inputs_reference(qkv: Tensor, ve: Tensor | None, lambdas: Tensor,
 
 
 class FusedAttentionInputs(torch.autograd.Function):
-    """attention_inputs with the two ops below; saves qkv and ve, which the plain path saves too."""
+    """attention_inputs with the two ops below; saves qkv and ve, and the backward recomputes the norms."""
 
     @staticmethod
     def forward(ctx, qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor):
@@ -1226,14 +1231,6 @@ class FusedAttentionInputs(torch.autograd.Function):
         return grad_qkv, grad_ve if ve is not None else None, grad_lambdas, None, None
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary's rotation of x (B, T, H, head_dim) float32 by cos, sin (T, head_dim / 2); its inverse is
-    _rotate(x, cos, -sin)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
-
-
 @torch.library.custom_op("speedrun::qkv_prep", mutates_args=())
 def qkv_prep(qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
              sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -1242,7 +1239,7 @@ def qkv_prep(qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
     kernel runs instead."""
     x = qkv.float()
     q, k, v = x.chunk(3, dim=-2)
-    q, k = (_rotate(F.rms_norm(t, (t.size(-1),)), cos, sin).bfloat16() for t in (q, k))
+    q, k = (rotate(F.rms_norm(t, (t.size(-1),)), cos, sin).bfloat16() for t in (q, k))
     v = lambdas[0] * v + (lambdas[1] * ve.float().view_as(v) if ve is not None else 0)
     return q, k, v.bfloat16()
 
@@ -1273,7 +1270,7 @@ def qkv_prep_grad(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, qkv: Tensor, v
     grads = []
     for grad, t in zip((grad_q, grad_k), x.chunk(3, dim=-2)[:2]):
         rstd = torch.rsqrt(t.square().mean(-1, keepdim=True) + torch.finfo(torch.float32).eps)
-        grad_normed, normed = _rotate(grad.float(), cos, -sin), t * rstd
+        grad_normed, normed = rotate(grad.float(), cos, -sin), t * rstd
         grads.append(rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True)))
     g_v = grad_v.float()
     grad_qkv = torch.cat((*grads, lambdas[0] * g_v), dim=-2).bfloat16()
