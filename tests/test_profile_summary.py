@@ -1,6 +1,6 @@
 """tools/profile_summary.py: kernels fall in the right categories (train_gpt's own Triton kernels by name, the
-fused MLP's among them), phase spans and non-kernel rows are kept out of the sums, and the step time comes from
-the log's profiled steps."""
+fused MLP's and the attention inputs' among them), phase spans and non-kernel rows are kept out of the sums, and
+the step time comes from the log's profiled steps."""
 import sys
 from pathlib import Path
 
@@ -24,6 +24,9 @@ from profile_summary import category  # noqa: E402
      "lm_head loss: soft cap, cross entropy, FP8 casts"),
     ("triton_poi_fused__unsafe_view_pow_relu_15", "ReLU^2"),
     ("_matmul_relu2_kernel", "MLP matmuls with ReLU^2 (Triton)"),  # train_gpt's fused MLP, not "other"
+    ("_qkv_prep_grad_kernel", "RMS norms, rotary, residuals"),
+    ("triton_per_fused__fused_rms_norm__fused_rms_norm_backward_add_matmul_relu2_grad_mul_select_view_8",
+     "RMS norms, rotary, residuals"),  # a norm's backward, named after the fused MLP's op beside it
     ("ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)", profile_summary.COMMUNICATION),
     ("nccl:all_reduce", None),
     ("forward_backward", None),

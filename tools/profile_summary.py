@@ -6,9 +6,10 @@ Usage:
 Reads the log (for the measured time of the profiled steps) and the <run id>.profile.tsv beside it that
 train_gpt.py wrote. Every GPU kernel falls in one category by its name: cuBLAS matmuls by precision (the FP8
 ones are the lm_head's), FlexAttention's kernels, NCCL's, inductor's fused elementwise kernels by the ops they
-contain, and train_gpt.py's own Triton kernels (the lm_head loss's, the fused ReLU^2 MLP's) by name. The names
-are heuristics for this model, written for torch 2.11's kernels. NCCL runs on its own stream and may overlap the
-rest; "not covered" is the step time that no compute kernel fills: launch gaps and waits for communication.
+contain, and train_gpt.py's own Triton kernels (the lm_head loss's, the fused ReLU^2 MLP's, the attention
+inputs') by name. The names are heuristics for this model, written for torch 2.11's kernels. NCCL runs on its
+own stream and may overlap the rest; "not covered" is the step time that no compute kernel fills: launch gaps
+and waits for communication.
 Prints a markdown table, then the GPU spans of the annotated phases.
 """
 import re
@@ -38,13 +39,15 @@ def category(name: str) -> str | None:
         return "MLP matmuls with ReLU^2 (Triton)"
     if name in ("_lse_kernel", "_logit_grad_kernel") or "float8_copy" in name:  # train_gpt's Triton; eager casts
         return "lm_head loss: soft cap, cross entropy, FP8 casts"
+    if name.startswith("_qkv_prep"):  # train_gpt's QK norm, rotary and value mix, each way
+        return "RMS norms, rotary, residuals"
     if name.startswith("triton_"):
         if any(op in name for op in ("sigmoid", "log_softmax", "scaled_mm", "add_permute")):
             return "lm_head loss: soft cap, cross entropy, FP8 casts"
+        if "rms_norm" in name:  # before relu: a norm's backward fused after the fused MLP carries its op's name
+            return "RMS norms, rotary, residuals"
         if "relu" in name:
             return "ReLU^2"
-        if "rms_norm" in name:
-            return "RMS norms, rotary, residuals"
         return "other inductor kernels"
     if "multi_tensor_apply" in name or "adam" in name.lower():
         return "Adam"
@@ -88,6 +91,8 @@ def summary(log: Path) -> str:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] in (["-h"], ["--help"]):
+        sys.exit(print(__doc__))
     if len(sys.argv) != 2:
         sys.exit(__doc__)
     print(summary(Path(sys.argv[1])))
