@@ -1,11 +1,13 @@
 """Time of the training lm_head loss (speedrun::head_loss: matmuls, soft cap, cross entropy and both gradients)
 for one 64K-token sequence on this machine's first GPU, for the train_gpt.py given (this one by default). Run it
-on an old and a new version, one after the other: the inputs are the same, and so should the loss and norms be.
+on an old and a new version, one after the other: the inputs are the same, and so should the loss and norms be;
+the digest of the loss's and both gradients' bytes says whether they are the same bits.
 
 With --chunks=a,b,..., once for each HEAD_CHUNK listed; the memory column is the peak the head adds.
 
 Usage: python benchmarks/head_loss_bench.py [path/to/train_gpt.py] [--chunks=4096,8192]
 """
+import hashlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -41,8 +43,11 @@ def main():
         loss, grad_x, grad_w = op(x, w, targets, True)
         added_mib = (torch.cuda.max_memory_allocated() - before) // 2**20
         ms = median_ms(lambda: op(x, w, targets, True), reps=20)
+        digest = hashlib.sha256(b"".join(t.view(torch.uint8).cpu().numpy().tobytes() for t in (loss[None], grad_x,
+                                                                                              grad_w)))
         print(f"{ms:8.3f} ms  loss {loss.item():.6f}  |grad_x| {grad_x.float().norm().item():.6e}  "
-              f"|grad_w| {grad_w.norm().item():.6e}  {path.name}  chunk {chunk}  +{added_mib} MiB", flush=True)
+              f"|grad_w| {grad_w.norm().item():.6e}  bits {digest.hexdigest()[:12]}  {path.name}  chunk {chunk}  "
+              f"+{added_mib} MiB", flush=True)
 
 
 if __name__ == "__main__":
