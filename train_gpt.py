@@ -1241,7 +1241,7 @@ def qkv_prep(qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
     q, k, v = x.chunk(3, dim=-2)
     q, k = (rotate(F.rms_norm(t, (t.size(-1),)), cos, sin).bfloat16() for t in (q, k))
     v = lambdas[0] * v + (lambdas[1] * ve.float().view_as(v) if ve is not None else 0)
-    return q, k, v.bfloat16()
+    return q.contiguous(), k.contiguous(), v.bfloat16().contiguous()
 
 
 @qkv_prep.register_kernel("cuda")
@@ -1273,7 +1273,7 @@ def qkv_prep_grad(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, qkv: Tensor, v
         grad_normed, normed = rotate(grad.float(), cos, -sin), t * rstd
         grads.append(rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True)))
     g_v = grad_v.float()
-    grad_qkv = torch.cat((*grads, lambdas[0] * g_v), dim=-2).bfloat16()
+    grad_qkv = torch.cat((*grads, lambdas[0] * g_v), dim=-2).bfloat16().contiguous()
     grad_ve = (lambdas[1] * g_v).bfloat16().reshape(ve.shape) if ve is not None else qkv.new_empty(0)
     dot_ve = (g_v * ve.float().view_as(g_v)).sum() if ve is not None else g_v.new_zeros(())
     grad_lambdas = torch.stack([(g_v * x.chunk(3, dim=-2)[2]).sum(), dot_ve])
@@ -1284,9 +1284,8 @@ def qkv_prep_grad(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, qkv: Tensor, v
 def _(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, qkv: Tensor, ve: Tensor | None, lambdas: Tensor,
       cos: Tensor, sin: Tensor):
     B, T, H3, head_dim = qkv.shape
-    grad_qkv = torch.empty_like(qkv)
     has_ve = ve is not None
-    grad_ve = torch.empty_like(ve) if has_ve else qkv.new_empty(0)
+    grad_qkv, grad_ve = qkv.new_empty(qkv.shape), ve.new_empty(ve.shape) if has_ve else qkv.new_empty(0)
     qkv, ve = qkv.contiguous(), ve.contiguous() if has_ve else qkv
     grid = triton.cdiv(B * T, QKV_ROWS)
     partial = lambdas.new_empty(grid, 2)  # each program's share of the lambdas' gradient
@@ -1300,7 +1299,8 @@ def _(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, qkv: Tensor, ve: Tensor | 
 @qkv_prep_grad.register_fake
 def _(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, qkv: Tensor, ve: Tensor | None, lambdas: Tensor,
       cos: Tensor, sin: Tensor):
-    return torch.empty_like(qkv), torch.empty_like(ve) if ve is not None else qkv.new_empty(0), lambdas.new_empty(2)
+    grad_ve = ve.new_empty(ve.shape) if ve is not None else qkv.new_empty(0)
+    return qkv.new_empty(qkv.shape), grad_ve, lambdas.new_empty(2)
 
 
 QKV_ROWS, QKV_WARPS = 16, 4  # tokens a program, and its warps

@@ -1,7 +1,7 @@
 """attention_inputs (QK norm, rotary and the value mix) through its fused ops, speedrun::qkv_prep and
 speedrun::qkv_prep_grad in FusedAttentionInputs, against the plain path, attention_inputs_reference through
 autograd:
-- both ops pass torch.library.opcheck;
+- both ops pass torch.library.opcheck, also for a qkv that is not contiguous;
 - q, k, v and the gradients of qkv, ve and the lambdas are as close to float64 math as the plain path's are, with
   and without a value embedding, for gradients in the strided layout that attention's backward gives, and for a
   token count that is not a multiple of the kernels' row block. On the CPU the ops run their reference bodies; on a
@@ -51,9 +51,10 @@ def float64_truth(qkv, ve, lambdas, grads, rotary, monkeypatch):
 def test_ops_pass_opcheck(device):
     (qkv, ve, lambdas), grads, rotary = inputs(device, T=48)
     cos, sin = rotary.cos[:48], rotary.sin[:48]
-    for v_embed in (ve, None):
-        torch.library.opcheck(qkv_prep, (qkv, v_embed, lambdas, cos, sin))
-        torch.library.opcheck(qkv_prep_grad, (*grads, qkv, v_embed, lambdas, cos, sin))
+    permuted = qkv.transpose(1, 2).contiguous().transpose(1, 2)  # the same values, not contiguous
+    for qkv_in, v_embed in [(qkv, ve), (qkv, None), (permuted, ve)]:
+        torch.library.opcheck(qkv_prep, (qkv_in, v_embed, lambdas, cos, sin))
+        torch.library.opcheck(qkv_prep_grad, (*grads, qkv_in, v_embed, lambdas, cos, sin))
 
 
 @pytest.mark.parametrize("device", devices())
