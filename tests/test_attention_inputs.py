@@ -25,8 +25,8 @@ def inputs(device: str, T: int, H: int = 2, head_dim: int = 128, with_ve: bool =
     lambdas = torch.tensor([0.7, 0.4])
     grads = [torch.randn(1, T, H, head_dim, generator=gen).bfloat16() for _ in range(3)]
     rotary = Rotary(head_dim, max_seq_len=2 * T)
-    move = lambda t: t.to(device) if t is not None else None
-    return [move(t) for t in (qkv, ve, lambdas)], [move(g) for g in grads], rotary.to(device)
+    tensors = [t.to(device) if t is not None else None for t in (qkv, ve, lambdas)]
+    return tensors, [g.to(device) for g in grads], rotary.to(device)
 
 
 def run(qkv, ve, lambdas, grads, rotary, fused: bool, monkeypatch, strided_grads: bool = False):
