@@ -1266,9 +1266,9 @@ def qkv_prep_grad(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, qkv: Tensor, v
                   cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """attention_inputs' backward: the gradients of q, k, v -> those of qkv, of ve (empty without ve) and of
     lambdas. This body is the reference; on CUDA the Triton kernel runs instead."""
-    x = qkv.float()
+    q, k, v = qkv.float().chunk(3, dim=-2)
     grads = []
-    for grad, t in zip((grad_q, grad_k), x.chunk(3, dim=-2)[:2]):
+    for grad, t in zip((grad_q, grad_k), (q, k)):
         rstd = torch.rsqrt(t.square().mean(-1, keepdim=True) + torch.finfo(torch.float32).eps)
         grad_normed, normed = rotate(grad.float(), cos, -sin), t * rstd
         grads.append(rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True)))
@@ -1276,7 +1276,7 @@ def qkv_prep_grad(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, qkv: Tensor, v
     grad_qkv = torch.cat((*grads, lambdas[0] * g_v), dim=-2).bfloat16().contiguous()
     grad_ve = (lambdas[1] * g_v).bfloat16().reshape(ve.shape) if ve is not None else qkv.new_empty(0)
     dot_ve = (g_v * ve.float().view_as(g_v)).sum() if ve is not None else g_v.new_zeros(())
-    grad_lambdas = torch.stack([(g_v * x.chunk(3, dim=-2)[2]).sum(), dot_ve])
+    grad_lambdas = torch.stack([(g_v * v).sum(), dot_ve])
     return grad_qkv, grad_ve, grad_lambdas.bfloat16().float()  # bf16, as autograd makes it from bf16 products
 
 
