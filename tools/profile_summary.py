@@ -92,7 +92,8 @@ def summary(log: Path) -> str:
 
 if __name__ == "__main__":
     if sys.argv[1:] in (["-h"], ["--help"]):
-        sys.exit(print(__doc__))
+        print(__doc__)
+        sys.exit(0)
     if len(sys.argv) != 2:
         sys.exit(__doc__)
     print(summary(Path(sys.argv[1])))
