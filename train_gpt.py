@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from typing import NamedTuple
 
 if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
     # Answered before the imports below, which take seconds: the launch lines above and the Hyperparameters
@@ -97,6 +98,7 @@ class Hyperparameters:
     fp8_head: bool = True  # FP8 lm_head matmul in training where the GPU has FP8 (compute capability >= 8.9)
     fused_mlp: bool = True  # the MLP's matmuls as Triton kernels with ReLU^2 in them, on Hopper or newer; same bits
     fused_qkv: bool = True  # QK norm, rotary and the value mix as one Triton kernel each way, on a CUDA GPU
+    fused_attention: bool = True  # the windowed attention as Triton kernels on Hopper or newer; else FlexAttention
     compile: bool = True  # torch.compile the model and Newton-Schulz
     coordinate_descent_tuning: bool = False  # inductor autotuning as in the record: many minutes more compile
     warmup_steps: int = 2  # untimed steps on dummy data that compile everything; then the state is restored
@@ -119,8 +121,8 @@ PRESETS = {
     ),
 }
 # Fields that only say how a run is carried out: a checkpoint may be resumed with other values for them.
-RUN_FIELDS = {"fused_mlp", "fused_qkv", "compile", "coordinate_descent_tuning", "warmup_steps", "tag",
-              "checkpoint_every", "checkpoint_dir", "resume", "profile_at", "preset"}
+RUN_FIELDS = {"fused_mlp", "fused_qkv", "fused_attention", "compile", "coordinate_descent_tuning", "warmup_steps",
+              "tag", "checkpoint_every", "checkpoint_dir", "resume", "profile_at", "preset"}
 # Of those, what a resumed run takes from its checkpoint unless the command line sets it: it goes on as it was.
 RESUMED_FIELDS = ("checkpoint_every", "checkpoint_dir", "tag")
 
@@ -282,12 +284,11 @@ class CausalSelfAttention(nn.Module):
         self.rotary = Rotary(self.head_dim, max_seq_len)
         self.c_proj = CastedLinear(dim, dim, zero_init=True)
 
-    def forward(self, x: Tensor, ve: Tensor | None, mask: BlockMask) -> Tensor:
+    def forward(self, x: Tensor, ve: Tensor | None, mask: "BlockMask | DocumentWindows") -> Tensor:
         B, T, D = x.shape
         qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).type_as(x)).view(B, T, 3 * self.num_heads, self.head_dim)
         q, k, v = attention_inputs(qkv, ve, self.lambdas, self.rotary)
-        y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, D))
+        return self.c_proj(attention(q, k, v, mask).reshape(B, T, D))
 
 
 class MLP(nn.Module):
@@ -307,7 +308,7 @@ class Block(nn.Module):
         self.mlp = MLP(dim)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # mix of the residual stream and x0
 
-    def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, mask: BlockMask) -> Tensor:
+    def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, mask: "BlockMask | DocumentWindows") -> Tensor:
         x = self.lambdas[0] * x + self.lambdas[1] * x0
         if self.attn is not None:
             x = x + self.attn(norm(x), ve, mask)
@@ -340,7 +341,7 @@ class GPT(nn.Module):
         num_layers, half = len(self.blocks), len(self.skip_weights)
         ve = [embed(input_seq) for embed in self.value_embeds]
         ve = ve + [None] * (num_layers - 2 * len(ve)) + ve
-        long_mask, short_mask = block_masks(document_ids(input_seq, self.eot_token), window_blocks)
+        long_mask, short_mask = attention_masks(document_ids(input_seq, self.eot_token), window_blocks)
         pattern = (LONG_WINDOW_LAYERS * half)[:half]
         masks = [long_mask if is_long else short_mask for is_long in pattern + pattern[::-1]]
 
@@ -416,6 +417,34 @@ def block_masks(docs: Tensor, window_blocks: Tensor) -> tuple[BlockMask, BlockMa
                                         full_idx[None, None], BLOCK_SIZE=BLOCK_SIZE, mask_mod=document_causal)
 
     return build(window_blocks), build(window_blocks // 2)
+
+
+# The same masks as one range of keys a query. A query block i keeps the key blocks i-w+1 .. i (w at least 1) that
+# share a document with it, document-causal inside them; documents being contiguous, query q sees the keys k with
+#     max(start(q), 128 (i - w + 1)) <= k <= q,    start(q) the first token of q's document.
+# tests/test_attention.py checks this against the block masks for every window of the schedule.
+
+
+class DocumentWindows(NamedTuple):
+    """A long or short mask as the kernels take it: per token the first token of its document (starts) and the end
+    of that document (ends, exclusive), int32 (T,); the window in blocks, a 0-d int32 tensor."""
+    starts: Tensor
+    ends: Tensor
+    window_blocks: Tensor
+
+
+def document_windows(docs: Tensor, window_blocks: Tensor) -> tuple[DocumentWindows, DocumentWindows]:
+    """block_masks' long and short masks as DocumentWindows."""
+    starts = torch.searchsorted(docs, docs, out_int32=True)  # docs are sorted: the first index of each id
+    ends = torch.searchsorted(docs, docs, right=True, out_int32=True)
+    return DocumentWindows(starts, ends, window_blocks), DocumentWindows(starts, ends, window_blocks // 2)
+
+
+def window_dense_mask(starts: Tensor, window_blocks: Tensor) -> Tensor:
+    """The kernels' rule as a (T, T) bool matrix: query q sees max(start(q), 128 (q // 128 - w + 1)) <= k <= q."""
+    pos = torch.arange(len(starts), device=starts.device)
+    first = torch.maximum(starts, (pos // BLOCK_SIZE - window_blocks.clamp_min(1) + 1) * BLOCK_SIZE)
+    return (pos[None, :] >= first[:, None]) & (pos[None, :] <= pos[:, None])
 
 
 def window_blocks_at(step: int, args: Hyperparameters) -> int:
@@ -1121,6 +1150,7 @@ class Kernels:
     fp8_head: bool = False  # the lm_head's training matmuls in FP8
     fused_mlp: bool = False  # the MLP's Triton matmuls with ReLU^2 in their epilogues
     fused_qkv: bool = False  # QK norm, rotary and the value mix as Triton kernels
+    fused_attention: bool = False  # the windowed attention as Triton kernels, on DocumentWindows masks
 
 
 KERNELS = Kernels()
@@ -1136,8 +1166,9 @@ def fp8_available(device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
-def fused_mlp_available(device: torch.device) -> tuple[bool, str]:
-    """Whether the MLP's Triton matmuls can run here (they load through Hopper's tensor memory accelerator)."""
+def triton_on_hopper(device: torch.device) -> tuple[bool, str]:
+    """Whether the Triton kernels written for Hopper can run here: the MLP's matmuls load through its tensor memory
+    accelerator; the attention kernels were tuned and tested on it."""
     if device.type != "cuda":
         return False, f"no Triton on {device.type}"
     major, minor = torch.cuda.get_device_capability(device)
@@ -1155,30 +1186,46 @@ def choose_kernels(args: Hyperparameters, device: torch.device) -> list[str]:
     fp8, why_not = fp8_available(device)
     if args.fp8_head and not fp8:
         lines.append(f"fp8 head: off ({why_not}); the lm_head runs in bf16")
-    fused, why_not = fused_mlp_available(device)
-    if args.fused_mlp and device.type == "cuda" and not fused:
+    hopper, why_not = triton_on_hopper(device)
+    if args.fused_mlp and device.type == "cuda" and not hopper:
         lines.append(f"fused MLP: off ({why_not}); its matmuls and ReLU^2 run as torch.compile makes them")
+    if args.fused_attention and device.type == "cuda" and not hopper:
+        lines.append(f"fused attention: off ({why_not}); FlexAttention runs it")
     if args.fused_qkv and device.type == "cuda" and triton is None:
         lines.append("fused qkv: off (Triton is not installed); QK norm, rotary and the value mix run as torch.compile "
                      "makes them")
-    KERNELS.fp8_head, KERNELS.fused_mlp = args.fp8_head and fp8, args.fused_mlp and fused
+    KERNELS.fp8_head, KERNELS.fused_mlp = args.fp8_head and fp8, args.fused_mlp and hopper
+    KERNELS.fused_attention = args.fused_attention and hopper
     KERNELS.fused_qkv = args.fused_qkv and device.type == "cuda" and triton is not None
     return lines
 
 
-# --- attention: FlexAttention on the GPU (use of FlexAttention by @KoszarskyB), dense SDPA elsewhere
+# --- attention: on Hopper Triton kernels that walk each query tile's one range of keys (see document_windows) and
+# apply the mask only in the tiles at its ends, the diagonal and the one holding a document's start; elsewhere on
+# CUDA FlexAttention (its use by @KoszarskyB), which walks the block tables and is the kernels' reference; on the
+# CPU dense SDPA
+
+
+def attention_masks(docs: Tensor, window_blocks: Tensor) -> tuple[BlockMask, BlockMask] | tuple[DocumentWindows, ...]:
+    """The long and short masks of a sequence with document ids docs, in the form attention() takes on this run."""
+    return document_windows(docs, window_blocks) if KERNELS.fused_attention else block_masks(docs, window_blocks)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask | DocumentWindows) -> Tensor:
+    """Softmax attention of q, k, v (B, T, H, head_dim) under a mask, scaled by ATTENTION_SCALE -> (B, T, H,
+    head_dim)."""
+    if isinstance(mask, DocumentWindows):
+        return WindowAttention.apply(q, k, v, *mask)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # FlexAttention and SDPA take (B, H, T, head_dim)
+    if not q.is_cuda:  # FlexAttention has no backward on the CPU
+        return attention_reference(q, k, v, mask).transpose(1, 2)
+    attend = flex_attention if torch.compiler.is_compiling() else _flex_attention_compiled
+    return attend(q, k, v, block_mask=mask, scale=ATTENTION_SCALE).transpose(1, 2)
+
 
 # Uncompiled, flex_attention falls back to a reference implementation that applies mask_mod everywhere and ignores
 # the block tables, so the sliding windows would be lost: outside a compiled model it runs compiled on its own.
 _flex_attention_compiled = torch.compile(flex_attention, dynamic=False)
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask) -> Tensor:
-    """Softmax attention of q, k, v (B, H, T, head_dim) under a block mask, scaled by ATTENTION_SCALE."""
-    if not q.is_cuda:  # FlexAttention has no backward on the CPU
-        return attention_reference(q, k, v, mask)
-    attend = flex_attention if torch.compiler.is_compiling() else _flex_attention_compiled
-    return attend(q, k, v, block_mask=mask, scale=ATTENTION_SCALE)
 
 
 def dense_mask(mask: BlockMask) -> Tensor:
@@ -1190,6 +1237,253 @@ def dense_mask(mask: BlockMask) -> Tensor:
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(mask), scale=ATTENTION_SCALE)
+
+
+class WindowAttention(torch.autograd.Function):
+    """attention() under DocumentWindows with the two ops below; saves the output and its log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, starts: Tensor, ends: Tensor, window_blocks: Tensor):
+        out, lse = window_attention(q, k, v, starts, window_blocks)
+        ctx.save_for_backward(q, k, v, out, lse, starts, ends, window_blocks)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        grads = window_attention_grad(grad_out, *ctx.saved_tensors)
+        return *grads, None, None, None
+
+
+@torch.library.custom_op("speedrun::window_attention", mutates_args=())
+def window_attention(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, window_blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """q, k, v (1, T, H, head_dim) bf16 -> the output (1, T, H, head_dim) bf16 and the log-sum-exp of each query's
+    scores (H, T) float32, in base 2 (of the scores times log2(e)), as the backward takes it. This body is the
+    reference; on CUDA the Triton kernel runs instead."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * ATTENTION_SCALE
+    scores = scores.masked_fill(~window_dense_mask(starts, window_blocks), -math.inf)
+    out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.float())
+    return out.bfloat16().contiguous(), (scores.logsumexp(-1)[0] * LOG2E).contiguous()
+
+
+@window_attention.register_kernel("cuda")
+def _(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, window_blocks: Tensor):
+    return _window_attention_triton(q, k, v, starts, window_blocks)
+
+
+def _window_attention_triton(q: Tensor, k: Tensor, v: Tensor, starts: Tensor,
+                             window_blocks: Tensor) -> tuple[Tensor, Tensor]:
+    _, T, H, head_dim = q.shape
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    out, lse = torch.empty_like(q), q.new_empty(H, T, dtype=torch.float32)
+    block_m, block_n, warps, stages = ATTENTION_TILES["forward"]
+    _window_attention_kernel[(T // block_m, H)](q, k, v, out, lse, starts, window_blocks, T, ATTENTION_SCALE * LOG2E,
+                                                H, head_dim, BLOCK_SIZE, block_m, block_n, num_warps=warps,
+                                                num_stages=stages)
+    return out, lse
+
+
+@window_attention.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, window_blocks: Tensor):
+    return q.new_empty(q.shape), q.new_empty(q.size(2), q.size(1), dtype=torch.float32)
+
+
+@torch.library.custom_op("speedrun::window_attention_grad", mutates_args=())
+def window_attention_grad(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, starts: Tensor,
+                          ends: Tensor, window_blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """window_attention's backward: the gradient of the output -> those of q, k and v. This body is the reference;
+    on CUDA the Triton kernels run instead."""
+    q, k, v, grad_out = (t.float() for t in (q, k, v, grad_out))
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * ATTENTION_SCALE
+    p = scores.masked_fill(~window_dense_mask(starts, window_blocks), -math.inf).softmax(-1)
+    grad_p = torch.einsum("bqhd,bkhd->bhqk", grad_out, v)
+    grad_s = p * (grad_p - (grad_p * p).sum(-1, keepdim=True)) * ATTENTION_SCALE  # the softmax's backward
+    grads = (torch.einsum("bhqk,bkhd->bqhd", grad_s, k), torch.einsum("bhqk,bqhd->bkhd", grad_s, q),
+             torch.einsum("bhqk,bqhd->bkhd", p, grad_out))
+    return tuple(g.bfloat16().contiguous() for g in grads)
+
+
+@window_attention_grad.register_kernel("cuda")
+def _(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, starts: Tensor, ends: Tensor,
+      window_blocks: Tensor):
+    return _window_attention_grad_triton(grad_out, q, k, v, out, lse, starts, ends, window_blocks)
+
+
+def _window_attention_grad_triton(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                  starts: Tensor, ends: Tensor, window_blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    _, T, H, head_dim = q.shape
+    grad_out, q, k, v = (t.contiguous() for t in (grad_out, q, k, v))
+    delta = torch.empty_like(lse)  # per query: the sum of grad_out * out, the softmax's backward needs it
+    _attention_delta_kernel[(T // BLOCK_SIZE, H)](out, grad_out, delta, T, H, head_dim, BLOCK_SIZE)
+    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    block_m, block_n, warps, stages = ATTENTION_TILES["grad_kv"]
+    _window_attention_grad_kv_kernel[(T // block_n, H)](
+        q, k, v, grad_out, lse, delta, ends, window_blocks, grad_k, grad_v, T, ATTENTION_SCALE * LOG2E,
+        ATTENTION_SCALE, H, head_dim, BLOCK_SIZE, block_m, block_n, num_warps=warps, num_stages=stages)
+    block_m, block_n, warps, stages = ATTENTION_TILES["grad_q"]
+    _window_attention_grad_q_kernel[(T // block_m, H)](
+        q, k, v, grad_out, lse, delta, starts, window_blocks, grad_q, T, ATTENTION_SCALE * LOG2E, ATTENTION_SCALE,
+        H, head_dim, BLOCK_SIZE, block_m, block_n, num_warps=warps, num_stages=stages)
+    return grad_q, grad_k, grad_v
+
+
+@window_attention_grad.register_fake
+def _(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, starts: Tensor, ends: Tensor,
+      window_blocks: Tensor):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+LOG2E = math.log2(math.e)  # the kernels take exp2 of the scores times log2(e)
+# (query rows, key rows, warps, pipeline stages) of each kernel's tile. Query and key rows divide BLOCK_SIZE; the
+# key kernel's query rows divide its key rows, the query kernels' key rows their query rows
+ATTENTION_TILES = dict(forward=(64, 64, 4, 3), grad_kv=(64, 64, 4, 2), grad_q=(64, 64, 4, 2))
+
+if triton is not None:
+    @triton.jit
+    def _key_range(first_start, last_start, m0, window, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The keys of query tile m0 .. (first and last query's document starts given): lo .. m0 + tile, of which
+        lo .. unmasked need the mask (a document start in or before them), unmasked .. m0 need none."""
+        lo = tl.maximum((m0 // BLOCK - window + 1) * BLOCK, first_start // BLOCK_N * BLOCK_N)
+        unmasked = tl.minimum(tl.maximum(lo, tl.cdiv(last_start, BLOCK_N) * BLOCK_N), m0)
+        return lo, unmasked
+
+    @triton.jit
+    def _attend_tiles(acc, row_sum, row_max, q, k, v, rows, starts_q, lo, hi, qk_scale, H: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+        """The online softmax over key tiles lo .. hi (flash attention's forward, by Tri Dao)."""
+        cols, dims = tl.arange(0, BLOCK_N), tl.arange(0, HEAD_DIM)
+        for n in tl.range(lo, hi, BLOCK_N):
+            keys = n + cols
+            scores = tl.dot(q, tl.load(k + keys[None, :] * (H * HEAD_DIM) + dims[:, None])) * qk_scale
+            if MASKED:  # -1e6 rather than -inf: a row with no key in this tile yet stays finite, and its weights
+                # are zeroed by the first tile that has one
+                seen = (keys[None, :] >= starts_q[:, None]) & (keys[None, :] <= rows[:, None])
+                scores = tl.where(seen, scores, -1.0e6)
+            new_max = tl.maximum(row_max, tl.max(scores, 1))
+            p = tl.math.exp2(scores - new_max[:, None])
+            alpha = tl.math.exp2(row_max - new_max)
+            row_sum = row_sum * alpha + tl.sum(p, 1)
+            values = tl.load(v + keys[:, None] * (H * HEAD_DIM) + dims[None, :])
+            acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values)
+            row_max = new_max
+        return acc, row_sum, row_max
+
+    @triton.jit
+    def _window_attention_kernel(q, k, v, out, lse, starts, window_blocks, T, qk_scale, H: tl.constexpr,
+                                 HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                                 BLOCK_N: tl.constexpr):
+        # one tile of BLOCK_M queries of one head
+        m0, head = tl.program_id(0) * BLOCK_M, tl.program_id(1)
+        rows, dims = m0 + tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM)
+        q, k, v, out = q + head * HEAD_DIM, k + head * HEAD_DIM, v + head * HEAD_DIM, out + head * HEAD_DIM
+        q_tile = tl.load(q + rows[:, None] * (H * HEAD_DIM) + dims[None, :])
+        starts_q = tl.load(starts + rows)
+        window = tl.maximum(tl.load(window_blocks), 1)
+        lo, unmasked = _key_range(tl.load(starts + m0), tl.load(starts + m0 + BLOCK_M - 1), m0, window, BLOCK, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+        row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        row_max = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float32)
+        acc, row_sum, row_max = _attend_tiles(acc, row_sum, row_max, q_tile, k, v, rows, starts_q, lo, unmasked,
+                                              qk_scale, H, HEAD_DIM, BLOCK_N, True)
+        acc, row_sum, row_max = _attend_tiles(acc, row_sum, row_max, q_tile, k, v, rows, starts_q, unmasked, m0,
+                                              qk_scale, H, HEAD_DIM, BLOCK_N, False)
+        acc, row_sum, row_max = _attend_tiles(acc, row_sum, row_max, q_tile, k, v, rows, starts_q, m0, m0 + BLOCK_M,
+                                              qk_scale, H, HEAD_DIM, BLOCK_N, True)
+        tl.store(out + rows[:, None] * (H * HEAD_DIM) + dims[None, :], (acc / row_sum[:, None]).to(q_tile.dtype))
+        tl.store(lse + head * T + rows, row_max + tl.math.log2(row_sum))
+
+    @triton.jit
+    def _attention_delta_kernel(out, grad_out, delta, T, H: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
+        rows, head = tl.program_id(0) * ROWS + tl.arange(0, ROWS), tl.program_id(1)
+        at = rows[:, None] * (H * HEAD_DIM) + head * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+        products = tl.load(out + at).to(tl.float32) * tl.load(grad_out + at).to(tl.float32)
+        tl.store(delta + head * T + rows, tl.sum(products, 1))
+
+    @triton.jit
+    def _grad_kv_tiles(grad_k, grad_v, k_tile, v_tile, q, grad_out, lse, delta, keys, ends_k, lo, hi, qk_scale,
+                       H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
+        """The key tile's gradients from query tiles lo .. hi, with the scores transposed (keys x queries)."""
+        cols, dims = tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM)
+        for m in tl.range(lo, hi, BLOCK_M):
+            rows = m + cols
+            q_t = tl.load(q + rows[None, :] * (H * HEAD_DIM) + dims[:, None])
+            p_t = tl.math.exp2(tl.dot(k_tile, q_t) * qk_scale - tl.load(lse + rows)[None, :])
+            if MASKED:
+                p_t = tl.where((rows[None, :] >= keys[:, None]) & (rows[None, :] < ends_k[:, None]), p_t, 0.0)
+            grad_o = tl.load(grad_out + rows[:, None] * (H * HEAD_DIM) + dims[None, :])
+            grad_v += tl.dot(p_t.to(grad_o.dtype), grad_o)
+            grad_p_t = tl.dot(v_tile, tl.trans(grad_o))
+            grad_s_t = p_t * (grad_p_t - tl.load(delta + rows)[None, :])
+            grad_k += tl.dot(grad_s_t.to(q_t.dtype), tl.trans(q_t))
+        return grad_k, grad_v
+
+    @triton.jit
+    def _window_attention_grad_kv_kernel(q, k, v, grad_out, lse, delta, ends, window_blocks, grad_k, grad_v, T,
+                                         qk_scale, scale, H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+                                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # one tile of BLOCK_N keys of one head, over the queries that see them: from the tile itself to the end of
+        # the window or of its last key's document
+        n0, head = tl.program_id(0) * BLOCK_N, tl.program_id(1)
+        keys, dims = n0 + tl.arange(0, BLOCK_N), tl.arange(0, HEAD_DIM)
+        offset = head * HEAD_DIM
+        q, grad_out, lse, delta = q + offset, grad_out + offset, lse + head * T, delta + head * T
+        at = keys[:, None] * (H * HEAD_DIM) + offset + dims[None, :]
+        k_tile, v_tile = tl.load(k + at), tl.load(v + at)
+        ends_k = tl.load(ends + keys)
+        window = tl.maximum(tl.load(window_blocks), 1)
+        hi = tl.minimum(tl.minimum((n0 // BLOCK + window) * BLOCK, T), tl.cdiv(tl.load(ends + n0 + BLOCK_N - 1),
+                                                                             BLOCK_M) * BLOCK_M)
+        unmasked = tl.maximum(tl.minimum(hi, tl.load(ends + n0) // BLOCK_M * BLOCK_M), n0 + BLOCK_N)
+        grad_k_tile = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+        grad_v_tile = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+        grad_k_tile, grad_v_tile = _grad_kv_tiles(grad_k_tile, grad_v_tile, k_tile, v_tile, q, grad_out, lse, delta,
+                                                  keys, ends_k, n0, n0 + BLOCK_N, qk_scale, H, HEAD_DIM, BLOCK_M, True)
+        grad_k_tile, grad_v_tile = _grad_kv_tiles(grad_k_tile, grad_v_tile, k_tile, v_tile, q, grad_out, lse, delta,
+                                                  keys, ends_k, n0 + BLOCK_N, unmasked, qk_scale, H, HEAD_DIM, BLOCK_M,
+                                                  False)
+        grad_k_tile, grad_v_tile = _grad_kv_tiles(grad_k_tile, grad_v_tile, k_tile, v_tile, q, grad_out, lse, delta,
+                                                  keys, ends_k, unmasked, hi, qk_scale, H, HEAD_DIM, BLOCK_M, True)
+        tl.store(grad_k + at, (grad_k_tile * scale).to(k_tile.dtype))
+        tl.store(grad_v + at, grad_v_tile.to(k_tile.dtype))
+
+    @triton.jit
+    def _grad_q_tiles(grad_q, q_tile, grad_o, lse_q, delta_q, k, v, rows, starts_q, lo, hi, qk_scale, H: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+        """The query tile's gradient from key tiles lo .. hi."""
+        cols, dims = tl.arange(0, BLOCK_N), tl.arange(0, HEAD_DIM)
+        for n in tl.range(lo, hi, BLOCK_N):
+            keys = n + cols
+            k_t = tl.load(k + keys[None, :] * (H * HEAD_DIM) + dims[:, None])
+            p = tl.math.exp2(tl.dot(q_tile, k_t) * qk_scale - lse_q[:, None])
+            if MASKED:
+                p = tl.where((keys[None, :] >= starts_q[:, None]) & (keys[None, :] <= rows[:, None]), p, 0.0)
+            grad_p = tl.dot(grad_o, tl.load(v + keys[None, :] * (H * HEAD_DIM) + dims[:, None]))
+            grad_s = p * (grad_p - delta_q[:, None])
+            grad_q += tl.dot(grad_s.to(k_t.dtype), tl.trans(k_t))
+        return grad_q
+
+    @triton.jit
+    def _window_attention_grad_q_kernel(q, k, v, grad_out, lse, delta, starts, window_blocks, grad_q, T, qk_scale,
+                                        scale, H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+                                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # one tile of BLOCK_M queries of one head, over the keys it sees, as in the forward
+        m0, head = tl.program_id(0) * BLOCK_M, tl.program_id(1)
+        rows, dims = m0 + tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM)
+        offset = head * HEAD_DIM
+        k, v = k + offset, v + offset
+        at = rows[:, None] * (H * HEAD_DIM) + offset + dims[None, :]
+        q_tile, grad_o = tl.load(q + at), tl.load(grad_out + at)
+        lse_q, delta_q = tl.load(lse + head * T + rows), tl.load(delta + head * T + rows)
+        starts_q = tl.load(starts + rows)
+        window = tl.maximum(tl.load(window_blocks), 1)
+        lo, unmasked = _key_range(tl.load(starts + m0), tl.load(starts + m0 + BLOCK_M - 1), m0, window, BLOCK, BLOCK_N)
+        grad_q_tile = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+        grad_q_tile = _grad_q_tiles(grad_q_tile, q_tile, grad_o, lse_q, delta_q, k, v, rows, starts_q, lo, unmasked,
+                                    qk_scale, H, HEAD_DIM, BLOCK_N, True)
+        grad_q_tile = _grad_q_tiles(grad_q_tile, q_tile, grad_o, lse_q, delta_q, k, v, rows, starts_q, unmasked, m0,
+                                    qk_scale, H, HEAD_DIM, BLOCK_N, False)
+        grad_q_tile = _grad_q_tiles(grad_q_tile, q_tile, grad_o, lse_q, delta_q, k, v, rows, starts_q, m0,
+                                    m0 + BLOCK_M, qk_scale, H, HEAD_DIM, BLOCK_N, True)
+        tl.store(grad_q + at, (grad_q_tile * scale).to(q_tile.dtype))
 
 
 # --- attention_inputs: QK norm, rotary and the value mix, one Triton kernel each way on a CUDA GPU

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import train_gpt
-from train_gpt import MLP, fused_mlp_available, matmul_relu2, matmul_relu2_grad
+from train_gpt import MLP, matmul_relu2, matmul_relu2_grad, triton_on_hopper
 
 
 def devices() -> list[str]:
-    cuda = torch.cuda.is_available() and fused_mlp_available(torch.device("cuda"))[0]
+    cuda = torch.cuda.is_available() and triton_on_hopper(torch.device("cuda"))[0]
     return ["cpu"] + ["cuda"] * cuda
 
 
@@ -77,4 +77,4 @@ def test_fused_gpt_matches_the_plain_gpt(monkeypatch):
 
 
 def test_fused_mlp_is_off_without_hopper():
-    assert fused_mlp_available(torch.device("cpu")) == (False, "no Triton on cpu")
+    assert triton_on_hopper(torch.device("cpu")) == (False, "no Triton on cpu")

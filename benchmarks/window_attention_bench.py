@@ -1,0 +1,121 @@
+"""The windowed attention of one 64K-token sequence (6 heads of 128, bf16) on this machine's first GPU:
+FlexAttention with train_gpt.block_masks against train_gpt's Triton kernels with document_windows, both through
+train_gpt.attention compiled as in training. Documents of lognormal length (mean ~1000 tokens, as
+data/synthetic.py makes them).
+
+Prints, for every long window of the schedule (1..14 blocks), the GPU kernel time (torch.profiler) of the forward
+and of the backward, for the long mask and for the short one, and a step's worth for one sequence: 3 long and 8
+short layers (the 8th layer has none). Then the mean over the schedule's windows, which the run spends about
+equal steps in, and the largest difference between the two paths' outputs and gradients at the last window.
+With --forward=, --grad_kv=, --grad_q= (tiles as rows x keys x warps x stages, comma separated), first the time of
+that kernel alone at windows 7 and 14 for each tile; the comparison then uses the committed tiles.
+
+Usage: python benchmarks/window_attention_bench.py [--forward=128x64x8x3,...] [--grad_kv=...] [--grad_q=...]
+"""
+import sys
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt  # noqa: E402
+from attention_sweep import documents  # noqa: E402
+
+T, H, HEAD_DIM = 64 * 1024, 6, 128
+LONG_LAYERS, SHORT_LAYERS = 3, 8
+
+
+def kernel_times(fn, calls: int = 10) -> dict[str, float]:
+    """ms a call of fn by GPU kernel name, after a warm-up."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    times = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            times[e.name] = times.get(e.name, 0.0) + e.time_range.elapsed_us() / calls / 1e3
+    assert times, "the profiler saw no GPU kernel"
+    return times
+
+
+def tiles(name: str) -> list[tuple[int, ...]]:
+    given = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith(f"--{name}=")]
+    return [tuple(int(x) for x in t.split("x")) for t in given[-1].split(",")] if given else []
+
+
+def main():
+    docs = documents(T)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, T, H, HEAD_DIM, device="cuda", generator=gen).bfloat16().requires_grad_()
+               for _ in range(3))
+    grad = torch.randn(1, T, H, HEAD_DIM, device="cuda", generator=gen).bfloat16()
+    attend = torch.compile(train_gpt.attention, dynamic=False)
+
+    def masks(fused: bool, window: int):
+        w = torch.tensor(window, dtype=torch.int32, device="cuda")
+        return train_gpt.document_windows(docs, w) if fused else train_gpt.block_masks(docs, w)
+
+    def forward(mask):
+        with torch.no_grad():
+            attend(q, k, v, mask)
+
+    def forward_backward(mask):
+        q.grad = k.grad = v.grad = None
+        attend(q, k, v, mask).backward(grad)
+
+    def timed(fn, mask) -> float:
+        return sum(kernel_times(lambda: fn(mask)).values())
+
+    kernel_names = dict(forward="_window_attention_kernel", grad_kv="_window_attention_grad_kv_kernel",
+                        grad_q="_window_attention_grad_q_kernel")
+    for kernel, name in kernel_names.items():
+        committed = train_gpt.ATTENTION_TILES[kernel]
+        for tile in tiles(kernel):
+            train_gpt.ATTENTION_TILES[kernel] = tile
+            for window in (7, 14):
+                long_mask = masks(True, window)[0]
+                try:
+                    ms = f"{kernel_times(lambda: forward_backward(long_mask))[name]:.3f} ms"
+                except Exception as e:  # a tile that does not fit: say so and go on with the next
+                    ms = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
+                print(f"{kernel} tile {'x'.join(map(str, tile))}: window {window:2d}, long mask {ms}", flush=True)
+        train_gpt.ATTENTION_TILES[kernel] = committed
+    print(f"tiles: {train_gpt.ATTENTION_TILES}")
+
+    step_ms = {False: [], True: []}
+    for window in range(1, 15):
+        line = f"window {window:2d}:"
+        for fused in (False, True):
+            long_mask, short_mask = masks(fused, window)
+            fwd = [timed(forward, m) for m in (long_mask, short_mask)]
+            bwd = [timed(forward_backward, m) - f for m, f in zip((long_mask, short_mask), fwd)]
+            step = LONG_LAYERS * (fwd[0] + bwd[0]) + SHORT_LAYERS * (fwd[1] + bwd[1])
+            step_ms[fused].append(step)
+            line += (f"  {'kernels' if fused else 'flex'}: fwd {fwd[0]:.3f}/{fwd[1]:.3f} bwd {bwd[0]:.3f}/{bwd[1]:.3f}"
+                     f" (long/short) a step {step:.2f} ms")
+        print(line + f"  ratio {step_ms[True][-1] / step_ms[False][-1]:.3f}", flush=True)
+    flex, fused = (sum(step_ms[f]) / len(step_ms[f]) for f in (False, True))
+    print(f"mean over the schedule, one sequence's 11 layers: flex {flex:.2f} ms, kernels {fused:.2f} ms, "
+          f"ratio {fused / flex:.3f}")
+
+    results = {}
+    for is_fused in (False, True):
+        for m in masks(is_fused, 14):
+            q.grad = k.grad = v.grad = None
+            out = attend(q, k, v, m)
+            out.backward(grad)
+            results.setdefault(is_fused, []).extend(t.detach().clone() for t in (out, q.grad, k.grad, v.grad))
+    names = [f"{mask} {t}" for mask in ("long", "short") for t in ("out", "grad_q", "grad_k", "grad_v")]
+    for name, a, b in zip(names, results[False], results[True]):
+        print(f"{name}: max |flex - kernels| {(a.float() - b.float()).abs().max().item():.3e}, "
+              f"max |flex| {a.float().abs().max().item():.3e}")
+
+
+if __name__ == "__main__":
+    main()
