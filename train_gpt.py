@@ -1340,8 +1340,9 @@ ATTENTION_TILES = dict(forward=(64, 64, 4, 3), grad_kv=(64, 64, 4, 2), grad_q=(6
 if triton is not None:
     @triton.jit
     def _key_range(first_start, last_start, m0, window, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
-        """The keys of query tile m0 .. (first and last query's document starts given): lo .. m0 + tile, of which
-        lo .. unmasked need the mask (a document start in or before them), unmasked .. m0 need none."""
+        """The keys query tile m0 sees, given its first and last query's document starts, are lo .. m0 + tile:
+        lo .. unmasked hold a document start (masked), unmasked .. m0 lie in the tile's one document (no mask), and
+        the diagonal from m0 is masked."""
         lo = tl.maximum((m0 // BLOCK - window + 1) * BLOCK, first_start // BLOCK_N * BLOCK_N)
         unmasked = tl.minimum(tl.maximum(lo, tl.cdiv(last_start, BLOCK_N) * BLOCK_N), m0)
         return lo, unmasked
@@ -1421,7 +1422,7 @@ if triton is not None:
                                          qk_scale, scale, H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
                                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # one tile of BLOCK_N keys of one head, over the queries that see them: from the tile itself to the end of
-        # the window or of its last key's document
+        # the window or of its last key's document (flash attention 2's backward, by Tri Dao)
         n0, head = tl.program_id(0) * BLOCK_N, tl.program_id(1)
         keys, dims = n0 + tl.arange(0, BLOCK_N), tl.arange(0, HEAD_DIM)
         offset = head * HEAD_DIM
