@@ -16,6 +16,8 @@ from profile_summary import category  # noqa: E402
     ("nvjet_sm90_qqtst_192x192_128x4_2x1_v_bz_coopB_TNN", "matmul, FP8 (lm_head)"),
     ("nvjet_sm90_rqsss_144x128_128x6_1x2_h_bz_coopA_algo2_TNN", "matmul, FP8 (lm_head)"),
     ("triton_tem_fused_flex_attention_backward_transpose_view_7", "attention (FlexAttention)"),
+    ("_window_attention_grad_kv_kernel", "attention (Triton)"),
+    ("_attention_delta_kernel", "attention (Triton)"),
     ("triton_red_fused__to_copy_arange_div_eq_exp_log_mul_rsub_sigmoid_sub_sum_unsqueeze_where_3",
      "lm_head loss: soft cap, cross entropy, FP8 casts"),
     ("_logit_grad_kernel", "lm_head loss: soft cap, cross entropy, FP8 casts"),

@@ -6,11 +6,10 @@ Usage:
 Reads the log (for the measured time of the profiled steps) and the <run id>.profile.tsv beside it that
 train_gpt.py wrote. Every GPU kernel falls in one category by its name: cuBLAS matmuls by precision (the FP8
 ones are the lm_head's), FlexAttention's kernels, NCCL's, inductor's fused elementwise kernels by the ops they
-contain, and train_gpt.py's own Triton kernels (the lm_head loss's, the fused ReLU^2 MLP's, the attention
-inputs') by name. The names are heuristics for this model, written for torch 2.11's kernels. NCCL runs on its
-own stream and may overlap the rest; "not covered" is the step time that no compute kernel fills: launch gaps
-and waits for communication.
-Prints a markdown table, then the GPU spans of the annotated phases.
+contain, and train_gpt.py's own Triton kernels (the lm_head loss's, the fused ReLU^2 MLP's, the attention inputs'
+and the attention's) by name. The names are heuristics for this model, written for torch 2.11's kernels. NCCL runs
+on its own stream and may overlap the rest; "not covered" is the step time that no compute kernel fills: launch
+gaps and waits for communication. Prints a markdown table, then the GPU spans of the annotated phases.
 """
 import re
 import sys
@@ -30,6 +29,8 @@ def category(name: str) -> str | None:
         return COMMUNICATION
     if "flex_attention" in name:
         return "attention (FlexAttention)"
+    if name.startswith(("_window_attention", "_attention_delta_kernel")):  # train_gpt's attention kernels
+        return "attention (Triton)"
     if name.startswith("nvjet"):  # nvjet_sm90_tst_... is bf16; qq/qr/rq type codes are FP8
         return "matmul, FP8 (lm_head)" if name.split("_")[2][0] in "qr" else "matmul, bf16"
     if "splitKreduce" in name or "gemm" in name:
