@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt  # noqa: E402
 
 
-def kernel_ms(fn, calls: int = 20) -> float:
-    """The GPU kernels' summed time per call of fn, after a warm-up."""
+def kernel_times(fn, calls: int = 20) -> dict[str, float]:
+    """ms a call of fn by GPU kernel name, after a warm-up."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -28,9 +28,17 @@ def kernel_ms(fn, calls: int = 20) -> float:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-    assert kernels, "the profiler saw no GPU kernel"
-    return sum(e.time_range.elapsed_us() for e in kernels) / calls / 1e3
+    times = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            times[e.name] = times.get(e.name, 0.0) + e.time_range.elapsed_us() / calls / 1e3
+    assert times, "the profiler saw no GPU kernel"
+    return times
+
+
+def kernel_ms(fn, calls: int = 20) -> float:
+    """The GPU kernels' summed time per call of fn, after a warm-up."""
+    return sum(kernel_times(fn, calls).values())
 
 
 def option(name: str, default: list[int]) -> list[int]:

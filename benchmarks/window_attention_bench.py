@@ -16,32 +16,14 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt  # noqa: E402
+from attention_inputs_bench import kernel_times  # noqa: E402
 from attention_sweep import documents  # noqa: E402
 
 T, H, HEAD_DIM = 64 * 1024, 6, 128
 LONG_LAYERS, SHORT_LAYERS = 3, 8
-
-
-def kernel_times(fn, calls: int = 10) -> dict[str, float]:
-    """ms a call of fn by GPU kernel name, after a warm-up."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    times = {}
-    for e in prof.events():
-        if e.device_type == DeviceType.CUDA:
-            times[e.name] = times.get(e.name, 0.0) + e.time_range.elapsed_us() / calls / 1e3
-    assert times, "the profiler saw no GPU kernel"
-    return times
 
 
 def tiles(name: str) -> list[tuple[int, ...]]:
@@ -70,7 +52,7 @@ def main():
         attend(q, k, v, mask).backward(grad)
 
     def timed(fn, mask) -> float:
-        return sum(kernel_times(lambda: fn(mask)).values())
+        return sum(kernel_times(lambda: fn(mask), calls=10).values())
 
     kernel_names = dict(forward="_window_attention_kernel", grad_kv="_window_attention_grad_kv_kernel",
                         grad_q="_window_attention_grad_q_kernel")
@@ -81,7 +63,7 @@ def main():
             for window in (7, 14):
                 long_mask = masks(True, window)[0]
                 try:
-                    ms = f"{kernel_times(lambda: forward_backward(long_mask))[name]:.3f} ms"
+                    ms = f"{kernel_times(lambda: forward_backward(long_mask), calls=10)[name]:.3f} ms"
                 except Exception as e:  # a tile that does not fit: say so and go on with the next
                     ms = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
                 print(f"{kernel} tile {'x'.join(map(str, tile))}: window {window:2d}, long mask {ms}", flush=True)
