@@ -1,7 +1,7 @@
 """End to end on the CPU with the smoke preset, under torchrun on gloo:
 - the run trains (the loss falls) and its log parses, also for tools/summarize.py; --profile_at writes a
   profile that tools/profile_summary.py reads;
-- on 1 and 2 ranks it prints the losses pinned in SMOKE_LOSSES, to the log's 4 decimals;
+- on 1 and 2 ranks it prints the losses pinned in SMOKE_LOSSES, within CPU_ROUNDING;
 - 1 process accumulating 2 sequences ends with the same weights as 2 processes with 1 each;
 - 8 processes, the main command's count, print 1 process's losses (batch_seqs=8);
 - a resumed run repeats the uninterrupted run's losses bit for bit, also on another world size, and a
@@ -31,6 +31,9 @@ CPU_ENV = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 STEP_LINE = re.compile(r"^step:(\d+)/(\d+) (val_loss|train_loss):(\S+) train_time:(\d+)ms step_avg:(\S+)ms$")
 # What the smoke preset printed, on 1 and 2 ranks alike, before train_gpt.py was reorganised (commit d18c381):
 # (step, kind) -> loss. A change that keeps the math keeps these; one that changes it updates them, and says why.
+# CPUs round differently by their vector units: an AVX2-only AMD EPYC printed losses up to 0.0004 away (at step
+# 20, growing from 0.0001 at step 5) where the machine that pinned them printed these, with the same code.
+CPU_ROUNDING = 1e-3
 SMOKE_LOSSES = {(0, "val_loss"): 6.9315, (10, "val_loss"): 4.6977, (20, "val_loss"): 3.8282} | {
     (step, "train_loss"): loss for step, loss in enumerate(
         [6.9315, 6.7458, 6.4905, 6.2244, 6.0305, 5.7697, 5.4916, 5.2835, 5.1200, 4.9014, 4.6462, 4.5786, 4.4546,
@@ -67,6 +70,12 @@ def step_lines(log: Path) -> dict[tuple[int, str], float]:
     return {(int(m[1]), m[3]): float(m[4]) for m in lines if m}
 
 
+def assert_pinned(losses: dict[tuple[int, str], float]):
+    assert losses.keys() == SMOKE_LOSSES.keys()
+    off = {key: round(loss - SMOKE_LOSSES[key], 4) for key, loss in losses.items()}
+    assert max(map(abs, off.values())) <= CPU_ROUNDING, f"losses minus the pinned ones: {off}"
+
+
 def final_model(run_dir: Path) -> dict:
     (checkpoint,) = sorted(run_dir.glob("checkpoints/*/step_*.pt"))
     return torch.load(checkpoint, weights_only=False)["model"]
@@ -79,7 +88,7 @@ def test_smoke_run_trains(tmp_path):
     text = log.read_text()
     assert "PyTorch" in text and "num_iterations = 20" in text and "fp8 head: off" in text
     losses = step_lines(log)
-    assert losses == SMOKE_LOSSES
+    assert_pinned(losses)
     assert [s for s, kind in losses if kind == "train_loss"] == list(range(1, 21))
     assert [s for s, kind in losses if kind == "val_loss"] == [0, 10, 20]
     assert losses[20, "val_loss"] < losses[0, "val_loss"] - 1.0, losses
@@ -92,7 +101,7 @@ def test_smoke_run_trains(tmp_path):
 
 
 def test_one_rank_prints_the_pinned_losses(tmp_path, smoke_data):
-    assert step_lines(log_of(torchrun(tmp_path, *smoke_data, nproc=1), tmp_path)) == SMOKE_LOSSES
+    assert_pinned(step_lines(log_of(torchrun(tmp_path, *smoke_data, nproc=1), tmp_path)))
 
 
 def test_world_size_invariance(tmp_path, smoke_data):
