@@ -1254,13 +1254,18 @@ class WindowAttention(torch.autograd.Function):
         return *grads, None, None, None
 
 
+def _window_scores(q: Tensor, k: Tensor, starts: Tensor, window_blocks: Tensor) -> Tensor:
+    """The reference's scaled scores (B, H, T, T), -inf where DocumentWindows hide a key."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * ATTENTION_SCALE
+    return scores.masked_fill(~window_dense_mask(starts, window_blocks), -math.inf)
+
+
 @torch.library.custom_op("speedrun::window_attention", mutates_args=())
 def window_attention(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, window_blocks: Tensor) -> tuple[Tensor, Tensor]:
     """q, k, v (1, T, H, head_dim) bf16 -> the output (1, T, H, head_dim) bf16 and the log-sum-exp of each query's
     scores (H, T) float32, in base 2 (of the scores times log2(e)), as the backward takes it. This body is the
     reference; on CUDA the Triton kernel runs instead."""
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * ATTENTION_SCALE
-    scores = scores.masked_fill(~window_dense_mask(starts, window_blocks), -math.inf)
+    scores = _window_scores(q.float(), k.float(), starts, window_blocks)
     out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.float())
     return out.bfloat16().contiguous(), (scores.logsumexp(-1)[0] * LOG2E).contiguous()
 
@@ -1293,8 +1298,7 @@ def window_attention_grad(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out
     """window_attention's backward: the gradient of the output -> those of q, k and v. This body is the reference;
     on CUDA the Triton kernels run instead."""
     q, k, v, grad_out = (t.float() for t in (q, k, v, grad_out))
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * ATTENTION_SCALE
-    p = scores.masked_fill(~window_dense_mask(starts, window_blocks), -math.inf).softmax(-1)
+    p = _window_scores(q, k, starts, window_blocks).softmax(-1)
     grad_p = torch.einsum("bqhd,bkhd->bhqk", grad_out, v)
     grad_s = p * (grad_p - (grad_p * p).sum(-1, keepdim=True)) * ATTENTION_SCALE  # the softmax's backward
     grads = (torch.einsum("bhqk,bkhd->bqhd", grad_s, k), torch.einsum("bhqk,bqhd->bkhd", grad_s, q),
