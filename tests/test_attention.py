@@ -33,15 +33,16 @@ def qkv(T: int, H: int, head_dim: int, device: str, seed: int = 0) -> list[torch
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_rule_matches_the_block_masks_for_every_window(seed):
     docs = document_ids(random_tokens(np.random.default_rng(seed), num_blocks=16), EOT)
+    starts, ends, _ = document_windows(docs, torch.tensor(1, dtype=torch.int32))[0]
+    assert torch.equal(docs[starts], docs) and (starts <= torch.arange(len(docs))).all()
+    assert (starts == 0)[docs == docs[0]].all() and (docs[starts - 1] != docs)[starts > 0].all()  # the first token
+    assert torch.equal(ends, torch.searchsorted(docs, docs, right=True).int())  # the end of the document
+    assert (docs[ends.clamp_max(len(docs) - 1)] != docs)[ends < len(docs)].all()
     for w in schedule_windows():
         window = torch.tensor(w, dtype=torch.int32)
         for name, blocks, windows in zip(("long", "short"), block_masks(docs, window), document_windows(docs, window)):
             expected = dense_mask(blocks)
             assert torch.equal(window_dense_mask(windows.starts, windows.window_blocks), expected), f"{name}, {w}"
-            pos = torch.arange(len(docs))
-            assert torch.equal(windows.ends, torch.searchsorted(docs, docs, right=True).int())  # end of the document
-            assert (docs[windows.ends.clamp_max(len(docs) - 1)] != docs)[windows.ends < len(docs)].all()
-            assert torch.equal(docs[windows.starts], docs) and (windows.starts <= pos).all()
 
 
 @pytest.mark.parametrize("device", devices())
@@ -100,7 +101,7 @@ def test_fused_attention_is_off_on_the_cpu():
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and Triton")
-def test_kernels_are_as_close_to_float64_as_flex_attention(monkeypatch):
+def test_kernels_are_as_close_to_float64_as_flex_attention():
     T, H, head_dim = 16 * 128, 2, 128
     docs = document_ids(random_tokens(np.random.default_rng(7), num_blocks=T // 128), EOT).cuda()
     q, k, v, grad = qkv(T, H, head_dim, "cuda")
