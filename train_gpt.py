@@ -1315,7 +1315,7 @@ def _(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tenso
 def _window_attention_grad_triton(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                   starts: Tensor, ends: Tensor, window_blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     _, T, H, head_dim = q.shape
-    grad_out, q, k, v = (t.contiguous() for t in (grad_out, q, k, v))
+    grad_out, q, k, v, out = (t.contiguous() for t in (grad_out, q, k, v, out))
     delta = torch.empty_like(lse)  # per query: the sum of grad_out * out, the softmax's backward needs it
     _attention_delta_kernel[(T // BLOCK_SIZE, H)](out, grad_out, delta, T, H, head_dim, BLOCK_SIZE)
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
