@@ -511,33 +511,49 @@ class Muon(torch.optim.Optimizer):
         """The rank that computes the update of the index-th parameter of a group."""
         return index % self.world_size
 
-    def _rounds(self):
-        """(group, its parameters of one round, this rank's parameter in the round or None), in a fixed order."""
-        for group in self.param_groups:
-            params = group["params"]
-            for base in range(0, len(params), self.world_size):
-                i = base + self.rank
-                yield group, params[base:base + self.world_size], params[i] if i < len(params) else None
+    def _rounds(self, group: dict):
+        """(the group's parameters of one round, this rank's parameter in the round or None), in a fixed order."""
+        params = group["params"]
+        for base in range(0, len(params), self.world_size):
+            i = base + self.rank
+            yield params[base:base + self.world_size], params[i] if i < len(params) else None
 
     def reduce_grads(self):
         """Start averaging the gradients onto their owners, async, so that the caller can queue other
         communication behind it; step() waits. Collective: every rank must call it."""
         self.reduced = []
-        for _, params, _ in self._rounds():
-            grads = [p.grad.flatten() for p in params]  # a group's shapes may differ: (768, 3072), (3072, 768)
-            grads += [torch.zeros_like(grads[0])] * (self.world_size - len(grads))  # a short last round
-            grad = torch.empty_like(grads[0])
-            work = reduce_scatter(grad, torch.cat(grads), op=dist.ReduceOp.AVG, async_op=True)
-            self.reduced.append((work, grad))
+        for group in self.param_groups:
+            for params, _ in self._rounds(group):
+                grads = [p.grad.flatten() for p in params]  # a group's shapes may differ: (768, 3072), (3072, 768)
+                grads += [torch.zeros_like(grads[0])] * (self.world_size - len(grads))  # a short last round
+                grad = torch.empty_like(grads[0])
+                work = reduce_scatter(grad, torch.cat(grads), op=dist.ReduceOp.AVG, async_op=True)
+                self.reduced.append((work, grad))
 
-    def _update(self, p: Tensor, grad: Tensor, momentum: float) -> Tensor:
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(grad)
-        buf = state["momentum_buffer"]
-        buf.lerp_(grad, 1 - momentum)
-        nesterov = grad.lerp_(buf, momentum)
-        return self.orthogonalize(nesterov).flatten()
+    def _updates(self, params: list[Tensor], grads: list[Tensor], momentum: float) -> list[Tensor]:
+        """Nesterov momentum, then orthogonalize, for each parameter; the update comes flattened, in the layout of
+        its parameter. One orthogonalize call takes all the matrices of one shape: at these sizes a call a
+        parameter leaves most of the GPU idle."""
+        tall, wide = [], []  # each nesterov gradient as matrices (..., m, n) with m <= n: X X^T the smaller
+        for p, grad in zip(params, grads):
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(grad)
+            buf = state["momentum_buffer"]
+            buf.lerp_(grad, 1 - momentum)
+            nesterov = grad.lerp_(buf, momentum)
+            tall.append(nesterov.size(-2) > nesterov.size(-1))
+            wide.append(nesterov.mT if tall[-1] else nesterov)
+        by_shape = {}
+        for i, x in enumerate(wide):
+            by_shape.setdefault(x.shape[-2:], []).append(i)
+        updates = [None] * len(wide)
+        for shape, indices in by_shape.items():
+            batch = self.orthogonalize(torch.cat([wide[i].reshape(-1, *shape) for i in indices]))
+            for i, update in zip(indices, batch.split([wide[i].numel() // shape.numel() for i in indices])):
+                update = update.view(wide[i].shape)
+                updates[i] = (update.mT if tall[i] else update).flatten()
+        return updates
 
     @staticmethod
     def _apply(params: list[Tensor], updates: list[Tensor], lr: float):
@@ -547,23 +563,32 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         if self.world_size == 1:
-            for group, (p,), _ in self._rounds():
-                self._apply([p], [self._update(p, p.grad, group["momentum"])], group["lr"])
+            for group in self.param_groups:
+                params = group["params"]
+                self._apply(params, self._updates(params, [p.grad for p in params], group["momentum"]), group["lr"])
             return
         if self.reduced is None:
             self.reduce_grads()
+        reduced = iter(self.reduced)
         gathers = []
-        # async all-gathers instead of an all-reduce (by @YouJiacheng); all Newton-Schulz work is queued before any
-        # update is applied, so that it overlaps them and whatever communication the caller queued after
-        # reduce_grads()
-        for (group, params, mine), (work, grad) in zip(self._rounds(), self.reduced):
-            work.wait()
-            if mine is not None:
-                update = self._update(mine, grad.view_as(mine), group["momentum"])
-            else:  # the last round has fewer parameters than ranks: this one sends zeros
-                update = params[0].new_zeros(params[0].numel(), dtype=torch.bfloat16)
-            gathered = torch.empty(self.world_size * update.numel(), dtype=update.dtype, device=update.device)
-            gathers.append((all_gather(gathered, update, async_op=True), gathered, params, group))
+        # async all-gathers instead of an all-reduce (by @YouJiacheng); a group's Newton-Schulz runs once its
+        # gradients have arrived, and before any update is applied, so that it overlaps the all-gathers of the
+        # groups before it and whatever communication the caller queued after reduce_grads()
+        for group in self.param_groups:
+            rounds = list(self._rounds(group))
+            mine = []
+            for params, p in rounds:
+                work, grad = next(reduced)
+                work.wait()
+                if p is not None:
+                    mine.append((p, grad.view_as(p)))
+            updates = iter(self._updates([p for p, _ in mine], [grad for _, grad in mine], group["momentum"]))
+            for params, p in rounds:
+                # the last round may have fewer parameters than ranks: the others send zeros
+                update = next(updates) if p is not None else params[0].new_zeros(params[0].numel(),
+                                                                                  dtype=torch.bfloat16)
+                gathered = torch.empty(self.world_size * update.numel(), dtype=update.dtype, device=update.device)
+                gathers.append((all_gather(gathered, update, async_op=True), gathered, params, group))
         self.reduced = None
         for work, gathered, params, group in gathers:
             work.wait()

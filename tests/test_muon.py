@@ -77,3 +77,26 @@ def test_muon_step_size_follows_shape():
         expected = -0.1 * scale * newton_schulz5(p.grad.clone()).float()
         Muon([p], lr=0.1, momentum=0.0).step()
         torch.testing.assert_close(p.detach(), expected, atol=1e-6, rtol=0)
+
+
+def test_muon_orthogonalizes_each_shape_in_one_call():
+    """The matrices of one group and shape go through newton_schulz5 as one batch (tall ones transposed), and
+    each parameter gets exactly the update it gets alone."""
+    shapes = [(128, 32), (32, 128), (32, 128), (4, 32, 32), (32, 32)]  # groups by size: 4096 (3 + 1 shapes), 1024
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*shape, generator=gen)) for shape in shapes]
+    grads = [torch.randn(*shape, generator=gen) for shape in shapes]
+    batches = []
+
+    def orthogonalize(G):
+        batches.append(tuple(G.shape))
+        return newton_schulz5(G)
+
+    expected = [p.detach().clone().add_(newton_schulz5(g), alpha=-0.1 * max(1, p.size(-2) / p.size(-1)) ** 0.5)
+                for p, g in zip(params, grads)]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    Muon(params, lr=0.1, momentum=0.0, orthogonalize=orthogonalize).step()
+    assert sorted(batches) == [(1, 32, 32), (3, 32, 128), (4, 32, 32)]
+    for p, e in zip(params, expected):
+        assert torch.equal(p.detach(), e)
