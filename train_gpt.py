@@ -549,8 +549,9 @@ class Muon(torch.optim.Optimizer):
             by_shape.setdefault(x.shape[-2:], []).append(i)
         updates = [None] * len(wide)
         for shape, indices in by_shape.items():
-            batch = self.orthogonalize(torch.cat([wide[i].reshape(-1, *shape) for i in indices]))
-            for i, update in zip(indices, batch.split([wide[i].numel() // shape.numel() for i in indices])):
+            matrices = [wide[i].reshape(-1, *shape) for i in indices]
+            batch = self.orthogonalize(torch.cat(matrices))
+            for i, update in zip(indices, batch.split([len(m) for m in matrices])):
                 update = update.view(wide[i].shape)
                 updates[i] = (update.mT if tall[i] else update).flatten()
         return updates
@@ -576,13 +577,14 @@ class Muon(torch.optim.Optimizer):
         # groups before it and whatever communication the caller queued after reduce_grads()
         for group in self.param_groups:
             rounds = list(self._rounds(group))
-            mine = []
+            mine, grads = [], []
             for params, p in rounds:
                 work, grad = next(reduced)
                 work.wait()
                 if p is not None:
-                    mine.append((p, grad.view_as(p)))
-            updates = iter(self._updates([p for p, _ in mine], [grad for _, grad in mine], group["momentum"]))
+                    mine.append(p)
+                    grads.append(grad.view_as(p))
+            updates = iter(self._updates(mine, grads, group["momentum"]))
             for params, p in rounds:
                 # the last round may have fewer parameters than ranks: the others send zeros
                 update = next(updates) if p is not None else params[0].new_zeros(params[0].numel(),
