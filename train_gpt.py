@@ -1783,18 +1783,19 @@ def _(grad_y: Tensor, w: Tensor, a: Tensor):
 
 
 def _matmul_relu2_triton(x: Tensor, w: Tensor, a: Tensor, w_kn: bool, backward: bool) -> Tensor:
-    # 128 x 256 tiles, BK = 64, 8 warps, 3 stages: the fastest of the block shapes tried at the model's sizes
-    # (benchmarks/mlp_epilogue_bench.py), fixed rather than autotuned, which would time each at every start
+    # 128 x 256 tiles, BK = 64, 8 warps: the fastest of the block shapes tried at the model's sizes
+    # (benchmarks/mlp_epilogue_bench.py, records/2026-12-03_mlp_kernel_x1), fixed rather than autotuned, which would
+    # time each at every start. The forward flattens its tile loop into the pipeline at 3 stages, the backward
+    # does not, at 4: each the faster for it.
     M, K = x.shape
     N = w.size(1) if w_kn else w.size(0)
     BM, BN, BK = 128, 256, 64
     out = x.new_empty(M, N)
-    descs = [TensorDescriptor.from_tensor(x, [BM, BK]), TensorDescriptor.from_tensor(w, [BK, BN] if w_kn else [BN, BK]),
-             TensorDescriptor.from_tensor(a, [BM, BN]), TensorDescriptor.from_tensor(out, [BM, BN])]
+    descs = [TensorDescriptor.from_tensor(x, [BM, BK]), TensorDescriptor.from_tensor(w, [BK, BN] if w_kn else [BN, BK])]
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     grid = (min(num_sms, triton.cdiv(M, BM) * triton.cdiv(N, BN)),)
-    _matmul_relu2_kernel[grid](*descs, M, N, K, w_kn, backward, BM, BN, BK, GROUP=8, NUM_SMS=grid[0], num_warps=8,
-                               num_stages=3)
+    _matmul_relu2_kernel[grid](*descs, a, out, M, N, K, w_kn, backward, not backward, BM, BN, BK, GROUP=8,
+                               NUM_SMS=grid[0], num_warps=8, num_stages=4 if backward else 3)
     return out
 
 
@@ -1807,29 +1808,37 @@ if triton is not None:
         return first_m + tile % (GROUP * num_n) % rows, tile % (GROUP * num_n) // rows
 
     @triton.jit
-    def _matmul_relu2_kernel(x_desc, w_desc, a_desc, out_desc, M, N, K, W_KN: tl.constexpr, BACKWARD: tl.constexpr,
-                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
-                             NUM_SMS: tl.constexpr):
+    def _matmul_relu2_kernel(x_desc, w_desc, a, out, M, N, K, W_KN: tl.constexpr, BACKWARD: tl.constexpr,
+                             FLATTEN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                             GROUP: tl.constexpr, NUM_SMS: tl.constexpr):
         # y = x @ w (w stored (K, N): W_KN) or x @ w.T (w stored (N, K)), rounded to bf16. Forward: stores y as a,
         # relu(y)^2 as out. Backward: stores y * 2 relu(a) as out. Persistent: one program per SM walks the tiles.
+        # The epilogue stores from registers, not through shared memory and the TMA: the warps go on to the next
+        # tile's loads without waiting for the stores to land, and the shared memory is left to the pipeline.
         num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-        for tile in range(tl.program_id(0), num_m * num_n, NUM_SMS):
+        tile_c = tl.program_id(0) - NUM_SMS  # the epilogue's tile, counted apart from the loads' as Triton's
+        # persistent-matmul tutorial does, for the flattened pipeline
+        for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=FLATTEN):
             pid_m, pid_n = _tile(tile, num_m, num_n, GROUP)
-            off_m, off_n = pid_m * BM, pid_n * BN
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             for k in range(0, K, BK):
                 if W_KN:
-                    acc = tl.dot(x_desc.load([off_m, k]), w_desc.load([k, off_n]), acc)
+                    acc = tl.dot(x_desc.load([pid_m * BM, k]), w_desc.load([k, pid_n * BN]), acc)
                 else:
-                    acc = tl.dot(x_desc.load([off_m, k]), w_desc.load([off_n, k]).T, acc)
+                    acc = tl.dot(x_desc.load([pid_m * BM, k]), w_desc.load([pid_n * BN, k]).T, acc)
+            tile_c += NUM_SMS
+            pid_m, pid_n = _tile(tile_c, num_m, num_n, GROUP)
+            rows, cols = pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN)
+            ok = (rows < M)[:, None] & (cols < N)[None, :]
+            at = rows.to(tl.int64)[:, None] * N + cols[None, :]
             y = acc.to(tl.bfloat16)
             if BACKWARD:
-                relu_a = tl.maximum(a_desc.load([off_m, off_n]).to(tl.float32), 0.0)
-                out_desc.store([off_m, off_n], (y.to(tl.float32) * 2 * relu_a).to(tl.bfloat16))
+                relu_a = tl.maximum(tl.load(a + at, mask=ok).to(tl.float32), 0.0)
+                tl.store(out + at, (y.to(tl.float32) * 2 * relu_a).to(tl.bfloat16), mask=ok)
             else:
-                a_desc.store([off_m, off_n], y)
+                tl.store(a + at, y, mask=ok)
                 relu_y = tl.maximum(y.to(tl.float32), 0.0)
-                out_desc.store([off_m, off_n], (relu_y * relu_y).to(tl.bfloat16))
+                tl.store(out + at, (relu_y * relu_y).to(tl.bfloat16), mask=ok)
 
 
 # --- head_loss: the lm_head's training loss, fused and in chunks of tokens
