@@ -1783,10 +1783,9 @@ def _(grad_y: Tensor, w: Tensor, a: Tensor):
 
 
 def _matmul_relu2_triton(x: Tensor, w: Tensor, a: Tensor, w_kn: bool, backward: bool) -> Tensor:
-    # 128 x 256 tiles, BK = 64, 8 warps: the fastest of the block shapes tried at the model's sizes
-    # (benchmarks/mlp_epilogue_bench.py, records/2026-12-03_mlp_kernel_x1), fixed rather than autotuned, which would
-    # time each at every start. The forward flattens its tile loop into the pipeline at 3 stages, the backward
-    # does not, at 4: each the faster for it.
+    # 128 x 256 tiles, BK = 64, 8 warps; the forward's tile loop flattened into the pipeline at 3 stages, the
+    # backward's not, at 4: the fastest of the shapes tried at the model's sizes (the speed records' MLP sweeps),
+    # fixed rather than autotuned, which would time each at every start
     M, K = x.shape
     N = w.size(1) if w_kn else w.size(0)
     BM, BN, BK = 128, 256, 64
