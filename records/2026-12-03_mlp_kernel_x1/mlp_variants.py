@@ -9,8 +9,7 @@ The variant kernel is train_gpt.py's _matmul_relu2_kernel (as of 4d094c0) with t
   loads while the others multiply and store), as Triton's persistent-matmul tutorial does;
 - TMA_EPILOGUE: the epilogue through shared memory and the tensor-memory accelerator (train_gpt.py), or plain
   stores from registers, which need no shared memory, so more pipeline stages or two programs an SM fit, and
-  which the warps issue without waiting for them to land.
-
+  which the warps issue without waiting for them to land;
 - PREFETCH_A: the backward loads its tile of a before the k loop rather than after it.
 
 Usage: python records/2026-12-03_mlp_kernel_x1/mlp_variants.py [SWEEP: 1, 2 or 3, by default the last]
