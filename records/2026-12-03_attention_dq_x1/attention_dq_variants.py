@@ -13,7 +13,8 @@ call (the row sums, and the zeroing and rounding where the variant has them, inc
 timed in turns (each round times every variant once at every window), and a step's worth for one sequence:
 3 long-window and 8 short-window layers, mean over the schedule's windows.
 
-Usage: python records/2026-12-03_attention_dq_x1/attention_dq_variants.py [ROUNDS, by default 5]
+Usage: python records/2026-12-03_attention_dq_x1/attention_dq_variants.py [ROUNDS, by default 5] [TILES: only these
+tiles, comma separated, as 64x128x8x3]
 """
 import sys
 from pathlib import Path
@@ -109,6 +110,8 @@ def name_of(tma_add: bool, tile) -> str:
 
 def main():
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+    chosen = sys.argv[2].split(",") if len(sys.argv) > 2 else None
+    variants = [(tma, tile) for tma, tile in VARIANTS if chosen is None or "x".join(map(str, tile)) in chosen]
     docs = documents(T)
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, grad_out = (torch.randn(1, T, H, HEAD_DIM, device="cuda", generator=gen).bfloat16() for _ in range(4))
@@ -118,7 +121,7 @@ def main():
         out, lse = train_gpt.window_attention(q, k, v, mask.starts, mask.window_blocks)
         args[window] = (grad_out, q, k, v, out, lse, *mask)
     candidates = [("train_gpt.py's two kernels", lambda a: train_gpt.window_attention_grad(*a))]
-    candidates += [(name_of(*variant), lambda a, variant=variant: one_kernel_grad(*variant, *a)) for variant in VARIANTS]
+    candidates += [(name_of(*variant), lambda a, variant=variant: one_kernel_grad(*variant, *a)) for variant in variants]
     runnable = []
     for name, fn in candidates:
         try:
