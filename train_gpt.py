@@ -1793,7 +1793,7 @@ def _matmul_relu2_triton(x: Tensor, w: Tensor, a: Tensor, w_kn: bool, backward: 
     descs = [TensorDescriptor.from_tensor(x, [BM, BK]), TensorDescriptor.from_tensor(w, [BK, BN] if w_kn else [BN, BK])]
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     grid = (min(num_sms, triton.cdiv(M, BM) * triton.cdiv(N, BN)),)
-    _matmul_relu2_kernel[grid](*descs, a, out, M, N, K, w_kn, backward, not backward, BM, BN, BK, GROUP=8,
+    _matmul_relu2_kernel[grid](*descs, a, out, M, N, K, w_kn, backward, BM, BN, BK, GROUP=8,
                                NUM_SMS=grid[0], num_warps=8, num_stages=4 if backward else 3)
     return out
 
@@ -1808,8 +1808,8 @@ if triton is not None:
 
     @triton.jit
     def _matmul_relu2_kernel(x_desc, w_desc, a, out, M, N, K, W_KN: tl.constexpr, BACKWARD: tl.constexpr,
-                             FLATTEN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                             GROUP: tl.constexpr, NUM_SMS: tl.constexpr):
+                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+                             NUM_SMS: tl.constexpr):
         # y = x @ w (w stored (K, N): W_KN) or x @ w.T (w stored (N, K)), rounded to bf16. Forward: stores y as a,
         # relu(y)^2 as out. Backward: stores y * 2 relu(a) as out. Persistent: one program per SM walks the tiles.
         # The epilogue stores from registers, not through shared memory and the TMA: the warps go on to the next
@@ -1817,7 +1817,7 @@ if triton is not None:
         num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
         tile_c = tl.program_id(0) - NUM_SMS  # the epilogue's tile, counted apart from the loads' as Triton's
         # persistent-matmul tutorial does, for the flattened pipeline
-        for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=FLATTEN):
+        for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=not BACKWARD):
             pid_m, pid_n = _tile(tile, num_m, num_n, GROUP)
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             for k in range(0, K, BK):
