@@ -1227,10 +1227,10 @@ def choose_kernels(args: Hyperparameters, device: torch.device) -> list[str]:
     return lines
 
 
-# --- attention: on Hopper Triton kernels that walk each query tile's one range of keys (see document_windows) and
-# apply the mask only in the tiles at its ends, the diagonal and the one holding a document's start; elsewhere on
-# CUDA FlexAttention (its use by @KoszarskyB), which walks the block tables and is the kernels' reference; on the
-# CPU dense SDPA
+# --- attention: on Hopper Triton kernels that walk each query tile's one range of keys (see document_windows),
+# loading tiles through the TMA, and apply the mask only in the tiles at its ends, the diagonal and the one holding
+# a document's start; elsewhere on CUDA FlexAttention (its use by @KoszarskyB), which walks the block tables and is
+# the kernels' reference; on the CPU dense SDPA
 
 
 def attention_masks(docs: Tensor, window_blocks: Tensor) -> tuple[BlockMask, BlockMask] | tuple[DocumentWindows, ...]:
@@ -1308,8 +1308,9 @@ def _window_attention_triton(q: Tensor, k: Tensor, v: Tensor, starts: Tensor,
     q, k, v = (t.contiguous() for t in (q, k, v))
     out, lse = torch.empty_like(q), q.new_empty(H, T, dtype=torch.float32)
     block_m, block_n, warps, stages = ATTENTION_TILES["forward"]
-    _window_attention_kernel[(T // block_m, H)](q, k, v, out, lse, starts, window_blocks, T, ATTENTION_SCALE * LOG2E,
-                                                H, head_dim, BLOCK_SIZE, block_m, block_n, num_warps=warps,
+    _window_attention_kernel[(T // block_m, H)](_tiles_of(q, block_m), _tiles_of(k, block_n), _tiles_of(v, block_n),
+                                                out, lse, starts, window_blocks, T, ATTENTION_SCALE * LOG2E, H,
+                                                head_dim, BLOCK_SIZE, block_m, block_n, num_warps=warps,
                                                 num_stages=stages)
     return out, lse
 
@@ -1348,12 +1349,14 @@ def _window_attention_grad_triton(grad_out: Tensor, q: Tensor, k: Tensor, v: Ten
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     block_m, block_n, warps, stages = ATTENTION_TILES["grad_kv"]
     _window_attention_grad_kv_kernel[(T // block_n, H)](
-        q, k, v, grad_out, lse, delta, ends, window_blocks, grad_k, grad_v, T, ATTENTION_SCALE * LOG2E,
-        ATTENTION_SCALE, H, head_dim, BLOCK_SIZE, block_m, block_n, num_warps=warps, num_stages=stages)
+        _tiles_of(q, block_m), _tiles_of(k, block_n), _tiles_of(v, block_n), _tiles_of(grad_out, block_m), lse, delta,
+        ends, window_blocks, grad_k, grad_v, T, ATTENTION_SCALE * LOG2E, ATTENTION_SCALE, H, head_dim, BLOCK_SIZE,
+        block_m, block_n, num_warps=warps, num_stages=stages)
     block_m, block_n, warps, stages = ATTENTION_TILES["grad_q"]
     _window_attention_grad_q_kernel[(T // block_m, H)](
-        q, k, v, grad_out, lse, delta, starts, window_blocks, grad_q, T, ATTENTION_SCALE * LOG2E, ATTENTION_SCALE,
-        H, head_dim, BLOCK_SIZE, block_m, block_n, num_warps=warps, num_stages=stages)
+        _tiles_of(q, block_m), _tiles_of(k, block_n), _tiles_of(v, block_n), _tiles_of(grad_out, block_m), lse, delta,
+        starts, window_blocks, grad_q, T, ATTENTION_SCALE * LOG2E, ATTENTION_SCALE, H, head_dim, BLOCK_SIZE, block_m,
+        block_n, num_warps=warps, num_stages=stages)
     return grad_q, grad_k, grad_v
 
 
@@ -1364,6 +1367,14 @@ def _(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tenso
 
 
 LOG2E = math.log2(math.e)  # the kernels take exp2 of the scores times log2(e)
+
+
+def _tiles_of(t: Tensor, rows: int) -> "TensorDescriptor":
+    """The kernels load their tiles of q, k, v and grad_out (1, T, H, head_dim), contiguous, through the TMA: a
+    descriptor of t as (T, H * head_dim) in tiles of rows x head_dim (one head's columns)."""
+    return TensorDescriptor.from_tensor(t.view(t.size(1), -1), [rows, t.size(3)])
+
+
 # (query rows, key rows, warps, pipeline stages) of each kernel's tile. Query and key rows divide BLOCK_SIZE; the
 # key kernel's query rows divide its key rows, the query kernels' key rows their query rows
 ATTENTION_TILES = dict(forward=(64, 64, 4, 3), grad_kv=(64, 64, 4, 2), grad_q=(64, 64, 4, 2))
@@ -1379,13 +1390,13 @@ if triton is not None:
         return lo, unmasked
 
     @triton.jit
-    def _attend_tiles(acc, row_sum, row_max, q, k, v, rows, starts_q, lo, hi, qk_scale, H: tl.constexpr,
-                      HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    def _attend_tiles(acc, row_sum, row_max, q, k_desc, v_desc, col, rows, starts_q, lo, hi, qk_scale,
+                      BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
         """The online softmax over key tiles lo .. hi (flash attention's forward, by Tri Dao)."""
-        cols, dims = tl.arange(0, BLOCK_N), tl.arange(0, HEAD_DIM)
+        cols = tl.arange(0, BLOCK_N)
         for n in tl.range(lo, hi, BLOCK_N):
             keys = n + cols
-            scores = tl.dot(q, tl.load(k + keys[None, :] * (H * HEAD_DIM) + dims[:, None])) * qk_scale
+            scores = tl.dot(q, k_desc.load([n, col]).T) * qk_scale
             if MASKED:  # -1e6 rather than -inf: a row with no key in this tile yet stays finite, and its weights
                 # are zeroed by the first tile that has one
                 seen = (keys[None, :] >= starts_q[:, None]) & (keys[None, :] <= rows[:, None])
@@ -1394,33 +1405,32 @@ if triton is not None:
             p = tl.math.exp2(scores - new_max[:, None])
             alpha = tl.math.exp2(row_max - new_max)
             row_sum = row_sum * alpha + tl.sum(p, 1)
-            values = tl.load(v + keys[:, None] * (H * HEAD_DIM) + dims[None, :])
+            values = v_desc.load([n, col])
             acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values)
             row_max = new_max
         return acc, row_sum, row_max
 
     @triton.jit
-    def _window_attention_kernel(q, k, v, out, lse, starts, window_blocks, T, qk_scale, H: tl.constexpr,
-                                 HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+    def _window_attention_kernel(q_desc, k_desc, v_desc, out, lse, starts, window_blocks, T, qk_scale,
+                                 H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                                  BLOCK_N: tl.constexpr):
-        # one tile of BLOCK_M queries of one head
+        # one tile of BLOCK_M queries of one head, whose columns start at col
         m0, head = tl.program_id(0) * BLOCK_M, tl.program_id(1)
-        rows, dims = m0 + tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM)
-        q, k, v, out = q + head * HEAD_DIM, k + head * HEAD_DIM, v + head * HEAD_DIM, out + head * HEAD_DIM
-        q_tile = tl.load(q + rows[:, None] * (H * HEAD_DIM) + dims[None, :])
+        rows, dims, col = m0 + tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM), head * HEAD_DIM
+        q_tile = q_desc.load([m0, col])
         starts_q = tl.load(starts + rows)
         window = tl.maximum(tl.load(window_blocks), 1)
         lo, unmasked = _key_range(tl.load(starts + m0), tl.load(starts + m0 + BLOCK_M - 1), m0, window, BLOCK, BLOCK_N)
         acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
         row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         row_max = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float32)
-        acc, row_sum, row_max = _attend_tiles(acc, row_sum, row_max, q_tile, k, v, rows, starts_q, lo, unmasked,
-                                              qk_scale, H, HEAD_DIM, BLOCK_N, True)
-        acc, row_sum, row_max = _attend_tiles(acc, row_sum, row_max, q_tile, k, v, rows, starts_q, unmasked, m0,
-                                              qk_scale, H, HEAD_DIM, BLOCK_N, False)
-        acc, row_sum, row_max = _attend_tiles(acc, row_sum, row_max, q_tile, k, v, rows, starts_q, m0, m0 + BLOCK_M,
-                                              qk_scale, H, HEAD_DIM, BLOCK_N, True)
-        tl.store(out + rows[:, None] * (H * HEAD_DIM) + dims[None, :], (acc / row_sum[:, None]).to(q_tile.dtype))
+        acc, row_sum, row_max = _attend_tiles(acc, row_sum, row_max, q_tile, k_desc, v_desc, col, rows, starts_q,
+                                              lo, unmasked, qk_scale, BLOCK_N, True)
+        acc, row_sum, row_max = _attend_tiles(acc, row_sum, row_max, q_tile, k_desc, v_desc, col, rows, starts_q,
+                                              unmasked, m0, qk_scale, BLOCK_N, False)
+        acc, row_sum, row_max = _attend_tiles(acc, row_sum, row_max, q_tile, k_desc, v_desc, col, rows, starts_q,
+                                              m0, m0 + BLOCK_M, qk_scale, BLOCK_N, True)
+        tl.store(out + rows[:, None] * (H * HEAD_DIM) + col + dims[None, :], (acc / row_sum[:, None]).to(q_tile.dtype))
         tl.store(lse + head * T + rows, row_max + tl.math.log2(row_sum))
 
     @triton.jit
@@ -1431,35 +1441,33 @@ if triton is not None:
         tl.store(delta + head * T + rows, tl.sum(products, 1))
 
     @triton.jit
-    def _grad_kv_tiles(grad_k, grad_v, k_tile, v_tile, q, grad_out, lse, delta, keys, ends_k, lo, hi, qk_scale,
-                       H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
+    def _grad_kv_tiles(grad_k, grad_v, k_tile, v_tile, q_desc, grad_out_desc, lse, delta, col, keys, ends_k, lo, hi,
+                       qk_scale, BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
         """The key tile's gradients from query tiles lo .. hi, with the scores transposed (keys x queries)."""
-        cols, dims = tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM)
+        cols = tl.arange(0, BLOCK_M)
         for m in tl.range(lo, hi, BLOCK_M):
             rows = m + cols
-            q_t = tl.load(q + rows[None, :] * (H * HEAD_DIM) + dims[:, None])
-            p_t = tl.math.exp2(tl.dot(k_tile, q_t) * qk_scale - tl.load(lse + rows)[None, :])
+            q_tile = q_desc.load([m, col])
+            p_t = tl.math.exp2(tl.dot(k_tile, q_tile.T) * qk_scale - tl.load(lse + rows)[None, :])
             if MASKED:
                 p_t = tl.where((rows[None, :] >= keys[:, None]) & (rows[None, :] < ends_k[:, None]), p_t, 0.0)
-            grad_o = tl.load(grad_out + rows[:, None] * (H * HEAD_DIM) + dims[None, :])
+            grad_o = grad_out_desc.load([m, col])
             grad_v += tl.dot(p_t.to(grad_o.dtype), grad_o)
-            grad_p_t = tl.dot(v_tile, tl.trans(grad_o))
+            grad_p_t = tl.dot(v_tile, grad_o.T)
             grad_s_t = p_t * (grad_p_t - tl.load(delta + rows)[None, :])
-            grad_k += tl.dot(grad_s_t.to(q_t.dtype), tl.trans(q_t))
+            grad_k += tl.dot(grad_s_t.to(q_tile.dtype), q_tile)
         return grad_k, grad_v
 
     @triton.jit
-    def _window_attention_grad_kv_kernel(q, k, v, grad_out, lse, delta, ends, window_blocks, grad_k, grad_v, T,
-                                         qk_scale, scale, H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
-                                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _window_attention_grad_kv_kernel(q_desc, k_desc, v_desc, grad_out_desc, lse, delta, ends, window_blocks,
+                                         grad_k, grad_v, T, qk_scale, scale, H: tl.constexpr, HEAD_DIM: tl.constexpr,
+                                         BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # one tile of BLOCK_N keys of one head, over the queries that see them: from the tile itself to the end of
         # the window or of its last key's document (flash attention 2's backward, by Tri Dao)
         n0, head = tl.program_id(0) * BLOCK_N, tl.program_id(1)
-        keys, dims = n0 + tl.arange(0, BLOCK_N), tl.arange(0, HEAD_DIM)
-        offset = head * HEAD_DIM
-        q, grad_out, lse, delta = q + offset, grad_out + offset, lse + head * T, delta + head * T
-        at = keys[:, None] * (H * HEAD_DIM) + offset + dims[None, :]
-        k_tile, v_tile = tl.load(k + at), tl.load(v + at)
+        keys, dims, col = n0 + tl.arange(0, BLOCK_N), tl.arange(0, HEAD_DIM), head * HEAD_DIM
+        lse, delta = lse + head * T, delta + head * T
+        k_tile, v_tile = k_desc.load([n0, col]), v_desc.load([n0, col])
         ends_k = tl.load(ends + keys)
         window = tl.maximum(tl.load(window_blocks), 1)
         hi = tl.minimum(tl.minimum((n0 // BLOCK + window) * BLOCK, T), tl.cdiv(tl.load(ends + n0 + BLOCK_N - 1),
@@ -1467,55 +1475,54 @@ if triton is not None:
         unmasked = tl.maximum(tl.minimum(hi, tl.load(ends + n0) // BLOCK_M * BLOCK_M), n0 + BLOCK_N)
         grad_k_tile = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
         grad_v_tile = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
-        grad_k_tile, grad_v_tile = _grad_kv_tiles(grad_k_tile, grad_v_tile, k_tile, v_tile, q, grad_out, lse, delta,
-                                                  keys, ends_k, n0, n0 + BLOCK_N, qk_scale, H, HEAD_DIM, BLOCK_M, True)
-        grad_k_tile, grad_v_tile = _grad_kv_tiles(grad_k_tile, grad_v_tile, k_tile, v_tile, q, grad_out, lse, delta,
-                                                  keys, ends_k, n0 + BLOCK_N, unmasked, qk_scale, H, HEAD_DIM, BLOCK_M,
-                                                  False)
-        grad_k_tile, grad_v_tile = _grad_kv_tiles(grad_k_tile, grad_v_tile, k_tile, v_tile, q, grad_out, lse, delta,
-                                                  keys, ends_k, unmasked, hi, qk_scale, H, HEAD_DIM, BLOCK_M, True)
+        grad_k_tile, grad_v_tile = _grad_kv_tiles(grad_k_tile, grad_v_tile, k_tile, v_tile, q_desc, grad_out_desc,
+                                                  lse, delta, col, keys, ends_k, n0, n0 + BLOCK_N, qk_scale, BLOCK_M,
+                                                  True)
+        grad_k_tile, grad_v_tile = _grad_kv_tiles(grad_k_tile, grad_v_tile, k_tile, v_tile, q_desc, grad_out_desc,
+                                                  lse, delta, col, keys, ends_k, n0 + BLOCK_N, unmasked, qk_scale,
+                                                  BLOCK_M, False)
+        grad_k_tile, grad_v_tile = _grad_kv_tiles(grad_k_tile, grad_v_tile, k_tile, v_tile, q_desc, grad_out_desc,
+                                                  lse, delta, col, keys, ends_k, unmasked, hi, qk_scale, BLOCK_M, True)
+        at = keys[:, None] * (H * HEAD_DIM) + col + dims[None, :]
         tl.store(grad_k + at, (grad_k_tile * scale).to(k_tile.dtype))
         tl.store(grad_v + at, grad_v_tile.to(k_tile.dtype))
 
     @triton.jit
-    def _grad_q_tiles(grad_q, q_tile, grad_o, lse_q, delta_q, k, v, rows, starts_q, lo, hi, qk_scale, H: tl.constexpr,
-                      HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    def _grad_q_tiles(grad_q, q_tile, grad_o, lse_q, delta_q, k_desc, v_desc, col, rows, starts_q, lo, hi, qk_scale,
+                      BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
         """The query tile's gradient from key tiles lo .. hi."""
-        cols, dims = tl.arange(0, BLOCK_N), tl.arange(0, HEAD_DIM)
+        cols = tl.arange(0, BLOCK_N)
         for n in tl.range(lo, hi, BLOCK_N):
             keys = n + cols
-            k_t = tl.load(k + keys[None, :] * (H * HEAD_DIM) + dims[:, None])
-            p = tl.math.exp2(tl.dot(q_tile, k_t) * qk_scale - lse_q[:, None])
+            k_tile = k_desc.load([n, col])
+            p = tl.math.exp2(tl.dot(q_tile, k_tile.T) * qk_scale - lse_q[:, None])
             if MASKED:
                 p = tl.where((keys[None, :] >= starts_q[:, None]) & (keys[None, :] <= rows[:, None]), p, 0.0)
-            grad_p = tl.dot(grad_o, tl.load(v + keys[None, :] * (H * HEAD_DIM) + dims[:, None]))
+            grad_p = tl.dot(grad_o, v_desc.load([n, col]).T)
             grad_s = p * (grad_p - delta_q[:, None])
-            grad_q += tl.dot(grad_s.to(k_t.dtype), tl.trans(k_t))
+            grad_q += tl.dot(grad_s.to(k_tile.dtype), k_tile)
         return grad_q
 
     @triton.jit
-    def _window_attention_grad_q_kernel(q, k, v, grad_out, lse, delta, starts, window_blocks, grad_q, T, qk_scale,
-                                        scale, H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
-                                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _window_attention_grad_q_kernel(q_desc, k_desc, v_desc, grad_out_desc, lse, delta, starts, window_blocks,
+                                        grad_q, T, qk_scale, scale, H: tl.constexpr, HEAD_DIM: tl.constexpr,
+                                        BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # one tile of BLOCK_M queries of one head, over the keys it sees, as in the forward
         m0, head = tl.program_id(0) * BLOCK_M, tl.program_id(1)
-        rows, dims = m0 + tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM)
-        offset = head * HEAD_DIM
-        k, v = k + offset, v + offset
-        at = rows[:, None] * (H * HEAD_DIM) + offset + dims[None, :]
-        q_tile, grad_o = tl.load(q + at), tl.load(grad_out + at)
+        rows, dims, col = m0 + tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM), head * HEAD_DIM
+        q_tile, grad_o = q_desc.load([m0, col]), grad_out_desc.load([m0, col])
         lse_q, delta_q = tl.load(lse + head * T + rows), tl.load(delta + head * T + rows)
         starts_q = tl.load(starts + rows)
         window = tl.maximum(tl.load(window_blocks), 1)
         lo, unmasked = _key_range(tl.load(starts + m0), tl.load(starts + m0 + BLOCK_M - 1), m0, window, BLOCK, BLOCK_N)
         grad_q_tile = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-        grad_q_tile = _grad_q_tiles(grad_q_tile, q_tile, grad_o, lse_q, delta_q, k, v, rows, starts_q, lo, unmasked,
-                                    qk_scale, H, HEAD_DIM, BLOCK_N, True)
-        grad_q_tile = _grad_q_tiles(grad_q_tile, q_tile, grad_o, lse_q, delta_q, k, v, rows, starts_q, unmasked, m0,
-                                    qk_scale, H, HEAD_DIM, BLOCK_N, False)
-        grad_q_tile = _grad_q_tiles(grad_q_tile, q_tile, grad_o, lse_q, delta_q, k, v, rows, starts_q, m0,
-                                    m0 + BLOCK_M, qk_scale, H, HEAD_DIM, BLOCK_N, True)
-        tl.store(grad_q + at, (grad_q_tile * scale).to(q_tile.dtype))
+        grad_q_tile = _grad_q_tiles(grad_q_tile, q_tile, grad_o, lse_q, delta_q, k_desc, v_desc, col, rows, starts_q,
+                                    lo, unmasked, qk_scale, BLOCK_N, True)
+        grad_q_tile = _grad_q_tiles(grad_q_tile, q_tile, grad_o, lse_q, delta_q, k_desc, v_desc, col, rows, starts_q,
+                                    unmasked, m0, qk_scale, BLOCK_N, False)
+        grad_q_tile = _grad_q_tiles(grad_q_tile, q_tile, grad_o, lse_q, delta_q, k_desc, v_desc, col, rows, starts_q,
+                                    m0, m0 + BLOCK_M, qk_scale, BLOCK_N, True)
+        tl.store(grad_q + rows[:, None] * (H * HEAD_DIM) + col + dims[None, :], (grad_q_tile * scale).to(q_tile.dtype))
 
 
 # --- attention_inputs: QK norm, rotary and the value mix, one Triton kernel each way on a CUDA GPU
