@@ -1194,8 +1194,8 @@ def fp8_available(device: torch.device) -> tuple[bool, str]:
 
 
 def triton_on_hopper(device: torch.device) -> tuple[bool, str]:
-    """Whether the Triton kernels written for Hopper can run here: the MLP's matmuls load through its tensor memory
-    accelerator; the attention kernels were tuned and tested on it."""
+    """Whether the Triton kernels written for Hopper can run here: the MLP's matmuls and the attention kernels load
+    through its tensor memory accelerator, and were tuned and tested on it."""
     if device.type != "cuda":
         return False, f"no Triton on {device.type}"
     major, minor = torch.cuda.get_device_capability(device)
