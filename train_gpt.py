@@ -1344,19 +1344,18 @@ def _window_attention_grad_triton(grad_out: Tensor, q: Tensor, k: Tensor, v: Ten
                                   starts: Tensor, ends: Tensor, window_blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     _, T, H, head_dim = q.shape
     grad_out, q, k, v, out = (t.contiguous() for t in (grad_out, q, k, v, out))
-    delta = torch.empty_like(lse)  # per query: the sum of grad_out * out, the softmax's backward needs it
-    _attention_delta_kernel[(T // BLOCK_SIZE, H)](out, grad_out, delta, T, H, head_dim, BLOCK_SIZE)
+    delta = torch.empty_like(lse)  # per query: the sum of grad_out * out, which the query kernel computes and stores
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    block_m, block_n, warps, stages = ATTENTION_TILES["grad_q"]
+    _window_attention_grad_q_kernel[(T // block_m, H)](
+        _tiles_of(q, block_m), _tiles_of(k, block_n), _tiles_of(v, block_n), _tiles_of(grad_out, block_m), out, lse,
+        delta, starts, window_blocks, grad_q, T, ATTENTION_SCALE * LOG2E, ATTENTION_SCALE, H, head_dim, BLOCK_SIZE,
+        block_m, block_n, num_warps=warps, num_stages=stages)
     block_m, block_n, warps, stages = ATTENTION_TILES["grad_kv"]
     _window_attention_grad_kv_kernel[(T // block_n, H)](
         _tiles_of(q, block_m), _tiles_of(k, block_n), _tiles_of(v, block_n), _tiles_of(grad_out, block_m), lse, delta,
         ends, window_blocks, grad_k, grad_v, T, ATTENTION_SCALE * LOG2E, ATTENTION_SCALE, H, head_dim, BLOCK_SIZE,
         block_m, block_n, num_warps=warps, num_stages=stages)
-    block_m, block_n, warps, stages = ATTENTION_TILES["grad_q"]
-    _window_attention_grad_q_kernel[(T // block_m, H)](
-        _tiles_of(q, block_m), _tiles_of(k, block_n), _tiles_of(v, block_n), _tiles_of(grad_out, block_m), lse, delta,
-        starts, window_blocks, grad_q, T, ATTENTION_SCALE * LOG2E, ATTENTION_SCALE, H, head_dim, BLOCK_SIZE, block_m,
-        block_n, num_warps=warps, num_stages=stages)
     return grad_q, grad_k, grad_v
 
 
@@ -1389,34 +1388,19 @@ if triton is not None:
         unmasked = tl.minimum(tl.maximum(lo, tl.cdiv(last_start, BLOCK_N) * BLOCK_N), m0)
         return lo, unmasked
 
-    @triton.jit
-    def _attend_tiles(acc, row_sum, row_max, q, k_desc, v_desc, col, rows, starts_q, lo, hi, qk_scale,
-                      BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
-        """The online softmax over key tiles lo .. hi (flash attention's forward, by Tri Dao)."""
-        cols = tl.arange(0, BLOCK_N)
-        for n in tl.range(lo, hi, BLOCK_N):
-            keys = n + cols
-            scores = tl.dot(q, k_desc.load([n, col]).T) * qk_scale
-            if MASKED:  # -1e6 rather than -inf: a row with no key in this tile yet stays finite, and its weights
-                # are zeroed by the first tile that has one
-                seen = (keys[None, :] >= starts_q[:, None]) & (keys[None, :] <= rows[:, None])
-                scores = tl.where(seen, scores, -1.0e6)
-            new_max = tl.maximum(row_max, tl.max(scores, 1))
-            p = tl.math.exp2(scores - new_max[:, None])
-            alpha = tl.math.exp2(row_max - new_max)
-            row_sum = row_sum * alpha + tl.sum(p, 1)
-            values = v_desc.load([n, col])
-            acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values)
-            row_max = new_max
-        return acc, row_sum, row_max
+    # Each kernel walks its tile's range of keys (or queries) in one pipelined loop, with a branch that masks only
+    # the tiles at its ends: a loop for each part would drain the pipeline twice a tile, at the short windows most
+    # of the tile's time.
 
     @triton.jit
     def _window_attention_kernel(q_desc, k_desc, v_desc, out, lse, starts, window_blocks, T, qk_scale,
                                  H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                                  BLOCK_N: tl.constexpr):
-        # one tile of BLOCK_M queries of one head, whose columns start at col
+        # one tile of BLOCK_M queries of one head, whose columns start at col, with the online softmax over its key
+        # tiles (flash attention's forward, by Tri Dao)
         m0, head = tl.program_id(0) * BLOCK_M, tl.program_id(1)
         rows, dims, col = m0 + tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM), head * HEAD_DIM
+        cols = tl.arange(0, BLOCK_N)
         q_tile = q_desc.load([m0, col])
         starts_q = tl.load(starts + rows)
         window = tl.maximum(tl.load(window_blocks), 1)
@@ -1424,48 +1408,63 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
         row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         row_max = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float32)
-        acc, row_sum, row_max = _attend_tiles(acc, row_sum, row_max, q_tile, k_desc, v_desc, col, rows, starts_q,
-                                              lo, unmasked, qk_scale, BLOCK_N, True)
-        acc, row_sum, row_max = _attend_tiles(acc, row_sum, row_max, q_tile, k_desc, v_desc, col, rows, starts_q,
-                                              unmasked, m0, qk_scale, BLOCK_N, False)
-        acc, row_sum, row_max = _attend_tiles(acc, row_sum, row_max, q_tile, k_desc, v_desc, col, rows, starts_q,
-                                              m0, m0 + BLOCK_M, qk_scale, BLOCK_N, True)
+        for n in tl.range(lo, m0 + BLOCK_M, BLOCK_N):
+            keys = n + cols
+            scores = tl.dot(q_tile, k_desc.load([n, col]).T)  # unscaled: the maximum is scaled once a row
+            if (n < unmasked) | (n >= m0):  # -1e6 rather than -inf: a row with no key in this tile yet stays
+                # finite, and its weights are zeroed by the first tile that has one
+                seen = (keys[None, :] >= starts_q[:, None]) & (keys[None, :] <= rows[:, None])
+                scores = tl.where(seen, scores, -1.0e6)
+            new_max = tl.maximum(row_max, tl.max(scores, 1) * qk_scale)
+            p = tl.math.exp2(scores * qk_scale - new_max[:, None])
+            alpha = tl.math.exp2(row_max - new_max)
+            row_sum = row_sum * alpha + tl.sum(p, 1)
+            values = v_desc.load([n, col])
+            acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values)
+            row_max = new_max
         tl.store(out + rows[:, None] * (H * HEAD_DIM) + col + dims[None, :], (acc / row_sum[:, None]).to(q_tile.dtype))
         tl.store(lse + head * T + rows, row_max + tl.math.log2(row_sum))
 
     @triton.jit
-    def _attention_delta_kernel(out, grad_out, delta, T, H: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
-        rows, head = tl.program_id(0) * ROWS + tl.arange(0, ROWS), tl.program_id(1)
-        at = rows[:, None] * (H * HEAD_DIM) + head * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
-        products = tl.load(out + at).to(tl.float32) * tl.load(grad_out + at).to(tl.float32)
-        tl.store(delta + head * T + rows, tl.sum(products, 1))
-
-    @triton.jit
-    def _grad_kv_tiles(grad_k, grad_v, k_tile, v_tile, q_desc, grad_out_desc, lse, delta, col, keys, ends_k, lo, hi,
-                       qk_scale, BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
-        """The key tile's gradients from query tiles lo .. hi, with the scores transposed (keys x queries)."""
-        cols = tl.arange(0, BLOCK_M)
-        for m in tl.range(lo, hi, BLOCK_M):
-            rows = m + cols
-            q_tile = q_desc.load([m, col])
-            p_t = tl.math.exp2(tl.dot(k_tile, q_tile.T) * qk_scale - tl.load(lse + rows)[None, :])
-            if MASKED:
-                p_t = tl.where((rows[None, :] >= keys[:, None]) & (rows[None, :] < ends_k[:, None]), p_t, 0.0)
-            grad_o = grad_out_desc.load([m, col])
-            grad_v += tl.dot(p_t.to(grad_o.dtype), grad_o)
-            grad_p_t = tl.dot(v_tile, grad_o.T)
-            grad_s_t = p_t * (grad_p_t - tl.load(delta + rows)[None, :])
-            grad_k += tl.dot(grad_s_t.to(q_tile.dtype), q_tile)
-        return grad_k, grad_v
+    def _window_attention_grad_q_kernel(q_desc, k_desc, v_desc, grad_out_desc, out, lse, delta, starts,
+                                        window_blocks, grad_q, T, qk_scale, scale, H: tl.constexpr,
+                                        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                                        BLOCK_N: tl.constexpr):
+        # one tile of BLOCK_M queries of one head, over the keys it sees, as in the forward; it also stores its
+        # queries' delta = sum(grad_out * out) for the key kernel, which runs after it
+        m0, head = tl.program_id(0) * BLOCK_M, tl.program_id(1)
+        rows, dims, col = m0 + tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM), head * HEAD_DIM
+        cols = tl.arange(0, BLOCK_N)
+        at = rows[:, None] * (H * HEAD_DIM) + col + dims[None, :]
+        q_tile, grad_o = q_desc.load([m0, col]), grad_out_desc.load([m0, col])
+        delta_q = tl.sum(tl.load(out + at).to(tl.float32) * grad_o.to(tl.float32), 1)
+        tl.store(delta + head * T + rows, delta_q)
+        lse_q = tl.load(lse + head * T + rows)
+        starts_q = tl.load(starts + rows)
+        window = tl.maximum(tl.load(window_blocks), 1)
+        lo, unmasked = _key_range(tl.load(starts + m0), tl.load(starts + m0 + BLOCK_M - 1), m0, window, BLOCK, BLOCK_N)
+        grad_q_tile = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+        for n in tl.range(lo, m0 + BLOCK_M, BLOCK_N):
+            keys = n + cols
+            k_tile = k_desc.load([n, col])
+            p = tl.math.exp2(tl.dot(q_tile, k_tile.T) * qk_scale - lse_q[:, None])
+            if (n < unmasked) | (n >= m0):
+                p = tl.where((keys[None, :] >= starts_q[:, None]) & (keys[None, :] <= rows[:, None]), p, 0.0)
+            grad_p = tl.dot(grad_o, v_desc.load([n, col]).T)
+            grad_s = p * (grad_p - delta_q[:, None])
+            grad_q_tile += tl.dot(grad_s.to(k_tile.dtype), k_tile)
+        tl.store(grad_q + at, (grad_q_tile * scale).to(q_tile.dtype))
 
     @triton.jit
     def _window_attention_grad_kv_kernel(q_desc, k_desc, v_desc, grad_out_desc, lse, delta, ends, window_blocks,
                                          grad_k, grad_v, T, qk_scale, scale, H: tl.constexpr, HEAD_DIM: tl.constexpr,
                                          BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        # one tile of BLOCK_N keys of one head, over the queries that see them: from the tile itself to the end of
-        # the window or of its last key's document (flash attention 2's backward, by Tri Dao)
+        # one tile of BLOCK_N keys of one head, over the queries that see them: from the tile itself (masked) to
+        # the end of the window or of its last key's document, masked from its first key's document end
+        # (flash attention 2's backward, by Tri Dao), with the scores transposed (keys x queries)
         n0, head = tl.program_id(0) * BLOCK_N, tl.program_id(1)
         keys, dims, col = n0 + tl.arange(0, BLOCK_N), tl.arange(0, HEAD_DIM), head * HEAD_DIM
+        cols = tl.arange(0, BLOCK_M)
         lse, delta = lse + head * T, delta + head * T
         k_tile, v_tile = k_desc.load([n0, col]), v_desc.load([n0, col])
         ends_k = tl.load(ends + keys)
@@ -1475,54 +1474,20 @@ if triton is not None:
         unmasked = tl.maximum(tl.minimum(hi, tl.load(ends + n0) // BLOCK_M * BLOCK_M), n0 + BLOCK_N)
         grad_k_tile = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
         grad_v_tile = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
-        grad_k_tile, grad_v_tile = _grad_kv_tiles(grad_k_tile, grad_v_tile, k_tile, v_tile, q_desc, grad_out_desc,
-                                                  lse, delta, col, keys, ends_k, n0, n0 + BLOCK_N, qk_scale, BLOCK_M,
-                                                  True)
-        grad_k_tile, grad_v_tile = _grad_kv_tiles(grad_k_tile, grad_v_tile, k_tile, v_tile, q_desc, grad_out_desc,
-                                                  lse, delta, col, keys, ends_k, n0 + BLOCK_N, unmasked, qk_scale,
-                                                  BLOCK_M, False)
-        grad_k_tile, grad_v_tile = _grad_kv_tiles(grad_k_tile, grad_v_tile, k_tile, v_tile, q_desc, grad_out_desc,
-                                                  lse, delta, col, keys, ends_k, unmasked, hi, qk_scale, BLOCK_M, True)
+        for m in tl.range(n0, hi, BLOCK_M):
+            rows = m + cols
+            q_tile = q_desc.load([m, col])
+            p_t = tl.math.exp2(tl.dot(k_tile, q_tile.T) * qk_scale - tl.load(lse + rows)[None, :])
+            if (m < n0 + BLOCK_N) | (m >= unmasked):
+                p_t = tl.where((rows[None, :] >= keys[:, None]) & (rows[None, :] < ends_k[:, None]), p_t, 0.0)
+            grad_o = grad_out_desc.load([m, col])
+            grad_v_tile += tl.dot(p_t.to(grad_o.dtype), grad_o)
+            grad_p_t = tl.dot(v_tile, grad_o.T)
+            grad_s_t = p_t * (grad_p_t - tl.load(delta + rows)[None, :])
+            grad_k_tile += tl.dot(grad_s_t.to(q_tile.dtype), q_tile)
         at = keys[:, None] * (H * HEAD_DIM) + col + dims[None, :]
         tl.store(grad_k + at, (grad_k_tile * scale).to(k_tile.dtype))
         tl.store(grad_v + at, grad_v_tile.to(k_tile.dtype))
-
-    @triton.jit
-    def _grad_q_tiles(grad_q, q_tile, grad_o, lse_q, delta_q, k_desc, v_desc, col, rows, starts_q, lo, hi, qk_scale,
-                      BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
-        """The query tile's gradient from key tiles lo .. hi."""
-        cols = tl.arange(0, BLOCK_N)
-        for n in tl.range(lo, hi, BLOCK_N):
-            keys = n + cols
-            k_tile = k_desc.load([n, col])
-            p = tl.math.exp2(tl.dot(q_tile, k_tile.T) * qk_scale - lse_q[:, None])
-            if MASKED:
-                p = tl.where((keys[None, :] >= starts_q[:, None]) & (keys[None, :] <= rows[:, None]), p, 0.0)
-            grad_p = tl.dot(grad_o, v_desc.load([n, col]).T)
-            grad_s = p * (grad_p - delta_q[:, None])
-            grad_q += tl.dot(grad_s.to(k_tile.dtype), k_tile)
-        return grad_q
-
-    @triton.jit
-    def _window_attention_grad_q_kernel(q_desc, k_desc, v_desc, grad_out_desc, lse, delta, starts, window_blocks,
-                                        grad_q, T, qk_scale, scale, H: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                        BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        # one tile of BLOCK_M queries of one head, over the keys it sees, as in the forward
-        m0, head = tl.program_id(0) * BLOCK_M, tl.program_id(1)
-        rows, dims, col = m0 + tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM), head * HEAD_DIM
-        q_tile, grad_o = q_desc.load([m0, col]), grad_out_desc.load([m0, col])
-        lse_q, delta_q = tl.load(lse + head * T + rows), tl.load(delta + head * T + rows)
-        starts_q = tl.load(starts + rows)
-        window = tl.maximum(tl.load(window_blocks), 1)
-        lo, unmasked = _key_range(tl.load(starts + m0), tl.load(starts + m0 + BLOCK_M - 1), m0, window, BLOCK, BLOCK_N)
-        grad_q_tile = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-        grad_q_tile = _grad_q_tiles(grad_q_tile, q_tile, grad_o, lse_q, delta_q, k_desc, v_desc, col, rows, starts_q,
-                                    lo, unmasked, qk_scale, BLOCK_N, True)
-        grad_q_tile = _grad_q_tiles(grad_q_tile, q_tile, grad_o, lse_q, delta_q, k_desc, v_desc, col, rows, starts_q,
-                                    unmasked, m0, qk_scale, BLOCK_N, False)
-        grad_q_tile = _grad_q_tiles(grad_q_tile, q_tile, grad_o, lse_q, delta_q, k_desc, v_desc, col, rows, starts_q,
-                                    m0, m0 + BLOCK_M, qk_scale, BLOCK_N, True)
-        tl.store(grad_q + rows[:, None] * (H * HEAD_DIM) + col + dims[None, :], (grad_q_tile * scale).to(q_tile.dtype))
 
 
 # --- attention_inputs: QK norm, rotary and the value mix, one Triton kernel each way on a CUDA GPU
