@@ -1389,8 +1389,8 @@ if triton is not None:
         return lo, unmasked
 
     # Each kernel walks its tile's range of keys (or queries) in one pipelined loop, with a branch that masks only
-    # the tiles at its ends: a loop for each part would drain the pipeline twice a tile, at the short windows most
-    # of the tile's time.
+    # the tiles at its ends. A loop for each part was slower, most at the short windows, where each part is a tile
+    # or two (likely: each loop's pipeline fills and drains on its own).
 
     @triton.jit
     def _window_attention_kernel(q_desc, k_desc, v_desc, out, lse, starts, window_blocks, T, qk_scale,
