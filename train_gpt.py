@@ -1819,12 +1819,15 @@ if triton is not None:
 # and w go to float8_e4m3fn and the logits' gradient to float8_e5m2; _scaled_mm multiplies in FP8, undoes the
 # scales. A chunk's logits become the loss and their gradient in _loss_and_logit_grad: on the GPU two Triton
 # kernels, each reading the logits once, the second storing the gradient in both layouts that the FP8 matmuls need.
+# In FP8 the gradient for w is one matmul over a span of GRAD_W_CHUNKS chunks, whose transposed gradients the
+# kernel stores side by side: fewer float32 (V, D) partial products to add into grad_w.
 
 FP8_X_SCALE, FP8_W_SCALE = 2.0, 32.0
 # The mean over the tokens makes each logit's gradient about 1/tokens: grad_s = 2^13 * tokens brings it into
 # float8_e5m2's range (2^29 at the record's 65,536 tokens; a fixed 2^29 overflows at the smoke preset's 1024).
 FP8_GRAD_SCALE_PER_TOKEN = 2.0**13
 HEAD_CHUNK = 8192  # tokens a chunk: its logits are 0.8 GB in bf16
+GRAD_W_CHUNKS = 2  # chunks a span: each one more holds another chunk's FP8 gradient (0.4 GB) until the span ends
 
 
 def head_loss(x: Tensor, w: Tensor, targets: Tensor) -> Tensor:
@@ -1839,21 +1842,32 @@ def fused_head_loss(x: Tensor, w: Tensor, targets: Tensor, fp8: bool) -> tuple[T
     x (T, D) bf16, w (V, D) float32, targets (T,) int64 -> loss () float32, grad_x (T, D) bf16, grad_w (V, D)
     float32. fp8: the matmuls in FP8 (compute capability >= 8.9, or a recent CPU build), else in bf16."""
     if x.is_cuda:
-        loss_and_logit_grad, matmul_grads = _loss_and_logit_grad_triton, _chunk_matmul_grads_compiled
+        loss_and_logit_grad, e4m3_both = _loss_and_logit_grad_triton, _e4m3_both_compiled
+        grad_x_of, add_grad_w = _grad_x_compiled, _add_grad_w_compiled
     else:
-        loss_and_logit_grad, matmul_grads = _loss_and_logit_grad, _chunk_matmul_grads
-    w_q = _e4m3(w, FP8_W_SCALE) if fp8 else w.bfloat16()
-    w_q_t = w_q.T.contiguous() if fp8 else w_q.T  # the FP8 matmul of grad_x wants w_q column-major
+        loss_and_logit_grad, e4m3_both, grad_x_of, add_grad_w = _loss_and_logit_grad, _e4m3_both, _grad_x, _add_grad_w
+    if fp8:
+        w_q, w_q_t = e4m3_both(w, FP8_W_SCALE)
+    else:
+        w_q = w.bfloat16()
+        w_q_t = w_q.T
     grad_s = FP8_GRAD_SCALE_PER_TOKEN * len(x) if fp8 else None
     loss = torch.zeros((), dtype=torch.float32, device=x.device)
     grad_x, grad_w = torch.empty_like(x), torch.zeros_like(w, dtype=torch.float32)
-    for start in range(0, len(x), HEAD_CHUNK):
-        rows = slice(start, start + HEAD_CHUNK)
-        x_q = _e4m3(x[rows], FP8_X_SCALE) if fp8 else x[rows]
-        chunk_loss, g, g_t = loss_and_logit_grad(_logits(x_q, w_q), targets[rows], 1 / len(x), grad_s)
-        grad_x[rows], grad_w = matmul_grads(g, g_t, x_q, w_q_t, grad_w, grad_s)
-        loss += chunk_loss
-        del g, g_t  # before the next chunk's logits are allocated
+    span = HEAD_CHUNK * GRAD_W_CHUNKS if fp8 else HEAD_CHUNK
+    for start in range(0, len(x), span):
+        tokens = slice(start, start + span)
+        x_q = _e4m3(x[tokens], FP8_X_SCALE) if fp8 else x[tokens]
+        g_t = x.new_empty((len(w), len(x_q)), dtype=torch.float8_e5m2) if fp8 else None
+        for chunk in range(0, len(x_q), HEAD_CHUNK):
+            rows = slice(chunk, chunk + HEAD_CHUNK)
+            g = None  # the last chunk's gradient goes before this chunk's logits are allocated
+            chunk_loss, g = loss_and_logit_grad(_logits(x_q[rows], w_q), targets[tokens][rows], 1 / len(x),
+                                                grad_s, g_t[:, rows] if fp8 else None)[:2]
+            grad_x[tokens][rows] = grad_x_of(g, w_q_t, grad_s)
+            loss += chunk_loss
+        grad_w = add_grad_w(grad_w, g_t if fp8 else g.T, x_q, grad_s)  # in bf16 a span is one chunk: g.T is its g_t
+        del g, g_t  # before the next span's are allocated
     return loss / len(x), grad_x, grad_w.contiguous()  # the sum's layout may follow the transposed partial
 
 
@@ -1880,6 +1894,18 @@ def _e4m3(t: Tensor, scale: float) -> Tensor:
     return t.mul(scale).to(torch.float8_e4m3fn)
 
 
+def _e4m3_both(t: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """_e4m3(t, scale), and a contiguous copy of it transposed: w_q is the first operand of the logits' matmul and
+    the second of grad_x's, and _scaled_mm wants its first operand row-major, its second column-major."""
+    t_q = _e4m3(t, scale)
+    return t_q, t_q.T.contiguous()
+
+
+# compiled on the GPU, where eagerly the float8 transposed copy is a slow kernel of its own, and the scaling and the
+# cast two more; under no_grad, because w comes in as the parameter
+_e4m3_both_compiled = torch.compile(torch.no_grad()(_e4m3_both), dynamic=False)
+
+
 def _logits(x_q: Tensor, w_q: Tensor) -> Tensor:
     """x_q (n, D) and w_q (V, D), both bf16 or both float8_e4m3fn (scaled) -> the logits (n, V) in bf16."""
     if w_q.dtype != torch.float8_e4m3fn:
@@ -1889,11 +1915,11 @@ def _logits(x_q: Tensor, w_q: Tensor) -> Tensor:
                             scale_b=one / FP8_W_SCALE, use_fast_accum=True)
 
 
-def _loss_and_logit_grad(logits: Tensor, targets: Tensor, inv_tokens: float,
-                         grad_s: float | None) -> tuple[Tensor, Tensor, Tensor | None]:
+def _loss_and_logit_grad(logits: Tensor, targets: Tensor, inv_tokens: float, grad_s: float | None,
+                         g_t: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """The reference of the Triton kernels below. The logits (n, V) bf16 -> (the summed cross entropy of
     softcap(logits), the gradient g of inv_tokens * that sum for the logits, rounded to bf16; with grad_s (FP8):
-    g * grad_s in float8_e5m2, and a copy transposed)."""
+    g * grad_s in float8_e5m2, and a copy transposed, written into g_t (V, n) if given)."""
     s = torch.sigmoid(logits.float() / SOFTCAP_TEMPERATURE)
     z = SOFTCAP * s  # = softcap(logits)
     # z < 30, so the sum of exp(z) over the 50304 logits stays below 6e17: no max needs subtracting first
@@ -1907,11 +1933,11 @@ def _loss_and_logit_grad(logits: Tensor, targets: Tensor, inv_tokens: float,
     if grad_s is None:
         return loss, g, None
     g = g.mul(grad_s).to(torch.float8_e5m2)
-    return loss, g, g.T.contiguous()
+    return loss, g, g.T.contiguous() if g_t is None else g_t.copy_(g.T)
 
 
-def _loss_and_logit_grad_triton(logits: Tensor, targets: Tensor, inv_tokens: float,
-                                grad_s: float | None) -> tuple[Tensor, Tensor, Tensor | None]:
+def _loss_and_logit_grad_triton(logits: Tensor, targets: Tensor, inv_tokens: float, grad_s: float | None,
+                                g_t: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """_loss_and_logit_grad on the GPU: the row sums of exp(z), then g tile by tile."""
     if triton is None:
         raise RuntimeError("the GPU head loss needs Triton, as torch.compile does: pip install triton")
@@ -1921,10 +1947,12 @@ def _loss_and_logit_grad_triton(logits: Tensor, targets: Tensor, inv_tokens: flo
                                                  LSE_ROWS, LSE_COLS, num_warps=LSE_WARPS)
     fp8 = grad_s is not None
     g = torch.empty_like(logits, dtype=torch.float8_e5m2 if fp8 else torch.bfloat16)
-    g_t = logits.new_empty((V, n), dtype=torch.float8_e5m2) if fp8 else None
+    if fp8 and g_t is None:
+        g_t = logits.new_empty((V, n), dtype=torch.float8_e5m2)
     grid = (triton.cdiv(n, GRAD_ROWS), triton.cdiv(V, GRAD_COLS))
-    _logit_grad_kernel[grid](logits, targets, lse, g, g_t if fp8 else g, n, V, inv_tokens, grad_s or 1.0, fp8,
-                             SOFTCAP, SOFTCAP_TEMPERATURE, GRAD_ROWS, GRAD_COLS, num_warps=GRAD_WARPS)
+    _logit_grad_kernel[grid](logits, targets, lse, g, g_t if fp8 else g, n, V, g_t.stride(0) if fp8 else 0,
+                             inv_tokens, grad_s or 1.0, fp8, SOFTCAP, SOFTCAP_TEMPERATURE, GRAD_ROWS, GRAD_COLS,
+                             num_warps=GRAD_WARPS)
     return losses.sum(), g, g_t
 
 
@@ -1958,10 +1986,10 @@ if triton is not None:
         tl.store(losses + rows, row_lse - z_target, mask=row_ok)
 
     @triton.jit
-    def _logit_grad_kernel(logits, targets, lse, g, g_t, n, V, inv_tokens, grad_s, FP8: tl.constexpr,
+    def _logit_grad_kernel(logits, targets, lse, g, g_t, n, V, t_stride, inv_tokens, grad_s, FP8: tl.constexpr,
                            CAP: tl.constexpr, TEMPERATURE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
         # A (ROWS, COLS) tile of the logits -> the same tile of g, as _loss_and_logit_grad computes it; in FP8 also
-        # stored transposed into g_t (V, n)
+        # stored transposed into g_t (V, n), whose rows are t_stride apart
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
         ok = (rows < n)[:, None] & (cols < V)[None, :]
@@ -1972,28 +2000,35 @@ if triton is not None:
         grad = (dz * inv_tokens * (CAP / TEMPERATURE) * s * (1 - s)).to(tl.bfloat16)  # = dz / dlogits
         if FP8:
             grad = (grad.to(tl.float32) * grad_s).to(tl.float8e5)
-            t_offsets = cols.to(tl.int64)[:, None] * n + rows[None, :]
+            t_offsets = cols.to(tl.int64)[:, None] * t_stride + rows[None, :]
             tl.store(g_t + t_offsets, tl.trans(grad), mask=tl.trans(ok))
         tl.store(g + offsets, grad, mask=ok)
 
 
-def _chunk_matmul_grads(g: Tensor, g_t: Tensor | None, x_q: Tensor, w_q_t: Tensor, grad_w: Tensor,
-                        grad_s: float | None) -> tuple[Tensor, Tensor]:
-    """The logits' gradient g (n, V) (in FP8 also g_t = g.T, contiguous) against x_q (n, D) and w_q_t (D, V)
-    -> (the gradient for x (n, D) bf16, grad_w + the gradient for w (V, D))."""
+def _grad_x(g: Tensor, w_q_t: Tensor, grad_s: float | None) -> Tensor:
+    """The logits' gradient g (n, V) against w_q_t (D, V) -> the gradient for x (n, D) bf16."""
     if grad_s is None:
-        return g @ w_q_t.T, grad_w + (g.T @ x_q).float()
+        return g @ w_q_t.T
     one = torch.ones((), dtype=torch.float32, device=g.device)
-    # _scaled_mm wants its first operand row-major and its second column-major, so g is needed in both layouts
-    grad_x = torch._scaled_mm(g, w_q_t.T, out_dtype=torch.bfloat16, scale_a=one / grad_s, scale_b=one / FP8_W_SCALE)
+    return torch._scaled_mm(g, w_q_t.T, out_dtype=torch.bfloat16, scale_a=one / grad_s, scale_b=one / FP8_W_SCALE)
+
+
+def _add_grad_w(grad_w: Tensor, g_t: Tensor, x_q: Tensor, grad_s: float | None) -> Tensor:
+    """grad_w + the gradient for w (V, D) float32 of n tokens: g_t (V, n) their logits' gradient transposed, x_q
+    (n, D) their inputs. _scaled_mm wants its second operand column-major: g_t contiguous is g transposed."""
+    if grad_s is None:
+        return grad_w + (g_t @ x_q).float()
+    one = torch.ones((), dtype=torch.float32, device=g_t.device)
     # (D, n) @ (n, V) and a transpose is faster than (V, n) @ (n, D) for (V, D) = (50304, 768)
-    grad_w_chunk = torch._scaled_mm(x_q.T.contiguous(), g_t.T, out_dtype=torch.float32, scale_a=one / FP8_X_SCALE,
-                                    scale_b=one / grad_s)
-    return grad_x, grad_w + grad_w_chunk.T
+    part = torch._scaled_mm(x_q.T.contiguous(), g_t.T, out_dtype=torch.float32, scale_a=one / FP8_X_SCALE,
+                            scale_b=one / grad_s)
+    return grad_w + part.T
 
 
-# compiled once per chunk shape: inductor writes the transposed copy of x_q and the transposed add into grad_w
-_chunk_matmul_grads_compiled = torch.compile(_chunk_matmul_grads, dynamic=False)
+# compiled once per shape: inductor makes the scales' small tensors in one kernel, and writes the transposed copy
+# of x_q and the transposed add into grad_w
+_grad_x_compiled = torch.compile(_grad_x, dynamic=False)
+_add_grad_w_compiled = torch.compile(_add_grad_w, dynamic=False)
 
 
 if __name__ == "__main__":

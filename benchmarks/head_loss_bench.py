@@ -1,11 +1,12 @@
 """Time of the training lm_head loss (speedrun::head_loss: matmuls, soft cap, cross entropy and both gradients)
 for one 64K-token sequence on this machine's first GPU, for the train_gpt.py given (this one by default). Run it
 on an old and a new version, one after the other: the inputs are the same, and so should the loss and norms be;
-the digest of the loss's and both gradients' bytes says whether they are the same bits.
+the digests of the loss's and each gradient's bytes say whether they are the same bits.
 
-With --chunks=a,b,..., once for each HEAD_CHUNK listed; the memory column is the peak the head adds.
+With --chunks=a,b,..., once for each HEAD_CHUNK listed; with --grad_w_chunks=a,b,..., once for each
+GRAD_W_CHUNKS listed (versions that have it); the memory column is the peak the head adds.
 
-Usage: python benchmarks/head_loss_bench.py [path/to/train_gpt.py] [--chunks=4096,8192]
+Usage: python benchmarks/head_loss_bench.py [path/to/train_gpt.py] [--chunks=4096,8192] [--grad_w_chunks=1,2]
 """
 import hashlib
 import importlib.util
@@ -20,12 +21,14 @@ from matmul_peak import median_ms
 def load(path: Path):
     spec = importlib.util.spec_from_file_location(f"train_gpt_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # torch.compile looks the module of a function it compiles up by name
     spec.loader.exec_module(module)
     return module
 
 
 def main():
     chunks = [int(c) for a in sys.argv[1:] if a.startswith("--chunks=") for c in a.split("=")[1].split(",")]
+    spans = [int(c) for a in sys.argv[1:] if a.startswith("--grad_w_chunks=") for c in a.split("=")[1].split(",")]
     paths = [a for a in sys.argv[1:] if not a.startswith("--")]
     path = Path(paths[0] if paths else Path(__file__).resolve().parent.parent / "train_gpt.py").resolve()
     tg = load(path)
@@ -35,19 +38,21 @@ def main():
     w = 0.02 * torch.randn(V, D, device="cuda", generator=gen)
     targets = torch.randint(0, V, (T,), device="cuda", generator=gen)
     op = getattr(tg, "fused_head_loss", tg.head_loss)  # the custom op was named head_loss in older versions
-    for chunk in chunks or [tg.HEAD_CHUNK]:
+    for chunk, span in [(c, n) for c in chunks or [tg.HEAD_CHUNK] for n in spans or [None]]:
         tg.HEAD_CHUNK = chunk
+        if span is not None:
+            tg.GRAD_W_CHUNKS = span
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         loss, grad_x, grad_w = op(x, w, targets, True)
         added_mib = (torch.cuda.max_memory_allocated() - before) // 2**20
         ms = median_ms(lambda: op(x, w, targets, True), reps=20)
-        digest = hashlib.sha256(b"".join(t.view(torch.uint8).cpu().numpy().tobytes() for t in (loss[None], grad_x,
-                                                                                              grad_w)))
+        digests = [hashlib.sha256(t.view(torch.uint8).cpu().numpy().tobytes()).hexdigest()[:8]
+                   for t in (loss[None], grad_x, grad_w)]
         print(f"{ms:8.3f} ms  loss {loss.item():.6f}  |grad_x| {grad_x.float().norm().item():.6e}  "
-              f"|grad_w| {grad_w.norm().item():.6e}  bits {digest.hexdigest()[:12]}  {path.name}  chunk {chunk}  "
-              f"+{added_mib} MiB", flush=True)
+              f"|grad_w| {grad_w.norm().item():.6e}  bits of loss/grad_x/grad_w {'/'.join(digests)}  {path.name}  "
+              f"chunk {chunk}{'' if span is None else f' x {span}'}  +{added_mib} MiB", flush=True)
 
 
 if __name__ == "__main__":

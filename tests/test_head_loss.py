@@ -4,7 +4,8 @@
 - in bf16, its loss and gradients match autograd through linear -> soft cap -> cross entropy, for one chunk
   and for several, also when the last chunk is short;
 - in FP8, they match autograd through the record's FP8 matmul (x, w quantised to e4m3, the logits' gradient
-  to e5m2 with grad_s = 2^13 T) followed by the same soft cap and cross entropy.
+  to e5m2 with grad_s = 2^13 T) followed by the same soft cap and cross entropy, also when the gradient for w
+  is one matmul over a span of chunks, and when the last span is short.
 The FP8 tests run wherever float8 matmuls do (recent PyTorch on CPU; GPUs of compute capability 8.9+). On the CPU
 the op runs the torch function _loss_and_logit_grad; on a GPU its Triton kernels, so there these tests pin them."""
 import pytest
@@ -98,8 +99,10 @@ def test_bf16_matches_autograd(device, chunk, monkeypatch):
 
 @pytest.mark.parametrize("device", fp8_devices())
 @pytest.mark.parametrize("chunk", [64, 16, 48])
-def test_fp8_matches_record_path(device, chunk, monkeypatch):
+@pytest.mark.parametrize("span_chunks", [1, 2, 3])  # one gradient for w a chunk; a span of two, or of three
+def test_fp8_matches_record_path(device, chunk, span_chunks, monkeypatch):
     monkeypatch.setattr(train_gpt, "HEAD_CHUNK", chunk)
+    monkeypatch.setattr(train_gpt, "GRAD_W_CHUNKS", span_chunks)
     # FP8 tensor cores accumulate in less than float32 (a relative error near 1e-4 on the H200)
     compare(*inputs(device), fp8=True, grad_x_tol=1e-2, grad_w_tol=1e-3)  # grad_w: float32 output
 
