@@ -1683,10 +1683,11 @@ if triton is not None:
 
 
 # --- relu2_mlp: the MLP's two matmuls that have elementwise work beside them, each one Triton matmul on Hopper
-# The up-projection stores a = x @ w_fc.T and h = relu(a)^2 in one pass, and the backward stores
+# The up-projection stores h = relu(a)^2 for a = x @ w_fc.T in one pass, and the backward stores
 # grad_a = (grad_y @ w_proj) * 2 relu(a) in one pass; torch.compile makes each a cuBLAS matmul and an inductor kernel
 # that reads the matmul's output again. Rounding as compiled: the matmul to bf16, then the epilogue once, from
-# float32, so the fused path gives the plain path's bits.
+# float32, so the fused path gives the plain path's bits. a itself is neither stored nor kept for the backward:
+# relu(a) is sqrt(h) rounded to bf16, exactly (see relu_of_square).
 
 
 def relu2_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
@@ -1702,62 +1703,68 @@ def relu2_mlp_reference(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
 
 
 class FusedReLU2MLP(torch.autograd.Function):
-    """relu2_mlp for x (n, dim) with the two fused matmuls below. Saves x, a and h: a training run's peak memory
-    is the same as without it."""
+    """relu2_mlp for x (n, dim) with the two fused matmuls below. Saves x and h, not a."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
-        a, h = matmul_relu2(x, w_fc)
-        ctx.save_for_backward(x, w_fc, w_proj, a, h)
+        h = matmul_relu2(x, w_fc)
+        ctx.save_for_backward(x, w_fc, w_proj, h)
         return h @ w_proj.T
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        x, w_fc, w_proj, a, h = ctx.saved_tensors
-        grad_a = matmul_relu2_grad(grad_y, w_proj, a)
+        x, w_fc, w_proj, h = ctx.saved_tensors
+        grad_a = matmul_relu2_grad(grad_y, w_proj, h)
         return grad_a @ w_fc, grad_a.T @ x, grad_y.T @ h
 
 
+def relu_of_square(h: Tensor) -> Tensor:
+    """relu(a) from h = relu(a)^2 rounded to bf16, for a in bf16: sqrt(h) rounded to bf16 is relu(a) itself. The
+    square's rounding, half a step of h at most, moves sqrt(h) by less than half a step of relu(a), so the rounding
+    lands back on relu(a). That holds for relu(a) in [2^-63, 2^64), which tests/test_fused_mlp.py checks for every
+    bf16: below, the square is subnormal or 0 (gradients under 1e-19 of grad_y's come out 0 or up to 40% off);
+    above, h is already inf in the forward."""
+    return h.float().sqrt().bfloat16()
+
+
 @torch.library.custom_op("speedrun::matmul_relu2", mutates_args=())
-def matmul_relu2(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    """x (n, k) and w (m, k), bf16 -> a = x @ w.T and relu(a)^2, both (n, m) bf16. This body is the reference;
-    on CUDA the Triton kernel runs instead."""
-    a = x @ w.T
-    return a, F.relu(a).square()
+def matmul_relu2(x: Tensor, w: Tensor) -> Tensor:
+    """x (n, k) and w (m, k), bf16 -> relu(x @ w.T)^2, (n, m) bf16. This body is the reference; on CUDA the Triton
+    kernel runs instead."""
+    return F.relu(x @ w.T).square()
 
 
 @matmul_relu2.register_kernel("cuda")
-def _(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    a = x.new_empty(x.size(0), w.size(0))
-    return a, _matmul_relu2_triton(x.contiguous(), w.contiguous(), a, w_kn=False, backward=False)
+def _(x: Tensor, w: Tensor) -> Tensor:
+    return _matmul_relu2_triton(x.contiguous(), w.contiguous(), None, w_kn=False)
 
 
 @matmul_relu2.register_fake
 def _(x: Tensor, w: Tensor):
-    return x.new_empty(x.size(0), w.size(0)), x.new_empty(x.size(0), w.size(0))
+    return x.new_empty(x.size(0), w.size(0))
 
 
 @torch.library.custom_op("speedrun::matmul_relu2_grad", mutates_args=())
-def matmul_relu2_grad(grad_y: Tensor, w: Tensor, a: Tensor) -> Tensor:
-    """grad_y (n, k), w (k, m), a (n, m), bf16 -> (grad_y @ w) * 2 relu(a): the gradient of a, (n, m) bf16. This
-    body is the reference; on CUDA the Triton kernel runs instead."""
-    return (grad_y @ w) * 2 * F.relu(a)
+def matmul_relu2_grad(grad_y: Tensor, w: Tensor, h: Tensor) -> Tensor:
+    """grad_y (n, k), w (k, m), h = relu(a)^2 (n, m), bf16 -> (grad_y @ w) * 2 relu(a): the gradient of a, (n, m)
+    bf16. This body is the reference; on CUDA the Triton kernel runs instead."""
+    return (grad_y @ w) * 2 * relu_of_square(h)
 
 
 @matmul_relu2_grad.register_kernel("cuda")
-def _(grad_y: Tensor, w: Tensor, a: Tensor) -> Tensor:
-    return _matmul_relu2_triton(grad_y.contiguous(), w.contiguous(), a.contiguous(), w_kn=True, backward=True)
+def _(grad_y: Tensor, w: Tensor, h: Tensor) -> Tensor:
+    return _matmul_relu2_triton(grad_y.contiguous(), w.contiguous(), h.contiguous(), w_kn=True)
 
 
 @matmul_relu2_grad.register_fake
-def _(grad_y: Tensor, w: Tensor, a: Tensor):
-    return torch.empty_like(a)
+def _(grad_y: Tensor, w: Tensor, h: Tensor):
+    return torch.empty_like(h)
 
 
-def _matmul_relu2_triton(x: Tensor, w: Tensor, a: Tensor, w_kn: bool, backward: bool) -> Tensor:
-    # 128 x 256 tiles, BK = 64, 8 warps; the forward's tile loop flattened into the pipeline at 3 stages, the
-    # backward's not, at 4: the fastest of the shapes tried at the model's sizes (the speed records' MLP sweeps),
-    # fixed rather than autotuned, which would time each at every start
+def _matmul_relu2_triton(x: Tensor, w: Tensor, h: Tensor | None, w_kn: bool) -> Tensor:
+    # The forward without h, the backward with it. 128 x 256 tiles, BK = 64, 8 warps; the forward's tile loop
+    # flattened into the pipeline at 3 stages, the backward's not, at 4: the fastest of the shapes tried at the
+    # model's sizes (the speed records' MLP sweeps), fixed rather than autotuned, which would time each at every start
     M, K = x.shape
     N = w.size(1) if w_kn else w.size(0)
     BM, BN, BK = 128, 256, 64
@@ -1765,7 +1772,8 @@ def _matmul_relu2_triton(x: Tensor, w: Tensor, a: Tensor, w_kn: bool, backward: 
     descs = [TensorDescriptor.from_tensor(x, [BM, BK]), TensorDescriptor.from_tensor(w, [BK, BN] if w_kn else [BN, BK])]
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     grid = (min(num_sms, triton.cdiv(M, BM) * triton.cdiv(N, BN)),)
-    _matmul_relu2_kernel[grid](*descs, a, out, M, N, K, w_kn, backward, BM, BN, BK, GROUP=8,
+    backward = h is not None
+    _matmul_relu2_kernel[grid](*descs, h if backward else out, out, M, N, K, w_kn, backward, BM, BN, BK, GROUP=8,
                                NUM_SMS=grid[0], num_warps=8, num_stages=4 if backward else 3)
     return out
 
@@ -1779,11 +1787,13 @@ if triton is not None:
         return first_m + tile % (GROUP * num_n) % rows, tile % (GROUP * num_n) // rows
 
     @triton.jit
-    def _matmul_relu2_kernel(x_desc, w_desc, a, out, M, N, K, W_KN: tl.constexpr, BACKWARD: tl.constexpr,
+    def _matmul_relu2_kernel(x_desc, w_desc, h, out, M, N, K, W_KN: tl.constexpr, BACKWARD: tl.constexpr,
                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                              NUM_SMS: tl.constexpr):
-        # y = x @ w (w stored (K, N): W_KN) or x @ w.T (w stored (N, K)), rounded to bf16. Forward: stores y as a,
-        # relu(y)^2 as out. Backward: stores y * 2 relu(a) as out. Persistent: one program per SM walks the tiles.
+        # y = x @ w (w stored (K, N): W_KN) or x @ w.T (w stored (N, K)), rounded to bf16. Forward: stores relu(y)^2
+        # as out. Backward: stores y * 2 relu(a) as out, relu(a) from h as relu_of_square has it (tl.sqrt, the fast
+        # approximate one: its error is far inside that function's margin). Persistent: one program per SM walks the
+        # tiles.
         # The epilogue stores from registers, not through shared memory and the TMA: the warps go on to the next
         # tile's loads without waiting for the stores to land, and the shared memory is left to the pipeline.
         num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
@@ -1804,10 +1814,9 @@ if triton is not None:
             at = rows.to(tl.int64)[:, None] * N + cols[None, :]
             y = acc.to(tl.bfloat16)
             if BACKWARD:
-                relu_a = tl.maximum(tl.load(a + at, mask=ok).to(tl.float32), 0.0)
+                relu_a = tl.sqrt(tl.load(h + at, mask=ok).to(tl.float32)).to(tl.bfloat16).to(tl.float32)
                 tl.store(out + at, (y.to(tl.float32) * 2 * relu_a).to(tl.bfloat16), mask=ok)
             else:
-                tl.store(a + at, y, mask=ok)
                 relu_y = tl.maximum(y.to(tl.float32), 0.0)
                 tl.store(out + at, (relu_y * relu_y).to(tl.bfloat16), mask=ok)
 

@@ -2,6 +2,8 @@
 relu2_mlp runs when KERNELS.fused_mlp is on) against the plain path it replaces, relu2_mlp_reference through
 autograd:
 - both ops pass torch.library.opcheck;
+- the backward's relu(a), which it takes from h = relu(a)^2 (relu_of_square), is relu(a) itself for every bf16 a in
+  the range the function claims;
 - the MLP's output and the gradients of x and both weights are the plain path's, bit for bit: on the CPU the ops
   run their reference bodies; on a Hopper GPU their Triton matmuls round as the plain path does (the matmul
   to bf16, the elementwise step once);
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 import train_gpt
-from train_gpt import MLP, matmul_relu2, matmul_relu2_grad, triton_on_hopper
+from train_gpt import MLP, matmul_relu2, matmul_relu2_grad, relu_of_square, triton_on_hopper
 
 
 def devices() -> list[str]:
@@ -30,8 +32,19 @@ def test_ops_pass_opcheck(device):
     x, w_fc, w_proj = bf16(n, d, device=device), bf16(h, d, scale=0.1, device=device, seed=1), bf16(
         d, h, scale=0.1, device=device, seed=2)
     torch.library.opcheck(matmul_relu2, (x, w_fc))
-    a, _ = matmul_relu2(x, w_fc)
-    torch.library.opcheck(matmul_relu2_grad, (bf16(n, d, device=device, seed=3), w_proj, a))
+    hidden = matmul_relu2(x, w_fc)
+    torch.library.opcheck(matmul_relu2_grad, (bf16(n, d, device=device, seed=3), w_proj, hidden))
+
+
+def test_relu_of_square_gives_relu_back_for_every_bf16():
+    a = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)  # every bf16
+    a = a[torch.isfinite(a)]
+    relu_a = torch.relu(a.float())
+    h = (relu_a * relu_a).bfloat16()  # as the forward rounds it: squared in float32, rounded once
+    in_range = (relu_a >= 2.0**-63) & (relu_a < 2.0**64)
+    assert in_range.sum() == 127 * 128  # 127 binades of 128 values
+    claimed = (relu_a == 0) | in_range  # zero and every negative a, and those
+    assert torch.equal(relu_of_square(h)[claimed].float(), relu_a[claimed])
 
 
 @pytest.mark.parametrize("device", devices())
