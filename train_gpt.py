@@ -1762,9 +1762,9 @@ def _(grad_y: Tensor, w: Tensor, h: Tensor):
 
 
 def _matmul_relu2_triton(x: Tensor, w: Tensor, h: Tensor | None, w_kn: bool) -> Tensor:
-    # The forward without h, the backward with it. 128 x 256 tiles, BK = 64, 8 warps; the forward's tile loop
-    # flattened into the pipeline at 3 stages, the backward's not, at 4: the fastest of the shapes tried at the
-    # model's sizes (the speed records' MLP sweeps), fixed rather than autotuned, which would time each at every start
+    # The forward without h, the backward with it. 128 x 256 tiles, BK = 64, 8 warps, the tile loop flattened into
+    # the pipeline at 3 stages: the fastest of the shapes tried at the model's sizes (the speed records' MLP sweeps),
+    # fixed rather than autotuned, which would time each at every start
     M, K = x.shape
     N = w.size(1) if w_kn else w.size(0)
     BM, BN, BK = 128, 256, 64
@@ -1774,7 +1774,7 @@ def _matmul_relu2_triton(x: Tensor, w: Tensor, h: Tensor | None, w_kn: bool) -> 
     grid = (min(num_sms, triton.cdiv(M, BM) * triton.cdiv(N, BN)),)
     backward = h is not None
     _matmul_relu2_kernel[grid](*descs, h if backward else out, out, M, N, K, w_kn, backward, BM, BN, BK, GROUP=8,
-                               NUM_SMS=grid[0], num_warps=8, num_stages=4 if backward else 3)
+                               NUM_SMS=grid[0], num_warps=8, num_stages=3)
     return out
 
 
@@ -1799,7 +1799,7 @@ if triton is not None:
         num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
         tile_c = tl.program_id(0) - NUM_SMS  # the epilogue's tile, counted apart from the loads' as Triton's
         # persistent-matmul tutorial does, for the flattened pipeline
-        for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=not BACKWARD):
+        for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
             pid_m, pid_n = _tile(tile, num_m, num_n, GROUP)
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             for k in range(0, K, BK):
