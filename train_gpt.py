@@ -100,7 +100,7 @@ class Hyperparameters:
     fused_qkv: bool = True  # QK norm, rotary and the value mix as one Triton kernel each way, on a CUDA GPU
     fused_attention: bool = True  # the windowed attention as Triton kernels on Hopper or newer; else FlexAttention
     compile: bool = True  # torch.compile the model and Newton-Schulz
-    coordinate_descent_tuning: bool = False  # inductor autotuning as in the record: many minutes more compile
+    coordinate_descent_tuning: bool = False  # inductor's tuning of its kernels, as the record had: a longer compile
     warmup_steps: int = 2  # untimed steps on dummy data that compile everything; then the state is restored
     seed: int = 0  # for the initial weights and the dummy warm-up data
     # logging and checkpoints
@@ -1910,9 +1910,12 @@ def _e4m3_both(t: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     return t_q, t_q.T.contiguous()
 
 
+# The head's small compiled functions never take --coordinate_descent_tuning: with it, on torch 2.11, _e4m3_both's
+# float8 transposed copy came out nonfinite (tuned to a 256 x 32 tile at 32 warps) and the loss went nan at step 2.
+HEAD_COMPILE = dict(dynamic=False, options={"coordinate_descent_tuning": False})
 # compiled on the GPU, where eagerly the float8 transposed copy is a slow kernel of its own, and the scaling and the
 # cast two more; under no_grad, because w comes in as the parameter
-_e4m3_both_compiled = torch.compile(torch.no_grad()(_e4m3_both), dynamic=False)
+_e4m3_both_compiled = torch.compile(torch.no_grad()(_e4m3_both), **HEAD_COMPILE)
 
 
 def _logits(x_q: Tensor, w_q: Tensor) -> Tensor:
@@ -2036,8 +2039,8 @@ def _add_grad_w(grad_w: Tensor, g_t: Tensor, x_q: Tensor, grad_s: float | None) 
 
 # compiled once per shape: inductor makes the scales' small tensors in one kernel, and writes the transposed copy
 # of x_q and the transposed add into grad_w
-_grad_x_compiled = torch.compile(_grad_x, dynamic=False)
-_add_grad_w_compiled = torch.compile(_add_grad_w, dynamic=False)
+_grad_x_compiled = torch.compile(_grad_x, **HEAD_COMPILE)
+_add_grad_w_compiled = torch.compile(_add_grad_w, **HEAD_COMPILE)
 
 
 if __name__ == "__main__":
