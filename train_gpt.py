@@ -1954,9 +1954,7 @@ def _loss_and_logit_grad_triton(logits: Tensor, targets: Tensor, inv_tokens: flo
     if triton is None:
         raise RuntimeError("the GPU head loss needs Triton, as torch.compile does: pip install triton")
     n, V = logits.shape
-    lse, losses = logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
-    _lse_kernel[(triton.cdiv(n, LSE_ROWS),)](logits, targets, lse, losses, n, V, SOFTCAP, SOFTCAP_TEMPERATURE,
-                                                 LSE_ROWS, LSE_COLS, num_warps=LSE_WARPS)
+    lse, losses = _row_lse_triton(logits, targets)
     fp8 = grad_s is not None
     g = torch.empty_like(logits, dtype=torch.float8_e5m2 if fp8 else torch.bfloat16)
     if fp8 and g_t is None:
@@ -1966,6 +1964,16 @@ def _loss_and_logit_grad_triton(logits: Tensor, targets: Tensor, inv_tokens: flo
                              inv_tokens, grad_s or 1.0, fp8, SOFTCAP, SOFTCAP_TEMPERATURE, GRAD_ROWS, GRAD_COLS,
                              num_warps=GRAD_WARPS)
     return losses.sum(), g, g_t
+
+
+def _row_lse_triton(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """The row sums: logits (n, V) bf16 -> each row's log-sum-exp of z = softcap(logits) and its loss
+    lse - z[target], both (n,) float32."""
+    n, V = logits.shape
+    lse, losses = logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+    _lse_kernel[(triton.cdiv(n, LSE_ROWS),)](logits, targets, lse, losses, n, V, SOFTCAP, SOFTCAP_TEMPERATURE,
+                                             LSE_ROWS, LSE_COLS, num_warps=LSE_WARPS)
+    return lse, losses
 
 
 # Block shapes: the fastest of those tried (benchmarks/logit_grad_check.py)
@@ -1981,15 +1989,16 @@ if triton is not None:
     LOG2E_KERNEL = tl.constexpr(LOG2E)
 
     @triton.jit
+    def _special_kernel(x, INSTRUCTION: tl.constexpr):  # float32 -> float32 by one PTX instruction, as "rcp.approx.f32"
+        return tl.inline_asm_elementwise(INSTRUCTION + " $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+    @triton.jit
     def _exp_kernel(x):  # float32 -> e^x, as 2^(x log2 e)
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x * LOG2E_KERNEL], dtype=tl.float32,
-                                         is_pure=True, pack=1)
+        return _special_kernel(x * LOG2E_KERNEL, "ex2.approx.ftz.f32")
 
     @triton.jit
     def _sigmoid_kernel(logits, TEMPERATURE: tl.constexpr):  # float32 -> sigmoid(logits / TEMPERATURE)
-        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f",
-                                         [1.0 + _exp_kernel(logits * (-1.0 / TEMPERATURE))], dtype=tl.float32,
-                                         is_pure=True, pack=1)
+        return _special_kernel(1.0 + _exp_kernel(logits * (-1.0 / TEMPERATURE)), "rcp.approx.ftz.f32")
 
     @triton.jit
     def _sigmoid_tanh_kernel(logits, TEMPERATURE: tl.constexpr):  # float32 -> about sigmoid(logits / TEMPERATURE)
@@ -1997,9 +2006,7 @@ if triton is not None:
         # where _sigmoid_kernel takes three. Its soft cap is off by up to 1.1e-4 (at |logits| 4 to 64), so a row's
         # log-sum-exp and loss are too; each row of the gradient scales by as little, 30 times less than its rounding
         # to bf16. The val loss is computed apart, exactly.
-        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [logits * (0.5 / TEMPERATURE)],
-                                      dtype=tl.float32, is_pure=True, pack=1)
-        return 0.5 + 0.5 * t
+        return 0.5 + 0.5 * _special_kernel(logits * (0.5 / TEMPERATURE), "tanh.approx.f32")
 
     @triton.jit
     def _lse_kernel(logits, targets, lse, losses, n, V, CAP: tl.constexpr, TEMPERATURE: tl.constexpr,

@@ -6,7 +6,7 @@
 - in FP8, they match autograd through the record's FP8 matmul (x, w quantised to e4m3, the logits' gradient
   to e5m2 with grad_s = 2^13 T) followed by the same soft cap and cross entropy, also when the gradient for w
   is one matmul over a span of chunks, and when the last span is short;
-- on a GPU, inductor's coordinate-descent tuning (--coordinate_descent_tuning=1) leaves its FP8 results unchanged.
+- on a GPU, inductor's coordinate-descent tuning (--coordinate_descent_tuning=1) leaves its FP8 results unchanged;
 - on a GPU, the row sums' tanh sigmoid keeps the log-sum-exp and the losses within 1.2e-4 of float64's.
 The FP8 tests run wherever float8 matmuls do (recent PyTorch on CPU; GPUs of compute capability 8.9+). On the CPU
 the op runs the torch function _loss_and_logit_grad; on a GPU its Triton kernels, so there these tests pin them."""
@@ -178,12 +178,8 @@ def test_triton_row_sums_within_tanh_bound_at_every_bf16_logit():
     x = x[torch.isfinite(x)].sort().values
     v = 1000
     logits = x[:len(x) // v * v].view(-1, v).cuda()
-    n = len(logits)
-    targets = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(0)).cuda()
-    lse, losses = (torch.empty(n, device="cuda") for _ in range(2))
-    train_gpt._lse_kernel[(train_gpt.triton.cdiv(n, train_gpt.LSE_ROWS),)](
-        logits, targets, lse, losses, n, v, train_gpt.SOFTCAP, train_gpt.SOFTCAP_TEMPERATURE, train_gpt.LSE_ROWS,
-        train_gpt.LSE_COLS, num_warps=train_gpt.LSE_WARPS)
+    targets = torch.randint(0, v, (len(logits),), generator=torch.Generator().manual_seed(0)).cuda()
+    lse, losses = train_gpt._row_lse_triton(logits, targets)
     z = train_gpt.SOFTCAP * torch.sigmoid(logits.double() / train_gpt.SOFTCAP_TEMPERATURE)
     expected_lse = z.logsumexp(-1)
     expected_losses = expected_lse - z.gather(1, targets[:, None])[:, 0]
