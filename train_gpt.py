@@ -7,7 +7,8 @@ Launch (one node, any of 1, 2, 4 or 8 GPUs; fewer GPUs accumulate gradients and 
     python train_gpt.py --check=8 [--name=value ...]   # check the setup for 8 processes and the data; exit
 Every hyperparameter below can be set as --name=value. The log goes to records/<tag>/<run id>.txt.
 
-Expected: val_loss ~3.279 at step 1393 (mean of 32 runs 3.2787), 179.8 s of training on 8 x H100.
+Target: the record's mean val_loss of 3.2787 <= 3.28 at step 1393, 179.8 s of training on 8 x H100. This file has
+not yet been run on FineWeb: its GPU runs so far trained on synthetic shards (README.md says what was measured).
 
 The system is the record of 2025-01-16 by the speedrun community (github.com/KellerJordan/modded-nanogpt):
 Muon (Keller Jordan), U-Net skips and value embeddings, FlexAttention with document-causal block-wise
@@ -15,9 +16,10 @@ sliding windows (long/short by @leloykun and @YouJiacheng), FP8 lm_head, ReLU^2 
 logits. Credits for single tricks are in the comments where they are used. This file is our own rewrite.
 
 It reads top to bottom: hyperparameters, the model, the attention masks, Muon, the data, the training steps and
-main(). The model calls four ops by name (attention_inputs, attention, relu2_mlp, head_loss); their GPU kernels
-come last, in a section of their own, each beside the plain-PyTorch reference that the CPU runs and the tests
-compare against.
+main(); then what goes on around a run (the command line, launch checks, smoke data, checkpoints, profiles); then
+the ops that have GPU kernels. The model calls five ops by name (attention_masks, attention_inputs, attention,
+relu2_mlp, head_loss); bind_ops() binds each, once a run, to its implementation, whose plain-PyTorch reference is
+what the CPU runs and what the tests compare the kernels with.
 """
 import copy
 import dataclasses
@@ -34,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
     # Answered before the imports below, which take seconds: the launch lines above and the Hyperparameters
@@ -57,8 +59,21 @@ try:
     import triton
     import triton.language as tl
     from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # CPU-only builds of torch come without Triton; only the GPU kernels need it
-    triton = None
+    HAS_TRITON = True
+except ImportError:  # CPU builds of torch come without Triton; only the GPU kernels need it
+    HAS_TRITON = False
+
+    class _NoTriton:
+        """Stands in for triton, triton.language and TensorDescriptor where Triton is missing, so that the kernels'
+        definitions (@triton.jit, tl.constexpr) still evaluate; bind_ops() binds no op that would launch them."""
+
+        def __getattr__(self, name: str):
+            return self
+
+        def __call__(self, *args, **kwargs):
+            return args[0] if len(args) == 1 and callable(args[0]) else self
+
+    triton = tl = TensorDescriptor = _NoTriton()
 
 REPO = Path(__file__).resolve().parent
 
@@ -120,86 +135,6 @@ PRESETS = {
         num_iterations=20, window_tokens=896, val_every=10, compile=False, warmup_steps=1, tag="smoke",
     ),
 }
-# Fields that only say how a run is carried out: a checkpoint may be resumed with other values for them.
-RUN_FIELDS = {"fused_mlp", "fused_qkv", "fused_attention", "compile", "coordinate_descent_tuning", "warmup_steps",
-              "tag", "checkpoint_every", "checkpoint_dir", "resume", "profile_at", "preset"}
-# Of those, what a resumed run takes from its checkpoint unless the command line sets it: it goes on as it was.
-RESUMED_FIELDS = ("checkpoint_every", "checkpoint_dir", "tag")
-
-
-class ConfigError(ValueError):
-    """A bad command line or an inconsistent configuration; the message says what to change."""
-
-
-def _convert(name: str, text: str, kind: type):
-    if kind is bool:
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"--{name} takes a boolean (1/0, true/false), not {text!r}")
-    try:
-        return kind(text)
-    except ValueError:
-        raise ConfigError(f"--{name} takes {kind.__name__} values, not {text!r}") from None
-
-
-def given_names(argv: list[str]) -> set[str]:
-    """The hyperparameters a command line sets."""
-    return {arg.removeprefix("--").partition("=")[0] for arg in argv}
-
-
-def parse_args(argv: list[str]) -> Hyperparameters:
-    """--name=value for any Hyperparameters field; --preset=NAME first applies a preset."""
-    types = {f.name: f.type for f in dataclasses.fields(Hyperparameters)}
-    overrides = {}
-    for arg in argv:
-        name, eq, text = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq:
-            raise ConfigError(f"bad argument {arg!r}: arguments are --name=value, e.g. --num_iterations=100")
-        if name not in types:
-            close = difflib.get_close_matches(name, types, n=1)
-            hint = f" (did you mean --{close[0]}?)" if close else f"; the names are: {', '.join(types)}"
-            raise ConfigError(f"unknown hyperparameter --{name}{hint}")
-        overrides[name] = _convert(name, text, types[name])
-    preset = overrides.get("preset", "")
-    if preset and preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
-    return Hyperparameters(**{**PRESETS.get(preset, {}), **overrides})
-
-
-def process_counts(args: Hyperparameters) -> list[int]:
-    """The numbers of processes a run of these hyperparameters can use: each holds whole sequences of a step, and
-    of a validation step."""
-    return [n for n in range(1, args.batch_seqs + 1)
-            if args.batch_seqs % n == 0 and args.val_tokens % (n * args.seq_len) == 0]
-
-
-def _alternatives(numbers: list[int]) -> str:
-    """[1, 2, 4, 8] -> '1, 2, 4 or 8'."""
-    *rest, last = map(str, numbers)
-    return f"{', '.join(rest)} or {last}" if rest else last
-
-
-def check_config(args: Hyperparameters, world_size: int):
-    """Catch the configurations that would otherwise fail minutes later, or compute something else."""
-    problems = []
-    counts = process_counts(args)
-    use = f": use {_alternatives(counts)} process{'es' * (counts != [1])}" if counts else ""
-    if args.batch_seqs % world_size:
-        problems.append(f"batch_seqs={args.batch_seqs} sequences can't be shared out evenly over {world_size} "
-                        f"ranks{use}")
-    elif args.val_tokens % (world_size * args.seq_len):  # not both: the first would bring the second
-        problems.append(f"val_tokens={args.val_tokens} must be a multiple of world_size x seq_len "
-                        f"= {world_size * args.seq_len}{use}")
-    if args.seq_len % BLOCK_SIZE:
-        problems.append(f"seq_len={args.seq_len} must be a multiple of the attention block size {BLOCK_SIZE}")
-    if args.num_layers % 2:
-        problems.append(f"num_layers={args.num_layers} must be even: the U-Net pairs encoder and decoder layers")
-    if args.model_dim % args.num_heads:
-        problems.append(f"model_dim={args.model_dim} must be a multiple of num_heads={args.num_heads}")
-    if problems:
-        raise ConfigError("; ".join(problems))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -210,7 +145,10 @@ def check_config(args: Hyperparameters, world_size: int):
 SOFTCAP, SOFTCAP_TEMPERATURE = 30.0, 7.5
 ATTENTION_SCALE = 0.12  # instead of 1/sqrt(head_dim), by @leloykun, after learnable scales by @brendanh0gan
 NO_ATTENTION_LAYER = 7  # the 8th layer has no attention, by @YouJiacheng
-LONG_WINDOW_LAYERS = (True, False, False, False, True, False)  # encoder layers 0..5; the decoder mirrors it
+# Of the 12 layers (0..5 the U-Net's encoder, 6..11 its decoder): the value embedding each mixes into its v (012 ...
+# 012 by @YouJiacheng; none in the middle), and its attention window (the decoder mirrors the encoder)
+VALUE_EMBEDS = (0, 1, 2, None, None, None, None, None, None, 0, 1, 2)
+WINDOWS = ("long", "short", "short", "short", "long", "short", "short", "long", "short", "short", "short", "long")
 BLOCK_SIZE = 128  # tokens a FlexAttention block; the attention window grows by whole blocks
 # small eps by @YouJiacheng: another fix for the world-size dependence found by @fernbear.bsky.social
 ADAM_BETAS, ADAM_EPS = (0.8, 0.95), 1e-10
@@ -315,18 +253,28 @@ class Block(nn.Module):
         return x + self.mlp(norm(x))
 
 
+def layer_tables(num_layers: int) -> tuple[tuple, tuple]:
+    """VALUE_EMBEDS and WINDOWS for a U-Net of num_layers (even): the record's own tables for 12 layers, and for
+    others (the smoke preset's 4) the same rule: the first and the last min(3, num_layers / 2) layers take value
+    embeddings 0, 1, 2 in order; the encoder takes the encoder's windows in order, and the decoder mirrors it."""
+    half, num_ve = num_layers // 2, min(3, num_layers // 2)
+    value_embeds = VALUE_EMBEDS[:num_ve] + (None,) * (num_layers - 2 * num_ve) + VALUE_EMBEDS[:num_ve]
+    encoder = (WINDOWS[:6] * half)[:half]
+    return value_embeds, encoder + encoder[::-1]
+
+
 class GPT(nn.Module):
     """A U-Net of transformer blocks (U-Net by @brendanh0gan): encoder layer i's output is added, weighted,
     to the input of decoder layer num_layers-1-i. Three value embeddings (by @KoszarskyB, after @Grad62304977's
-    value residual) feed layers 0,1,2 and the last three again (012...012 by @YouJiacheng). forward returns the
-    mean cross entropy of the soft-capped logits."""
+    value residual) feed the layers VALUE_EMBEDS names. forward returns the mean cross entropy of the soft-capped
+    logits."""
 
     def __init__(self, vocab_size: int, num_layers: int, num_heads: int, model_dim: int, max_seq_len: int):
         super().__init__()
         self.eot_token = vocab_size - 1  # the last token ends a document (GPT-2: 50256)
+        self.layer_value_embeds, self.layer_windows = layer_tables(num_layers)
         self.embed = nn.Embedding(vocab_size, model_dim)
-        num_ve = min(3, num_layers // 2)
-        self.value_embeds = nn.ModuleList([nn.Embedding(vocab_size, model_dim) for _ in range(num_ve)])
+        self.value_embeds = nn.ModuleList([nn.Embedding(vocab_size, model_dim) for _ in range(min(3, num_layers // 2))])
         self.blocks = nn.ModuleList([Block(model_dim, num_heads, max_seq_len, i != NO_ATTENTION_LAYER)
                                      for i in range(num_layers)])
         self.skip_weights = nn.Parameter(torch.ones(num_layers // 2))
@@ -338,19 +286,17 @@ class GPT(nn.Module):
     def forward(self, input_seq: Tensor, target_seq: Tensor, window_blocks: Tensor) -> Tensor:
         """input_seq, target_seq: (T,) token ids; window_blocks: 0-d int tensor, the long window in blocks
         (a tensor, so that the window can grow without recompiling)."""
-        num_layers, half = len(self.blocks), len(self.skip_weights)
         ve = [embed(input_seq) for embed in self.value_embeds]
-        ve = ve + [None] * (num_layers - 2 * len(ve)) + ve
         long_mask, short_mask = attention_masks(document_ids(input_seq, self.eot_token), window_blocks)
-        pattern = (LONG_WINDOW_LAYERS * half)[:half]
-        masks = [long_mask if is_long else short_mask for is_long in pattern + pattern[::-1]]
+        masks = dict(long=long_mask, short=short_mask)
 
         x = x0 = norm(self.embed(input_seq)[None])  # norm of the embedding by @Grad62304977
-        skips = []
+        skips, half = [], len(self.skip_weights)
         for i, block in enumerate(self.blocks):
             if i >= half:
                 x = x + self.skip_weights[i - half] * skips.pop()
-            x = block(x, ve[i], x0, masks[i])
+            which_ve = self.layer_value_embeds[i]
+            x = block(x, ve[which_ve] if which_ve is not None else None, x0, masks[self.layer_windows[i]])
             if i < half:
                 skips.append(x)
         x = norm(x)[0]
@@ -602,7 +548,6 @@ class Muon(torch.optim.Optimizer):
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 EOT_TOKEN = Hyperparameters.vocab_size - 1  # 50256, end of text: starts each document (the model's rule too)
-DOWNLOAD_HINT = "python data/cached_fineweb10B.py {n} (synthetic shards: python data/synthetic.py)"
 
 
 class DataError(Exception):
@@ -649,39 +594,6 @@ def load_shard(path, pin: bool, max_tokens: int | None = None) -> Tensor:
 def batches_in_shard(num_tokens: int, batch_tokens: int) -> int:
     """Steps a shard feeds: a batch needs batch_tokens + 1 tokens, and the tail of a shard is dropped."""
     return max(0, (num_tokens - batch_tokens - 2) // batch_tokens + 1)
-
-
-def _checked_header(path: str, hint: str) -> int:
-    try:
-        return read_shard_header(path)
-    except DataError as e:
-        raise DataError(f"{e}; delete it and get it again: {hint}") from None
-
-
-def check_data(args: Hyperparameters) -> tuple[list[str], str]:
-    """Check, before anything is compiled, that the shards exist, are whole and hold enough tokens."""
-    batch_tokens = args.batch_seqs * args.seq_len
-    shards_needed = math.ceil(args.num_iterations / batches_in_shard(100_000_000, batch_tokens))
-    hint = DOWNLOAD_HINT.format(n=shards_needed)
-    train_files = sorted(glob.glob(args.train_files))
-    folder = Path(args.train_files).parent
-    if not folder.is_dir():
-        raise DataError(f"no data folder {folder.resolve()} (train_files={args.train_files}); get the data: {hint}")
-    if not train_files:
-        raise DataError(f"no train shards match {args.train_files} in {Path.cwd()}; get the data: {hint}")
-    steps = 0
-    for file in train_files:
-        steps += batches_in_shard(_checked_header(file, hint), batch_tokens)
-    if steps < args.num_iterations:
-        raise DataError(f"the {len(train_files)} shards matching {args.train_files} feed {steps} steps of "
-                        f"{batch_tokens:,} tokens, and num_iterations={args.num_iterations}: get more: {hint}")
-    val_files = sorted(glob.glob(args.val_files))
-    if not val_files:
-        raise DataError(f"no val shard matches {args.val_files} in {Path.cwd()}; get the data: {hint}")
-    if _checked_header(val_files[0], hint) < args.val_tokens + 1:
-        raise DataError(f"{val_files[0]} holds fewer than val_tokens + 1 = {args.val_tokens + 1:,} tokens; "
-                        f"get the full val shard ({hint}) or lower --val_tokens")
-    return train_files, val_files[0]
 
 
 def batch_to_device(tokens: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -811,7 +723,7 @@ def evaluate(model: nn.Module, val_tokens: Tensor, window: Tensor, args: Hyperpa
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Processes, the log, checkpoints and profiles
+# main: the steps of a run
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -858,6 +770,294 @@ def environment_report(args: Hyperparameters, world_size: int, device: torch.dev
     return "\n".join(lines)
 
 
+def start_log(args: Hyperparameters, rank: int, world_size: int, device: torch.device, run_id: str) -> Logger:
+    """The log opens with this file's source, the versions, nvidia-smi and every hyperparameter."""
+    log = Logger(args, rank, run_id)
+    log(Path(__file__).read_text(), console=False)
+    log("=" * 100, console=False)
+    log(environment_report(args, world_size, device), console=False)
+    log("=" * 100, console=False)
+    return log
+
+
+def build_model(args: Hyperparameters, device: torch.device) -> nn.Module:
+    """The same initial weights on every rank and any world size: made on the CPU from the seed, then
+    broadcast from rank 0 all the same."""
+    torch.manual_seed(args.seed)
+    model = GPT(args.vocab_size, args.num_layers, args.num_heads, args.model_dim, args.seq_len).to(device)
+    if dist.is_initialized():
+        for p in model.parameters():
+            dist.broadcast(p.detach(), 0)
+    return model
+
+
+def warm_up(model: nn.Module, raw_model: nn.Module, adam: torch.optim.Adam, muon: Muon, args: Hyperparameters,
+            rank: int, world_size: int, device: torch.device):
+    """Compile and run warmup_steps training steps and one validation step on random tokens, untimed, then
+    restore the initial weights and optimizer state. The first step compiles; the second runs with the
+    optimizers' state, so that the first timed step compiles nothing."""
+    # kept on the CPU: a GPU copy would add the weights' size to the peak memory
+    initial = dict(model={name: t.to("cpu", copy=True) for name, t in raw_model.state_dict().items()},
+                   adam=copy.deepcopy(adam.state_dict()), muon=copy.deepcopy(muon.state_dict()))
+    local_tokens = args.batch_seqs * args.seq_len // world_size
+    generator = torch.Generator().manual_seed(args.seed)
+    for step in range(args.warmup_steps):
+        dummy = torch.randint(0, args.vocab_size, (local_tokens + 1,), generator=generator, dtype=torch.int32)
+        set_schedule(adam, muon, step, args)
+        train_step(model, *batch_to_device(dummy, device), window_tensor(step, args, device), args.seq_len, adam,
+                   muon)
+    if args.warmup_steps:
+        one_val_step = dataclasses.replace(args, val_tokens=world_size * args.seq_len)
+        dummy = torch.randint(0, args.vocab_size, (one_val_step.val_tokens + 1,), generator=generator)
+        evaluate(model, dummy, window_tensor(0, args, device), one_val_step, rank, world_size, device)
+    raw_model.load_state_dict(initial["model"])
+    adam.load_state_dict(initial["adam"])
+    muon.load_state_dict(initial["muon"])
+
+
+def train(model: nn.Module, raw_model: nn.Module, adam: torch.optim.Adam, muon: Muon, loader: TrainLoader,
+          val_tokens: Tensor, args: Hyperparameters, rank: int, world_size: int, device: torch.device, log: Logger,
+          checkpoint_dir: Path, start_step: int, train_time_ms: float):
+    """The timed loop: evaluate every val_every steps and at the end, time every training step with the GPU
+    synchronised (the loss's .item() waits for it), stop on a non-finite loss, save checkpoints."""
+    num_steps = args.num_iterations
+    profiler = None
+    for step in range(start_step, num_steps + 1):
+        window = window_tensor(step, args, device)
+        if step == num_steps or (args.val_every and step % args.val_every == 0):
+            val_loss = evaluate(model, val_tokens, window, args, rank, world_size, device)
+            log(f"step:{step}/{num_steps} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms "
+                f"step_avg:{train_time_ms / max(step, 1):.2f}ms")
+        if step == num_steps:
+            break
+        if step == args.profile_at > 0:
+            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
+                                              + [torch.profiler.ProfilerActivity.CUDA] * (device.type == "cuda"))
+            profiler.start()
+        t0 = time.perf_counter()
+        set_schedule(adam, muon, step, args)
+        inputs, targets = loader.next_batch()
+        loss = train_step(model, inputs, targets, window, args.seq_len, adam, muon).item()
+        train_time_ms += 1000 * (time.perf_counter() - t0)
+        log(f"step:{step + 1}/{num_steps} train_loss:{loss:.4f} train_time:{train_time_ms:.0f}ms "
+            f"step_avg:{train_time_ms / (step + 1):.2f}ms")
+        if not math.isfinite(loss):
+            message = f"step {step + 1}: the train loss is {loss}; stopping"
+            if args.checkpoint_every:
+                path = checkpoint_dir / f"step_{step + 1:06d}_nonfinite.pt"
+                save_checkpoint(path, args, step + 1, train_time_ms, raw_model, adam, muon, loader, rank)
+                message += f" (state after the step saved to {path}; resume from an earlier checkpoint)"
+            log(message)
+            raise SystemExit(1)
+        if profiler is not None and step + 1 in (args.profile_at + PROFILED_STEPS, num_steps):
+            profiler.stop()
+            if log.path is not None:
+                # fewer than PROFILED_STEPS when the run ends first
+                write_profile(profiler, log.path.with_suffix(".profile.tsv"), step + 1 - args.profile_at)
+                log(f"profile of steps {args.profile_at + 1}..{step + 1}: {log.path.with_suffix('.profile.tsv')}")
+            profiler = None
+        if args.checkpoint_every and ((step + 1) % args.checkpoint_every == 0 or step + 1 == num_steps):
+            path = checkpoint_dir / f"step_{step + 1:06d}.pt"
+            save_checkpoint(path, args, step + 1, train_time_ms, raw_model, adam, muon, loader, rank)
+            log(f"checkpoint: {path}")
+
+
+def main(argv: list[str]):
+    args = parse_args(argv)
+    rank, world_size, device = setup_distributed()
+    check_config(args, world_size)
+    train_files, val_file, smoke_note = prepare_data(args)
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(args.resume, args)
+        kept = {name: ckpt["args"][name] for name in RESUMED_FIELDS if name not in given_names(argv)}
+        args = dataclasses.replace(args, **kept)
+    run_id = uuid.uuid4().hex[:12]
+    log = start_log(args, rank, world_size, device, run_id)
+    for line in [smoke_note, *bind_ops(args, device)]:
+        if line:
+            log(line)
+    if device.type == "cuda":
+        torch._inductor.config.coordinate_descent_tuning = args.coordinate_descent_tuning  # the record had it on
+
+    raw_model = build_model(args, device)
+    adam, muon = build_optimizers(raw_model, args, rank, world_size)
+    model = torch.compile(raw_model, dynamic=False) if args.compile else raw_model
+    t0 = time.perf_counter()
+    warm_up(model, raw_model, adam, muon, args, rank, world_size, device)
+    start_step, train_time_ms, loader_state = 0, 0.0, dict(shard=0, pos=0)
+    if ckpt is not None:
+        restore_checkpoint(ckpt, raw_model, adam, muon, rank)
+        start_step, train_time_ms, loader_state = ckpt["step"], ckpt["train_time_ms"], ckpt["loader"]
+        log(f"resumed from {ckpt['path']} at step {start_step}")
+        if args.checkpoint_every:
+            log(f"checkpoints: every {args.checkpoint_every} steps, into {Path(args.checkpoint_dir) / run_id}")
+        del ckpt
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    steps = f"{args.warmup_steps} untimed step" + "s" * (args.warmup_steps != 1)
+    log(f"warmup_time:{time.perf_counter() - t0:.1f}s ({'compile and ' * args.compile}{steps})")
+
+    loader = TrainLoader(train_files, args.batch_seqs * args.seq_len, rank, world_size, device, **loader_state)
+    val_tokens = load_shard(val_file, pin=device.type == "cuda", max_tokens=args.val_tokens + 1)
+    train(model, raw_model, adam, muon, loader, val_tokens, args, rank, world_size, device, log,
+          Path(args.checkpoint_dir) / run_id, start_step, train_time_ms)
+    if device.type == "cuda":
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+    log(f"log: {log.path}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Around the run: the command line, launch checks, smoke data, checkpoints and profiles
+
+
+class ConfigError(ValueError):
+    """A bad command line or an inconsistent configuration; the message says what to change."""
+
+
+def _convert(name: str, text: str, kind: type):
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{name} takes a boolean (1/0, true/false), not {text!r}")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"--{name} takes {kind.__name__} values, not {text!r}") from None
+
+
+def given_names(argv: list[str]) -> set[str]:
+    """The hyperparameters a command line sets."""
+    return {arg.removeprefix("--").partition("=")[0] for arg in argv}
+
+
+def parse_args(argv: list[str]) -> Hyperparameters:
+    """--name=value for any Hyperparameters field; --preset=NAME first applies a preset."""
+    types = {f.name: f.type for f in dataclasses.fields(Hyperparameters)}
+    overrides = {}
+    for arg in argv:
+        name, eq, text = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not eq:
+            raise ConfigError(f"bad argument {arg!r}: arguments are --name=value, e.g. --num_iterations=100")
+        if name not in types:
+            close = difflib.get_close_matches(name, types, n=1)
+            hint = f" (did you mean --{close[0]}?)" if close else f"; the names are: {', '.join(types)}"
+            raise ConfigError(f"unknown hyperparameter --{name}{hint}")
+        overrides[name] = _convert(name, text, types[name])
+    preset = overrides.get("preset", "")
+    if preset and preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    return Hyperparameters(**{**PRESETS.get(preset, {}), **overrides})
+
+
+def process_counts(args: Hyperparameters) -> list[int]:
+    """The numbers of processes a run of these hyperparameters can use: each holds whole sequences of a step, and
+    of a validation step."""
+    return [n for n in range(1, args.batch_seqs + 1)
+            if args.batch_seqs % n == 0 and args.val_tokens % (n * args.seq_len) == 0]
+
+
+def _alternatives(numbers: list[int]) -> str:
+    """[1, 2, 4, 8] -> '1, 2, 4 or 8'."""
+    *rest, last = map(str, numbers)
+    return f"{', '.join(rest)} or {last}" if rest else last
+
+
+def check_config(args: Hyperparameters, world_size: int):
+    """Catch the configurations that would otherwise fail minutes later, or compute something else."""
+    problems = []
+    counts = process_counts(args)
+    use = f": use {_alternatives(counts)} process{'es' * (counts != [1])}" if counts else ""
+    if args.batch_seqs % world_size:
+        problems.append(f"batch_seqs={args.batch_seqs} sequences can't be shared out evenly over {world_size} "
+                        f"ranks{use}")
+    elif args.val_tokens % (world_size * args.seq_len):  # not both: the first would bring the second
+        problems.append(f"val_tokens={args.val_tokens} must be a multiple of world_size x seq_len "
+                        f"= {world_size * args.seq_len}{use}")
+    if args.seq_len % BLOCK_SIZE:
+        problems.append(f"seq_len={args.seq_len} must be a multiple of the attention block size {BLOCK_SIZE}")
+    if args.num_layers % 2:
+        problems.append(f"num_layers={args.num_layers} must be even: the U-Net pairs encoder and decoder layers")
+    if args.model_dim % args.num_heads:
+        problems.append(f"model_dim={args.model_dim} must be a multiple of num_heads={args.num_heads}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+DOWNLOAD_HINT = "python data/cached_fineweb10B.py {n} (synthetic shards: python data/synthetic.py)"
+
+
+def _checked_header(path: str, hint: str) -> int:
+    try:
+        return read_shard_header(path)
+    except DataError as e:
+        raise DataError(f"{e}; delete it and get it again: {hint}") from None
+
+
+def check_data(args: Hyperparameters) -> tuple[list[str], str]:
+    """Check, before anything is compiled, that the shards exist, are whole and hold enough tokens."""
+    batch_tokens = args.batch_seqs * args.seq_len
+    shards_needed = math.ceil(args.num_iterations / batches_in_shard(100_000_000, batch_tokens))
+    hint = DOWNLOAD_HINT.format(n=shards_needed)
+    train_files = sorted(glob.glob(args.train_files))
+    folder = Path(args.train_files).parent
+    if not folder.is_dir():
+        raise DataError(f"no data folder {folder.resolve()} (train_files={args.train_files}); get the data: {hint}")
+    if not train_files:
+        raise DataError(f"no train shards match {args.train_files} in {Path.cwd()}; get the data: {hint}")
+    steps = 0
+    for file in train_files:
+        steps += batches_in_shard(_checked_header(file, hint), batch_tokens)
+    if steps < args.num_iterations:
+        raise DataError(f"the {len(train_files)} shards matching {args.train_files} feed {steps} steps of "
+                        f"{batch_tokens:,} tokens, and num_iterations={args.num_iterations}: get more: {hint}")
+    val_files = sorted(glob.glob(args.val_files))
+    if not val_files:
+        raise DataError(f"no val shard matches {args.val_files} in {Path.cwd()}; get the data: {hint}")
+    if _checked_header(val_files[0], hint) < args.val_tokens + 1:
+        raise DataError(f"{val_files[0]} holds fewer than val_tokens + 1 = {args.val_tokens + 1:,} tokens; "
+                        f"get the full val shard ({hint}) or lower --val_tokens")
+    return train_files, val_files[0]
+
+
+def prepare_data(args: Hyperparameters) -> tuple[list[str], str, str]:
+    """Every rank checks the shards, before anything is compiled. The smoke preset, reading its own folder, first
+    makes its data there (one process a node) when that folder is missing, or holds only what the preset made
+    there and no longer fits the run; it never writes over files it did not make. Returns the train files, the
+    val file and a line for the log about the smoke data."""
+    note = ""
+    if args.preset == "smoke" and {Path(args.train_files).parent, Path(args.val_files).parent} == {SMOKE_DATA}:
+        note = f"smoke data: the preset's own, in {SMOKE_DATA}"
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            try:
+                check_data(args)
+            except DataError:
+                if SMOKE_DATA.exists() and not made_by_smoke_preset(SMOKE_DATA):
+                    raise  # not the preset's files: the same error as without it
+                make_smoke_data(args)
+                note = f"smoke data: made by data/synthetic.py into {SMOKE_DATA}"
+    if dist.is_initialized():
+        dist.barrier()
+    return *check_data(args), note
+
+
+def check_launch(argv: list[str], world_size: int):
+    """What ./run.sh runs in one process before it starts torchrun: the command line, the configuration for
+    world_size processes, the data (the smoke preset makes its own first) and the checkpoint to resume."""
+    args = parse_args(argv)
+    check_config(args, world_size)
+    *_, note = prepare_data(args)
+    if args.resume:
+        load_checkpoint(args.resume, args)
+    if note.startswith("smoke data: made"):
+        print(note)
+
+
 SMOKE_MADE = "made_by_smoke_preset.txt"  # in the smoke data folder: "sha256  name" of each file the preset made
 
 
@@ -886,6 +1086,13 @@ def made_by_smoke_preset(folder: Path) -> bool:
         return False
     made = {name: sha for sha, name in (line.split("  ", 1) for line in (folder / SMOKE_MADE).read_text().splitlines())}
     return all(f.name == SMOKE_MADE or made.get(f.name) == _sha256(f) for f in folder.iterdir())
+
+
+# Fields that only say how a run is carried out: a checkpoint may be resumed with other values for them.
+RUN_FIELDS = {"fused_mlp", "fused_qkv", "fused_attention", "compile", "coordinate_descent_tuning", "warmup_steps",
+              "tag", "checkpoint_every", "checkpoint_dir", "resume", "profile_at", "preset"}
+# Of those, what a resumed run takes from its checkpoint unless the command line sets it: it goes on as it was.
+RESUMED_FIELDS = ("checkpoint_every", "checkpoint_dir", "tag")
 
 
 def muon_owners(muon: Muon):
@@ -988,199 +1195,23 @@ def write_profile(profiler: torch.profiler.profile, path: Path, steps: int):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# main: the steps of a run
+# Ops and their implementations
+# The model calls five ops by name: attention_masks, attention_inputs, attention, relu2_mlp and head_loss.
+# bind_ops() binds each name once a run, from the run's switches and what the device can do; until then they name
+# the plain implementations, which run anywhere (the end of this section). Each op's section holds, in this order:
+# its tile settings, its implementations, its plain-PyTorch reference (what the CPU runs, and what the tests
+# compare the kernels with), its custom ops with their fakes, their launchers, and their Triton kernels.
 
 
-def prepare_data(args: Hyperparameters) -> tuple[list[str], str, str]:
-    """Every rank checks the shards, before anything is compiled. The smoke preset, reading its own folder, first
-    makes its data there (one process a node) when that folder is missing, or holds only what the preset made
-    there and no longer fits the run; it never writes over files it did not make. Returns the train files, the
-    val file and a line for the log about the smoke data."""
-    note = ""
-    if args.preset == "smoke" and {Path(args.train_files).parent, Path(args.val_files).parent} == {SMOKE_DATA}:
-        note = f"smoke data: the preset's own, in {SMOKE_DATA}"
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-            try:
-                check_data(args)
-            except DataError:
-                if SMOKE_DATA.exists() and not made_by_smoke_preset(SMOKE_DATA):
-                    raise  # not the preset's files: the same error as without it
-                make_smoke_data(args)
-                note = f"smoke data: made by data/synthetic.py into {SMOKE_DATA}"
-    if dist.is_initialized():
-        dist.barrier()
-    return *check_data(args), note
+class Tile(NamedTuple):
+    """A Triton kernel's launch settings: the block a program works on, in the order of the kernel's own names for
+    its dimensions, its warps and its pipeline stages."""
+    block: tuple[int, ...]
+    warps: int
+    stages: int
 
 
-def start_log(args: Hyperparameters, rank: int, world_size: int, device: torch.device, run_id: str) -> Logger:
-    """The log opens with this file's source, the versions, nvidia-smi and every hyperparameter."""
-    log = Logger(args, rank, run_id)
-    log(Path(__file__).read_text(), console=False)
-    log("=" * 100, console=False)
-    log(environment_report(args, world_size, device), console=False)
-    log("=" * 100, console=False)
-    return log
-
-
-def build_model(args: Hyperparameters, device: torch.device) -> nn.Module:
-    """The same initial weights on every rank and any world size: made on the CPU from the seed, then
-    broadcast from rank 0 all the same."""
-    torch.manual_seed(args.seed)
-    model = GPT(args.vocab_size, args.num_layers, args.num_heads, args.model_dim, args.seq_len).to(device)
-    if dist.is_initialized():
-        for p in model.parameters():
-            dist.broadcast(p.detach(), 0)
-    return model
-
-
-def warm_up(model: nn.Module, raw_model: nn.Module, adam: torch.optim.Adam, muon: Muon, args: Hyperparameters,
-            rank: int, world_size: int, device: torch.device):
-    """Compile and run warmup_steps training steps and one validation step on random tokens, untimed, then
-    restore the initial weights and optimizer state. The first step compiles; the second runs with the
-    optimizers' state, so that the first timed step compiles nothing."""
-    # kept on the CPU: a GPU copy would add the weights' size to the peak memory
-    initial = dict(model={name: t.to("cpu", copy=True) for name, t in raw_model.state_dict().items()},
-                   adam=copy.deepcopy(adam.state_dict()), muon=copy.deepcopy(muon.state_dict()))
-    local_tokens = args.batch_seqs * args.seq_len // world_size
-    generator = torch.Generator().manual_seed(args.seed)
-    for step in range(args.warmup_steps):
-        dummy = torch.randint(0, args.vocab_size, (local_tokens + 1,), generator=generator, dtype=torch.int32)
-        set_schedule(adam, muon, step, args)
-        train_step(model, *batch_to_device(dummy, device), window_tensor(step, args, device), args.seq_len, adam,
-                   muon)
-    if args.warmup_steps:
-        one_val_step = dataclasses.replace(args, val_tokens=world_size * args.seq_len)
-        dummy = torch.randint(0, args.vocab_size, (one_val_step.val_tokens + 1,), generator=generator)
-        evaluate(model, dummy, window_tensor(0, args, device), one_val_step, rank, world_size, device)
-    raw_model.load_state_dict(initial["model"])
-    adam.load_state_dict(initial["adam"])
-    muon.load_state_dict(initial["muon"])
-
-
-def train(model: nn.Module, raw_model: nn.Module, adam: torch.optim.Adam, muon: Muon, loader: TrainLoader,
-          val_tokens: Tensor, args: Hyperparameters, rank: int, world_size: int, device: torch.device, log: Logger,
-          checkpoint_dir: Path, start_step: int, train_time_ms: float):
-    """The timed loop: evaluate every val_every steps and at the end, time every training step with the GPU
-    synchronised (the loss's .item() waits for it), stop on a non-finite loss, save checkpoints."""
-    num_steps = args.num_iterations
-    profiler = None
-    for step in range(start_step, num_steps + 1):
-        window = window_tensor(step, args, device)
-        if step == num_steps or (args.val_every and step % args.val_every == 0):
-            val_loss = evaluate(model, val_tokens, window, args, rank, world_size, device)
-            log(f"step:{step}/{num_steps} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms "
-                f"step_avg:{train_time_ms / max(step, 1):.2f}ms")
-        if step == num_steps:
-            break
-        if step == args.profile_at > 0:
-            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
-                                              + [torch.profiler.ProfilerActivity.CUDA] * (device.type == "cuda"))
-            profiler.start()
-        t0 = time.perf_counter()
-        set_schedule(adam, muon, step, args)
-        inputs, targets = loader.next_batch()
-        loss = train_step(model, inputs, targets, window, args.seq_len, adam, muon).item()
-        train_time_ms += 1000 * (time.perf_counter() - t0)
-        log(f"step:{step + 1}/{num_steps} train_loss:{loss:.4f} train_time:{train_time_ms:.0f}ms "
-            f"step_avg:{train_time_ms / (step + 1):.2f}ms")
-        if not math.isfinite(loss):
-            message = f"step {step + 1}: the train loss is {loss}; stopping"
-            if args.checkpoint_every:
-                path = checkpoint_dir / f"step_{step + 1:06d}_nonfinite.pt"
-                save_checkpoint(path, args, step + 1, train_time_ms, raw_model, adam, muon, loader, rank)
-                message += f" (state after the step saved to {path}; resume from an earlier checkpoint)"
-            log(message)
-            raise SystemExit(1)
-        if profiler is not None and step + 1 in (args.profile_at + PROFILED_STEPS, num_steps):
-            profiler.stop()
-            if log.path is not None:
-                # fewer than PROFILED_STEPS when the run ends first
-                write_profile(profiler, log.path.with_suffix(".profile.tsv"), step + 1 - args.profile_at)
-                log(f"profile of steps {args.profile_at + 1}..{step + 1}: {log.path.with_suffix('.profile.tsv')}")
-            profiler = None
-        if args.checkpoint_every and ((step + 1) % args.checkpoint_every == 0 or step + 1 == num_steps):
-            path = checkpoint_dir / f"step_{step + 1:06d}.pt"
-            save_checkpoint(path, args, step + 1, train_time_ms, raw_model, adam, muon, loader, rank)
-            log(f"checkpoint: {path}")
-
-
-def check_launch(argv: list[str], world_size: int):
-    """What ./run.sh runs in one process before it starts torchrun: the command line, the configuration for
-    world_size processes, the data (the smoke preset makes its own first) and the checkpoint to resume."""
-    args = parse_args(argv)
-    check_config(args, world_size)
-    *_, note = prepare_data(args)
-    if args.resume:
-        load_checkpoint(args.resume, args)
-    if note.startswith("smoke data: made"):
-        print(note)
-
-
-def main(argv: list[str]):
-    args = parse_args(argv)
-    rank, world_size, device = setup_distributed()
-    check_config(args, world_size)
-    train_files, val_file, smoke_note = prepare_data(args)
-    ckpt = None
-    if args.resume:
-        ckpt = load_checkpoint(args.resume, args)
-        kept = {name: ckpt["args"][name] for name in RESUMED_FIELDS if name not in given_names(argv)}
-        args = dataclasses.replace(args, **kept)
-    run_id = uuid.uuid4().hex[:12]
-    log = start_log(args, rank, world_size, device, run_id)
-    for line in [smoke_note, *choose_kernels(args, device)]:
-        if line:
-            log(line)
-    if device.type == "cuda":
-        torch._inductor.config.coordinate_descent_tuning = args.coordinate_descent_tuning  # the record had it on
-
-    raw_model = build_model(args, device)
-    adam, muon = build_optimizers(raw_model, args, rank, world_size)
-    model = torch.compile(raw_model, dynamic=False) if args.compile else raw_model
-    t0 = time.perf_counter()
-    warm_up(model, raw_model, adam, muon, args, rank, world_size, device)
-    start_step, train_time_ms, loader_state = 0, 0.0, dict(shard=0, pos=0)
-    if ckpt is not None:
-        restore_checkpoint(ckpt, raw_model, adam, muon, rank)
-        start_step, train_time_ms, loader_state = ckpt["step"], ckpt["train_time_ms"], ckpt["loader"]
-        log(f"resumed from {ckpt['path']} at step {start_step}")
-        if args.checkpoint_every:
-            log(f"checkpoints: every {args.checkpoint_every} steps, into {Path(args.checkpoint_dir) / run_id}")
-        del ckpt
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    steps = f"{args.warmup_steps} untimed step" + "s" * (args.warmup_steps != 1)
-    log(f"warmup_time:{time.perf_counter() - t0:.1f}s ({'compile and ' * args.compile}{steps})")
-
-    loader = TrainLoader(train_files, args.batch_seqs * args.seq_len, rank, world_size, device, **loader_state)
-    val_tokens = load_shard(val_file, pin=device.type == "cuda", max_tokens=args.val_tokens + 1)
-    train(model, raw_model, adam, muon, loader, val_tokens, args, rank, world_size, device, log,
-          Path(args.checkpoint_dir) / run_id, start_step, train_time_ms)
-    if device.type == "cuda":
-        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
-            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-    log(f"log: {log.path}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Fused ops and their kernels
-# The model calls four ops by name: attention_inputs, attention, relu2_mlp and head_loss. Each picks its
-# implementation here, from the device of its inputs and the run's switches in KERNELS (set once by main), and has
-# its plain-PyTorch reference beside it: what the CPU runs, and what the tests compare the GPU kernels with.
-
-
-@dataclass
-class Kernels:
-    """The run's implementation switches. The defaults are the plain paths, which any device runs."""
-    fp8_head: bool = False  # the lm_head's training matmuls in FP8
-    fused_mlp: bool = False  # the MLP's Triton matmuls with ReLU^2 in their epilogues
-    fused_qkv: bool = False  # QK norm, rotary and the value mix as Triton kernels
-    fused_attention: bool = False  # the windowed attention as Triton kernels, on DocumentWindows masks
-
-
-KERNELS = Kernels()
+LOG2E = math.log2(math.e)  # the kernels take exp2 of their arguments times log2(e)
 
 
 def fp8_available(device: torch.device) -> tuple[bool, str]:
@@ -1201,58 +1232,71 @@ def triton_on_hopper(device: torch.device) -> tuple[bool, str]:
     major, minor = torch.cuda.get_device_capability(device)
     if major < 9:
         return False, f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor} < 9.0"
-    if triton is None:
+    if not HAS_TRITON:
         return False, "Triton is not installed"
     return True, ""
 
 
-def choose_kernels(args: Hyperparameters, device: torch.device) -> list[str]:
-    """Set KERNELS from the run's switches and what this device can do; return a log line for each switch
-    that is on but can't be honoured here."""
+def bind_ops(args: Hyperparameters, device: torch.device) -> list[str]:
+    """Bind the op names the model calls to their implementations for this run, from its switches and what the
+    device can do. Returns the log's lines: one for each switch that is on but can't be honoured here, then the
+    bindings. main() calls it before the model is compiled, which then reads the bound functions."""
+    fp8, why_not_fp8 = fp8_available(device)
+    hopper, why_not_hopper = triton_on_hopper(device)
+    triton_here, why_not_triton = (True, "") if device.type == "cuda" and HAS_TRITON else (False, why_not_hopper)
     lines = []
-    fp8, why_not = fp8_available(device)
-    if args.fp8_head and not fp8:
-        lines.append(f"fp8 head: off ({why_not}); the lm_head runs in bf16")
-    hopper, why_not = triton_on_hopper(device)
-    if args.fused_mlp and device.type == "cuda" and not hopper:
-        lines.append(f"fused MLP: off ({why_not}); its matmuls and ReLU^2 run as torch.compile makes them")
-    if args.fused_attention and device.type == "cuda" and not hopper:
-        lines.append(f"fused attention: off ({why_not}); FlexAttention runs it")
-    if args.fused_qkv and device.type == "cuda" and triton is None:
-        lines.append("fused qkv: off (Triton is not installed); QK norm, rotary and the value mix run as torch.compile "
-                     "makes them")
-    KERNELS.fp8_head, KERNELS.fused_mlp = args.fp8_head and fp8, args.fused_mlp and hopper
-    KERNELS.fused_attention = args.fused_attention and hopper
-    KERNELS.fused_qkv = args.fused_qkv and device.type == "cuda" and triton is not None
-    return lines
+    for switch, can, why_not, instead in [
+            ("fp8_head", fp8, why_not_fp8, "the lm_head runs in bf16"),
+            ("fused_mlp", hopper, why_not_hopper, "its matmuls and ReLU^2 run as plain PyTorch"),
+            ("fused_qkv", triton_here, why_not_triton, "QK norm, rotary and the value mix run as plain PyTorch"),
+            ("fused_attention", hopper, why_not_hopper, "FlexAttention or dense attention runs it")]:
+        if getattr(args, switch) and not can:
+            lines.append(f"{switch}: off ({why_not}); {instead}")
+    if args.fused_attention and hopper:
+        masks, attend = document_windows, attention_windows
+    elif device.type == "cuda":
+        # Uncompiled, flex_attention falls back to a reference that applies mask_mod everywhere and ignores the block
+        # tables, losing the sliding windows: outside a compiled model it runs compiled on its own.
+        masks, attend = block_masks, attention_flex if args.compile else torch.compile(attention_flex, dynamic=False)
+    else:
+        masks, attend = block_masks, attention_dense  # FlexAttention has no backward on the CPU
+    fused_qkv = args.fused_qkv and triton_here
+    ops = dict(attention_masks=masks, attention=attend,
+               attention_inputs=attention_inputs_fused if fused_qkv else attention_inputs_reference,
+               relu2_mlp=relu2_mlp_fused if args.fused_mlp and hopper else relu2_mlp_reference,
+               head_loss=head_loss_fp8 if args.fp8_head and fp8 else head_loss_bf16)
+    globals().update(ops)
+    return lines + ["ops: " + ", ".join(f"{name}={op.__name__}" for name, op in ops.items())]
 
 
-# --- attention: on Hopper Triton kernels that walk each query tile's one range of keys (see document_windows),
+# --- attention: on Hopper, Triton kernels that walk each query tile's one range of keys (see document_windows),
 # loading tiles through the TMA, and apply the mask only in the tiles at its ends, the diagonal and the one holding
 # a document's start; elsewhere on CUDA FlexAttention (its use by @KoszarskyB), which walks the block tables and is
-# the kernels' reference; on the CPU dense SDPA
+# the kernels' reference; on the CPU dense SDPA.
+
+# Each kernel's tile: (query rows, key rows). Both divide BLOCK_SIZE; the key kernel's query rows divide its key
+# rows, the query kernels' key rows their query rows.
+ATTENTION_FORWARD = Tile((64, 64), warps=4, stages=3)
+ATTENTION_GRAD_Q = Tile((64, 64), warps=4, stages=2)
+ATTENTION_GRAD_KV = Tile((64, 64), warps=4, stages=2)
 
 
-def attention_masks(docs: Tensor, window_blocks: Tensor) -> tuple[BlockMask, BlockMask] | tuple[DocumentWindows, ...]:
-    """The long and short masks of a sequence with document ids docs, in the form attention() takes on this run."""
-    return document_windows(docs, window_blocks) if KERNELS.fused_attention else block_masks(docs, window_blocks)
+def attention_windows(q: Tensor, k: Tensor, v: Tensor, mask: DocumentWindows) -> Tensor:
+    """Softmax attention of q, k, v (1, T, H, head_dim) bf16 under a DocumentWindows mask, scaled by
+    ATTENTION_SCALE -> (1, T, H, head_dim), by the Triton kernels below."""
+    return WindowAttention.apply(q, k, v, *mask)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask | DocumentWindows) -> Tensor:
-    """Softmax attention of q, k, v (B, T, H, head_dim) under a mask, scaled by ATTENTION_SCALE -> (B, T, H,
-    head_dim)."""
-    if isinstance(mask, DocumentWindows):
-        return WindowAttention.apply(q, k, v, *mask)
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # FlexAttention and SDPA take (B, H, T, head_dim)
-    if not q.is_cuda:  # FlexAttention has no backward on the CPU
-        return attention_reference(q, k, v, mask).transpose(1, 2)
-    attend = flex_attention if torch.compiler.is_compiling() else _flex_attention_compiled
-    return attend(q, k, v, block_mask=mask, scale=ATTENTION_SCALE).transpose(1, 2)
+def attention_flex(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask) -> Tensor:
+    """attention under a block mask by FlexAttention, which takes (B, H, T, head_dim)."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    return flex_attention(q, k, v, block_mask=mask, scale=ATTENTION_SCALE).transpose(1, 2)
 
 
-# Uncompiled, flex_attention falls back to a reference implementation that applies mask_mod everywhere and ignores
-# the block tables, so the sliding windows would be lost: outside a compiled model it runs compiled on its own.
-_flex_attention_compiled = torch.compile(flex_attention, dynamic=False)
+def attention_dense(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask) -> Tensor:
+    """attention under a block mask as dense SDPA with the mask's (T, T) matrix: the reference."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(mask), scale=ATTENTION_SCALE).transpose(1, 2)
 
 
 def dense_mask(mask: BlockMask) -> Tensor:
@@ -1262,12 +1306,8 @@ def dense_mask(mask: BlockMask) -> Tensor:
     return kept & mask.mask_mod(0, 0, pos[:, None], pos[None, :])
 
 
-def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask) -> Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(mask), scale=ATTENTION_SCALE)
-
-
 class WindowAttention(torch.autograd.Function):
-    """attention() under DocumentWindows with the two ops below; saves the output and its log-sum-exp."""
+    """attention_windows with the two custom ops below; saves the output and its log-sum-exp."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, starts: Tensor, ends: Tensor, window_blocks: Tensor):
@@ -1291,28 +1331,10 @@ def _window_scores(q: Tensor, k: Tensor, starts: Tensor, window_blocks: Tensor) 
 def window_attention(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, window_blocks: Tensor) -> tuple[Tensor, Tensor]:
     """q, k, v (1, T, H, head_dim) bf16 -> the output (1, T, H, head_dim) bf16 and the log-sum-exp of each query's
     scores (H, T) float32, in base 2 (of the scores times log2(e)), as the backward takes it. This body is the
-    reference; on CUDA the Triton kernel runs instead."""
+    reference; on CUDA _window_attention_triton runs instead."""
     scores = _window_scores(q.float(), k.float(), starts, window_blocks)
     out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.float())
     return out.bfloat16().contiguous(), (scores.logsumexp(-1)[0] * LOG2E).contiguous()
-
-
-@window_attention.register_kernel("cuda")
-def _(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, window_blocks: Tensor):
-    return _window_attention_triton(q, k, v, starts, window_blocks)
-
-
-def _window_attention_triton(q: Tensor, k: Tensor, v: Tensor, starts: Tensor,
-                             window_blocks: Tensor) -> tuple[Tensor, Tensor]:
-    _, T, H, head_dim = q.shape
-    q, k, v = (t.contiguous() for t in (q, k, v))
-    out, lse = torch.empty_like(q), q.new_empty(H, T, dtype=torch.float32)
-    block_m, block_n, warps, stages = ATTENTION_TILES["forward"]
-    _window_attention_kernel[(T // block_m, H)](_tiles_of(q, block_m), _tiles_of(k, block_n), _tiles_of(v, block_n),
-                                                out, lse, starts, window_blocks, T, ATTENTION_SCALE * LOG2E, H,
-                                                head_dim, BLOCK_SIZE, block_m, block_n, num_warps=warps,
-                                                num_stages=stages)
-    return out, lse
 
 
 @window_attention.register_fake
@@ -1324,7 +1346,7 @@ def _(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, window_blocks: Tensor):
 def window_attention_grad(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, starts: Tensor,
                           ends: Tensor, window_blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """window_attention's backward: the gradient of the output -> those of q, k and v. This body is the reference;
-    on CUDA the Triton kernels run instead."""
+    on CUDA _window_attention_grad_triton runs instead."""
     q, k, v, grad_out = (t.float() for t in (q, k, v, grad_out))
     p = _window_scores(q, k, starts, window_blocks).softmax(-1)
     grad_p = torch.einsum("bqhd,bkhd->bhqk", grad_out, v)
@@ -1334,38 +1356,10 @@ def window_attention_grad(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out
     return tuple(g.bfloat16().contiguous() for g in grads)
 
 
-@window_attention_grad.register_kernel("cuda")
-def _(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, starts: Tensor, ends: Tensor,
-      window_blocks: Tensor):
-    return _window_attention_grad_triton(grad_out, q, k, v, out, lse, starts, ends, window_blocks)
-
-
-def _window_attention_grad_triton(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                                  starts: Tensor, ends: Tensor, window_blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    _, T, H, head_dim = q.shape
-    grad_out, q, k, v, out = (t.contiguous() for t in (grad_out, q, k, v, out))
-    delta = torch.empty_like(lse)  # per query: the sum of grad_out * out, which the query kernel computes and stores
-    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    block_m, block_n, warps, stages = ATTENTION_TILES["grad_q"]
-    _window_attention_grad_q_kernel[(T // block_m, H)](
-        _tiles_of(q, block_m), _tiles_of(k, block_n), _tiles_of(v, block_n), _tiles_of(grad_out, block_m), out, lse,
-        delta, starts, window_blocks, grad_q, T, ATTENTION_SCALE * LOG2E, ATTENTION_SCALE, H, head_dim, BLOCK_SIZE,
-        block_m, block_n, num_warps=warps, num_stages=stages)
-    block_m, block_n, warps, stages = ATTENTION_TILES["grad_kv"]
-    _window_attention_grad_kv_kernel[(T // block_n, H)](
-        _tiles_of(q, block_m), _tiles_of(k, block_n), _tiles_of(v, block_n), _tiles_of(grad_out, block_m), lse, delta,
-        ends, window_blocks, grad_k, grad_v, T, ATTENTION_SCALE * LOG2E, ATTENTION_SCALE, H, head_dim, BLOCK_SIZE,
-        block_m, block_n, num_warps=warps, num_stages=stages)
-    return grad_q, grad_k, grad_v
-
-
 @window_attention_grad.register_fake
 def _(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, starts: Tensor, ends: Tensor,
       window_blocks: Tensor):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-LOG2E = math.log2(math.e)  # the kernels take exp2 of the scores times log2(e)
 
 
 def _tiles_of(t: Tensor, rows: int) -> "TensorDescriptor":
@@ -1374,120 +1368,152 @@ def _tiles_of(t: Tensor, rows: int) -> "TensorDescriptor":
     return TensorDescriptor.from_tensor(t.view(t.size(1), -1), [rows, t.size(3)])
 
 
-# (query rows, key rows, warps, pipeline stages) of each kernel's tile. Query and key rows divide BLOCK_SIZE; the
-# key kernel's query rows divide its key rows, the query kernels' key rows their query rows
-ATTENTION_TILES = dict(forward=(64, 64, 4, 3), grad_kv=(64, 64, 4, 2), grad_q=(64, 64, 4, 2))
+@window_attention.register_kernel("cuda")
+def _window_attention_triton(q: Tensor, k: Tensor, v: Tensor, starts: Tensor,
+                             window_blocks: Tensor) -> tuple[Tensor, Tensor]:
+    _, T, H, head_dim = q.shape
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    out, lse = torch.empty_like(q), q.new_empty(H, T, dtype=torch.float32)
+    (block_m, block_n), warps, stages = ATTENTION_FORWARD
+    _window_attention_kernel[(T // block_m, H)](_tiles_of(q, block_m), _tiles_of(k, block_n), _tiles_of(v, block_n),
+                                                out, lse, starts, window_blocks, T, ATTENTION_SCALE * LOG2E, H,
+                                                head_dim, BLOCK_SIZE, block_m, block_n, num_warps=warps,
+                                                num_stages=stages)
+    return out, lse
 
-if triton is not None:
-    @triton.jit
-    def _key_range(first_start, last_start, m0, window, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
-        """The keys query tile m0 sees, given its first and last query's document starts, are lo .. m0 + tile:
-        lo .. unmasked hold a document start (masked), unmasked .. m0 lie in the tile's one document (no mask), and
-        the diagonal from m0 is masked."""
-        lo = tl.maximum((m0 // BLOCK - window + 1) * BLOCK, first_start // BLOCK_N * BLOCK_N)
-        unmasked = tl.minimum(tl.maximum(lo, tl.cdiv(last_start, BLOCK_N) * BLOCK_N), m0)
-        return lo, unmasked
 
-    # Each kernel walks its tile's range of keys (or queries) in one pipelined loop, with a branch that masks only
-    # the tiles at its ends. A loop for each part was slower, most at the short windows, where each part is a tile
-    # or two (likely: each loop's pipeline fills and drains on its own).
+@window_attention_grad.register_kernel("cuda")
+def _window_attention_grad_triton(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                  starts: Tensor, ends: Tensor, window_blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    _, T, H, head_dim = q.shape
+    grad_out, q, k, v, out = (t.contiguous() for t in (grad_out, q, k, v, out))
+    delta = torch.empty_like(lse)  # per query: the sum of grad_out * out, which the query kernel computes and stores
+    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    (block_m, block_n), warps, stages = ATTENTION_GRAD_Q
+    _window_attention_grad_q_kernel[(T // block_m, H)](
+        _tiles_of(q, block_m), _tiles_of(k, block_n), _tiles_of(v, block_n), _tiles_of(grad_out, block_m), out, lse,
+        delta, starts, window_blocks, grad_q, T, ATTENTION_SCALE * LOG2E, ATTENTION_SCALE, H, head_dim, BLOCK_SIZE,
+        block_m, block_n, num_warps=warps, num_stages=stages)
+    (block_m, block_n), warps, stages = ATTENTION_GRAD_KV
+    _window_attention_grad_kv_kernel[(T // block_n, H)](
+        _tiles_of(q, block_m), _tiles_of(k, block_n), _tiles_of(v, block_n), _tiles_of(grad_out, block_m), lse, delta,
+        ends, window_blocks, grad_k, grad_v, T, ATTENTION_SCALE * LOG2E, ATTENTION_SCALE, H, head_dim, BLOCK_SIZE,
+        block_m, block_n, num_warps=warps, num_stages=stages)
+    return grad_q, grad_k, grad_v
 
-    @triton.jit
-    def _window_attention_kernel(q_desc, k_desc, v_desc, out, lse, starts, window_blocks, T, qk_scale,
-                                 H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                                 BLOCK_N: tl.constexpr):
-        # one tile of BLOCK_M queries of one head, whose columns start at col, with the online softmax over its key
-        # tiles (flash attention's forward, by Tri Dao)
-        m0, head = tl.program_id(0) * BLOCK_M, tl.program_id(1)
-        rows, dims, col = m0 + tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM), head * HEAD_DIM
-        cols = tl.arange(0, BLOCK_N)
-        q_tile = q_desc.load([m0, col])
-        starts_q = tl.load(starts + rows)
-        window = tl.maximum(tl.load(window_blocks), 1)
-        lo, unmasked = _key_range(tl.load(starts + m0), tl.load(starts + m0 + BLOCK_M - 1), m0, window, BLOCK, BLOCK_N)
-        acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-        row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        row_max = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float32)
-        for n in tl.range(lo, m0 + BLOCK_M, BLOCK_N):
-            keys = n + cols
-            scores = tl.dot(q_tile, k_desc.load([n, col]).T)  # unscaled: the maximum is scaled once a row
-            if (n < unmasked) | (n >= m0):  # -1e6 rather than -inf: a row with no key in this tile yet stays
-                # finite, and its weights are zeroed by the first tile that has one
-                seen = (keys[None, :] >= starts_q[:, None]) & (keys[None, :] <= rows[:, None])
-                scores = tl.where(seen, scores, -1.0e6)
-            new_max = tl.maximum(row_max, tl.max(scores, 1) * qk_scale)
-            p = tl.math.exp2(scores * qk_scale - new_max[:, None])
-            alpha = tl.math.exp2(row_max - new_max)
-            row_sum = row_sum * alpha + tl.sum(p, 1)
-            values = v_desc.load([n, col])
-            acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values)
-            row_max = new_max
-        tl.store(out + rows[:, None] * (H * HEAD_DIM) + col + dims[None, :], (acc / row_sum[:, None]).to(q_tile.dtype))
-        tl.store(lse + head * T + rows, row_max + tl.math.log2(row_sum))
 
-    @triton.jit
-    def _window_attention_grad_q_kernel(q_desc, k_desc, v_desc, grad_out_desc, out, lse, delta, starts,
-                                        window_blocks, grad_q, T, qk_scale, scale, H: tl.constexpr,
-                                        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                                        BLOCK_N: tl.constexpr):
-        # one tile of BLOCK_M queries of one head, over the keys it sees, as in the forward; it also stores its
-        # queries' delta = sum(grad_out * out) for the key kernel, which runs after it
-        m0, head = tl.program_id(0) * BLOCK_M, tl.program_id(1)
-        rows, dims, col = m0 + tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM), head * HEAD_DIM
-        cols = tl.arange(0, BLOCK_N)
-        at = rows[:, None] * (H * HEAD_DIM) + col + dims[None, :]
-        q_tile, grad_o = q_desc.load([m0, col]), grad_out_desc.load([m0, col])
-        delta_q = tl.sum(tl.load(out + at).to(tl.float32) * grad_o.to(tl.float32), 1)
-        tl.store(delta + head * T + rows, delta_q)
-        lse_q = tl.load(lse + head * T + rows)
-        starts_q = tl.load(starts + rows)
-        window = tl.maximum(tl.load(window_blocks), 1)
-        lo, unmasked = _key_range(tl.load(starts + m0), tl.load(starts + m0 + BLOCK_M - 1), m0, window, BLOCK, BLOCK_N)
-        grad_q_tile = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-        for n in tl.range(lo, m0 + BLOCK_M, BLOCK_N):
-            keys = n + cols
-            k_tile = k_desc.load([n, col])
-            p = tl.math.exp2(tl.dot(q_tile, k_tile.T) * qk_scale - lse_q[:, None])
-            if (n < unmasked) | (n >= m0):
-                p = tl.where((keys[None, :] >= starts_q[:, None]) & (keys[None, :] <= rows[:, None]), p, 0.0)
-            grad_p = tl.dot(grad_o, v_desc.load([n, col]).T)
-            grad_s = p * (grad_p - delta_q[:, None])
-            grad_q_tile += tl.dot(grad_s.to(k_tile.dtype), k_tile)
-        tl.store(grad_q + at, (grad_q_tile * scale).to(q_tile.dtype))
+@triton.jit
+def _key_range(first_start, last_start, m0, window, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The keys query tile m0 sees, given its first and last query's document starts, are lo .. m0 + tile:
+    lo .. unmasked hold a document start (masked), unmasked .. m0 lie in the tile's one document (no mask), and
+    the diagonal from m0 is masked."""
+    lo = tl.maximum((m0 // BLOCK - window + 1) * BLOCK, first_start // BLOCK_N * BLOCK_N)
+    unmasked = tl.minimum(tl.maximum(lo, tl.cdiv(last_start, BLOCK_N) * BLOCK_N), m0)
+    return lo, unmasked
 
-    @triton.jit
-    def _window_attention_grad_kv_kernel(q_desc, k_desc, v_desc, grad_out_desc, lse, delta, ends, window_blocks,
-                                         grad_k, grad_v, T, qk_scale, scale, H: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                         BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        # one tile of BLOCK_N keys of one head, over the queries that see them: from the tile itself (masked) to
-        # the end of the window or of its last key's document, masked from its first key's document end
-        # (flash attention 2's backward, by Tri Dao), with the scores transposed (keys x queries)
-        n0, head = tl.program_id(0) * BLOCK_N, tl.program_id(1)
-        keys, dims, col = n0 + tl.arange(0, BLOCK_N), tl.arange(0, HEAD_DIM), head * HEAD_DIM
-        cols = tl.arange(0, BLOCK_M)
-        lse, delta = lse + head * T, delta + head * T
-        k_tile, v_tile = k_desc.load([n0, col]), v_desc.load([n0, col])
-        ends_k = tl.load(ends + keys)
-        window = tl.maximum(tl.load(window_blocks), 1)
-        hi = tl.minimum(tl.minimum((n0 // BLOCK + window) * BLOCK, T), tl.cdiv(tl.load(ends + n0 + BLOCK_N - 1),
-                                                                             BLOCK_M) * BLOCK_M)
-        unmasked = tl.maximum(tl.minimum(hi, tl.load(ends + n0) // BLOCK_M * BLOCK_M), n0 + BLOCK_N)
-        grad_k_tile = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
-        grad_v_tile = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
-        for m in tl.range(n0, hi, BLOCK_M):
-            rows = m + cols
-            q_tile = q_desc.load([m, col])
-            p_t = tl.math.exp2(tl.dot(k_tile, q_tile.T) * qk_scale - tl.load(lse + rows)[None, :])
-            if (m < n0 + BLOCK_N) | (m >= unmasked):
-                p_t = tl.where((rows[None, :] >= keys[:, None]) & (rows[None, :] < ends_k[:, None]), p_t, 0.0)
-            grad_o = grad_out_desc.load([m, col])
-            grad_v_tile += tl.dot(p_t.to(grad_o.dtype), grad_o)
-            grad_p_t = tl.dot(v_tile, grad_o.T)
-            grad_s_t = p_t * (grad_p_t - tl.load(delta + rows)[None, :])
-            grad_k_tile += tl.dot(grad_s_t.to(q_tile.dtype), q_tile)
-        at = keys[:, None] * (H * HEAD_DIM) + col + dims[None, :]
-        tl.store(grad_k + at, (grad_k_tile * scale).to(k_tile.dtype))
-        tl.store(grad_v + at, grad_v_tile.to(k_tile.dtype))
+
+# Each kernel walks its tile's range of keys (or queries) in one pipelined loop, with a branch that masks only
+# the tiles at its ends: at the short windows a range is a tile or two, and one loop fills the pipeline once.
+
+
+@triton.jit
+def _window_attention_kernel(q_desc, k_desc, v_desc, out, lse, starts, window_blocks, T, qk_scale,
+                             H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr):
+    # one tile of BLOCK_M queries of one head, whose columns start at col, with the online softmax over its key
+    # tiles (flash attention's forward, by Tri Dao)
+    m0, head = tl.program_id(0) * BLOCK_M, tl.program_id(1)
+    rows, dims, col = m0 + tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM), head * HEAD_DIM
+    cols = tl.arange(0, BLOCK_N)
+    q_tile = q_desc.load([m0, col])
+    starts_q = tl.load(starts + rows)
+    window = tl.maximum(tl.load(window_blocks), 1)
+    lo, unmasked = _key_range(tl.load(starts + m0), tl.load(starts + m0 + BLOCK_M - 1), m0, window, BLOCK, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    row_max = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float32)
+    for n in tl.range(lo, m0 + BLOCK_M, BLOCK_N):
+        keys = n + cols
+        scores = tl.dot(q_tile, k_desc.load([n, col]).T)  # unscaled: the maximum is scaled once a row
+        if (n < unmasked) | (n >= m0):  # -1e6 rather than -inf: a row with no key in this tile yet stays
+            # finite, and its weights are zeroed by the first tile that has one
+            seen = (keys[None, :] >= starts_q[:, None]) & (keys[None, :] <= rows[:, None])
+            scores = tl.where(seen, scores, -1.0e6)
+        new_max = tl.maximum(row_max, tl.max(scores, 1) * qk_scale)
+        p = tl.math.exp2(scores * qk_scale - new_max[:, None])
+        alpha = tl.math.exp2(row_max - new_max)
+        row_sum = row_sum * alpha + tl.sum(p, 1)
+        values = v_desc.load([n, col])
+        acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values)
+        row_max = new_max
+    tl.store(out + rows[:, None] * (H * HEAD_DIM) + col + dims[None, :], (acc / row_sum[:, None]).to(q_tile.dtype))
+    tl.store(lse + head * T + rows, row_max + tl.math.log2(row_sum))
+
+
+@triton.jit
+def _window_attention_grad_q_kernel(q_desc, k_desc, v_desc, grad_out_desc, out, lse, delta, starts,
+                                    window_blocks, grad_q, T, qk_scale, scale, H: tl.constexpr,
+                                    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                                    BLOCK_N: tl.constexpr):
+    # one tile of BLOCK_M queries of one head, over the keys it sees, as in the forward; it also stores its
+    # queries' delta = sum(grad_out * out) for the key kernel, which runs after it
+    m0, head = tl.program_id(0) * BLOCK_M, tl.program_id(1)
+    rows, dims, col = m0 + tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM), head * HEAD_DIM
+    cols = tl.arange(0, BLOCK_N)
+    at = rows[:, None] * (H * HEAD_DIM) + col + dims[None, :]
+    q_tile, grad_o = q_desc.load([m0, col]), grad_out_desc.load([m0, col])
+    delta_q = tl.sum(tl.load(out + at).to(tl.float32) * grad_o.to(tl.float32), 1)
+    tl.store(delta + head * T + rows, delta_q)
+    lse_q = tl.load(lse + head * T + rows)
+    starts_q = tl.load(starts + rows)
+    window = tl.maximum(tl.load(window_blocks), 1)
+    lo, unmasked = _key_range(tl.load(starts + m0), tl.load(starts + m0 + BLOCK_M - 1), m0, window, BLOCK, BLOCK_N)
+    grad_q_tile = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    for n in tl.range(lo, m0 + BLOCK_M, BLOCK_N):
+        keys = n + cols
+        k_tile = k_desc.load([n, col])
+        p = tl.math.exp2(tl.dot(q_tile, k_tile.T) * qk_scale - lse_q[:, None])
+        if (n < unmasked) | (n >= m0):
+            p = tl.where((keys[None, :] >= starts_q[:, None]) & (keys[None, :] <= rows[:, None]), p, 0.0)
+        grad_p = tl.dot(grad_o, v_desc.load([n, col]).T)
+        grad_s = p * (grad_p - delta_q[:, None])
+        grad_q_tile += tl.dot(grad_s.to(k_tile.dtype), k_tile)
+    tl.store(grad_q + at, (grad_q_tile * scale).to(q_tile.dtype))
+
+
+@triton.jit
+def _window_attention_grad_kv_kernel(q_desc, k_desc, v_desc, grad_out_desc, lse, delta, ends, window_blocks,
+                                     grad_k, grad_v, T, qk_scale, scale, H: tl.constexpr, HEAD_DIM: tl.constexpr,
+                                     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # one tile of BLOCK_N keys of one head, over the queries that see them: from the tile itself (masked) to
+    # the end of the window or of its last key's document, masked from its first key's document end
+    # (flash attention 2's backward, by Tri Dao), with the scores transposed (keys x queries)
+    n0, head = tl.program_id(0) * BLOCK_N, tl.program_id(1)
+    keys, dims, col = n0 + tl.arange(0, BLOCK_N), tl.arange(0, HEAD_DIM), head * HEAD_DIM
+    cols = tl.arange(0, BLOCK_M)
+    lse, delta = lse + head * T, delta + head * T
+    k_tile, v_tile = k_desc.load([n0, col]), v_desc.load([n0, col])
+    ends_k = tl.load(ends + keys)
+    window = tl.maximum(tl.load(window_blocks), 1)
+    hi = tl.minimum(tl.minimum((n0 // BLOCK + window) * BLOCK, T), tl.cdiv(tl.load(ends + n0 + BLOCK_N - 1),
+                                                                         BLOCK_M) * BLOCK_M)
+    unmasked = tl.maximum(tl.minimum(hi, tl.load(ends + n0) // BLOCK_M * BLOCK_M), n0 + BLOCK_N)
+    grad_k_tile = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+    grad_v_tile = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+    for m in tl.range(n0, hi, BLOCK_M):
+        rows = m + cols
+        q_tile = q_desc.load([m, col])
+        p_t = tl.math.exp2(tl.dot(k_tile, q_tile.T) * qk_scale - tl.load(lse + rows)[None, :])
+        if (m < n0 + BLOCK_N) | (m >= unmasked):
+            p_t = tl.where((rows[None, :] >= keys[:, None]) & (rows[None, :] < ends_k[:, None]), p_t, 0.0)
+        grad_o = grad_out_desc.load([m, col])
+        grad_v_tile += tl.dot(p_t.to(grad_o.dtype), grad_o)
+        grad_p_t = tl.dot(v_tile, grad_o.T)
+        grad_s_t = p_t * (grad_p_t - tl.load(delta + rows)[None, :])
+        grad_k_tile += tl.dot(grad_s_t.to(q_tile.dtype), q_tile)
+    at = keys[:, None] * (H * HEAD_DIM) + col + dims[None, :]
+    tl.store(grad_k + at, (grad_k_tile * scale).to(k_tile.dtype))
+    tl.store(grad_v + at, grad_v_tile.to(k_tile.dtype))
 
 
 # --- attention_inputs: QK norm, rotary and the value mix, one Triton kernel each way on a CUDA GPU
@@ -1496,17 +1522,21 @@ if triton is not None:
 # of qkv. Rounding: from float32 to bf16 once at the end, as inductor rounds when it fuses the plain path's steps.
 
 
-def attention_inputs(qkv: Tensor, ve: Tensor | None, lambdas: Tensor, rotary: Rotary) -> tuple[Tensor, Tensor, Tensor]:
-    """qkv (B, T, 3 * H, head_dim) -> q, k, v (B, T, H, head_dim): q and k normed and rotated, v mixed with the
-    value embedding ve (B, T, H * head_dim) or (T, H * head_dim) by lambdas."""
-    if KERNELS.fused_qkv:
-        T = qkv.size(1)
-        return FusedAttentionInputs.apply(qkv, ve, lambdas, rotary.cos[:T], rotary.sin[:T])
-    return attention_inputs_reference(qkv, ve, lambdas, rotary)
+# A program's tokens, all heads
+QKV = Tile((16,), warps=4, stages=3)
+
+
+def attention_inputs_fused(qkv: Tensor, ve: Tensor | None, lambdas: Tensor,
+                           rotary: Rotary) -> tuple[Tensor, Tensor, Tensor]:
+    """attention_inputs_reference by the Triton kernels below."""
+    T = qkv.size(1)
+    return FusedAttentionInputs.apply(qkv, ve, lambdas, rotary.cos[:T], rotary.sin[:T])
 
 
 def attention_inputs_reference(qkv: Tensor, ve: Tensor | None, lambdas: Tensor,
                                rotary: Rotary) -> tuple[Tensor, Tensor, Tensor]:
+    """qkv (B, T, 3 * H, head_dim) -> q, k, v (B, T, H, head_dim): q and k normed and rotated, v mixed with the
+    value embedding ve (B, T, H * head_dim) or (T, H * head_dim) by lambdas."""
     q, k, v = qkv.chunk(3, dim=-2)
     q, k = rotary(norm(q)), rotary(norm(k))  # QK norm by @Grad62304977
     # value embeddings by @KoszarskyB and @Grad62304977; none in the middle layers, by @YouJiacheng
@@ -1515,7 +1545,7 @@ def attention_inputs_reference(qkv: Tensor, ve: Tensor | None, lambdas: Tensor,
 
 
 class FusedAttentionInputs(torch.autograd.Function):
-    """attention_inputs with the two ops below; saves qkv and ve, and the backward recomputes the norms."""
+    """attention_inputs_fused with the two custom ops below; saves qkv and ve, and the backward recomputes the norms."""
 
     @staticmethod
     def forward(ctx, qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor):
@@ -1540,17 +1570,6 @@ def qkv_prep(qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
     q, k = (rotate(F.rms_norm(t, (t.size(-1),)), cos, sin).bfloat16() for t in (q, k))
     v = lambdas[0] * v + (lambdas[1] * ve.float().view_as(v) if ve is not None else 0)
     return q.contiguous(), k.contiguous(), v.bfloat16().contiguous()
-
-
-@qkv_prep.register_kernel("cuda")
-def _(qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor):
-    B, T, H3, head_dim = qkv.shape
-    q, k, v = (qkv.new_empty(B, T, H3 // 3, head_dim) for _ in range(3))
-    has_ve = ve is not None
-    qkv, ve = qkv.contiguous(), ve.contiguous() if has_ve else qkv  # ve: a placeholder when there is none
-    _qkv_prep_kernel[(triton.cdiv(B * T, QKV_ROWS),)](qkv, ve, lambdas, cos, sin, q, k, v, B * T, T, has_ve, H3 // 3,
-                                                      head_dim, QKV_ROWS, num_warps=QKV_WARPS)
-    return q, k, v
 
 
 @qkv_prep.register_fake
@@ -1578,22 +1597,6 @@ def qkv_prep_grad(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, qkv: Tensor, v
     return grad_qkv, grad_ve, grad_lambdas.bfloat16().float()  # bf16, as autograd makes it from bf16 products
 
 
-@qkv_prep_grad.register_kernel("cuda")
-def _(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, qkv: Tensor, ve: Tensor | None, lambdas: Tensor,
-      cos: Tensor, sin: Tensor):
-    B, T, H3, head_dim = qkv.shape
-    has_ve = ve is not None
-    grad_qkv, grad_ve = qkv.new_empty(qkv.shape), ve.new_empty(ve.shape) if has_ve else qkv.new_empty(0)
-    qkv, ve = qkv.contiguous(), ve.contiguous() if has_ve else qkv
-    grid = triton.cdiv(B * T, QKV_ROWS)
-    partial = lambdas.new_empty(grid, 2)  # each program's share of the lambdas' gradient
-    grads = [g if g.stride(-1) == 1 else g.contiguous() for g in (grad_q, grad_k, grad_v)]
-    strides = [s for g in grads for s in (g.stride(0), g.stride(1), g.stride(2))]
-    _qkv_prep_grad_kernel[(grid,)](*grads, *strides, qkv, ve, lambdas, cos, sin, grad_qkv, grad_ve if has_ve else qkv,
-                                   partial, B * T, T, has_ve, H3 // 3, head_dim, QKV_ROWS, num_warps=QKV_WARPS)
-    return grad_qkv, grad_ve, partial.sum(0).bfloat16().float()
-
-
 @qkv_prep_grad.register_fake
 def _(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, qkv: Tensor, ve: Tensor | None, lambdas: Tensor,
       cos: Tensor, sin: Tensor):
@@ -1601,85 +1604,115 @@ def _(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, qkv: Tensor, ve: Tensor | 
     return qkv.new_empty(qkv.shape), grad_ve, lambdas.new_empty(2)
 
 
-QKV_ROWS, QKV_WARPS = 16, 4  # tokens a program, and its warps
+@qkv_prep.register_kernel("cuda")
+def _qkv_prep_triton(qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
+                     sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    B, T, H3, head_dim = qkv.shape
+    (rows,), warps, stages = QKV
+    q, k, v = (qkv.new_empty(B, T, H3 // 3, head_dim) for _ in range(3))
+    has_ve = ve is not None
+    qkv, ve = qkv.contiguous(), ve.contiguous() if has_ve else qkv  # ve: a placeholder when there is none
+    _qkv_prep_kernel[(triton.cdiv(B * T, rows),)](qkv, ve, lambdas, cos, sin, q, k, v, B * T, T, has_ve, H3 // 3,
+                                                  head_dim, rows, num_warps=warps, num_stages=stages)
+    return q, k, v
 
-if triton is not None:
-    @triton.jit
-    def _qk_rows(qkv, rows, head, HD: tl.constexpr, H3: tl.constexpr):
-        """The two halves of head `head` of qkv's rows, float32, and their rsqrt(mean square + eps)."""
-        half = tl.arange(0, HD // 2)[None, :]
-        at = qkv + rows.to(tl.int64)[:, None] * (H3 * HD) + head * HD + half
-        x1, x2 = tl.load(at).to(tl.float32), tl.load(at + HD // 2).to(tl.float32)
-        rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / HD + 1.1920928955078125e-07)
-        return x1, x2, rstd[:, None]
 
-    @triton.jit
-    def _qkv_prep_kernel(qkv, ve, lambdas, cos, sin, q, k, v, n, T, HAS_VE: tl.constexpr, H: tl.constexpr,
-                         HD: tl.constexpr, ROWS: tl.constexpr):
-        # ROWS tokens, all heads: q and k normed and rotated, v = lambdas[0] v + lambdas[1] ve
-        rows = tl.minimum(tl.program_id(0) * ROWS + tl.arange(0, ROWS), n - 1)  # the last rows are done twice
-        half = tl.arange(0, HD // 2)[None, :]
-        table = (rows % T)[:, None] * (HD // 2) + half
-        c, s = tl.load(cos + table), tl.load(sin + table)
-        out_rows = rows.to(tl.int64)[:, None] * (H * HD)
-        for head in tl.static_range(2 * H):  # the heads of q, then those of k
-            x1, x2, rstd = _qk_rows(qkv, rows, head, HD, 3 * H)
-            x1, x2 = x1 * rstd, x2 * rstd
-            out = (q if head < H else k) + out_rows + (head % H) * HD + half
-            tl.store(out, (x1 * c + x2 * s).to(tl.bfloat16))
-            tl.store(out + HD // 2, (x2 * c - x1 * s).to(tl.bfloat16))
-        cols = tl.arange(0, HD)[None, :]
-        l0, l1 = tl.load(lambdas), tl.load(lambdas + 1)
-        for head in tl.static_range(H):
-            y = l0 * tl.load(qkv + rows.to(tl.int64)[:, None] * (3 * H * HD) + (2 * H + head) * HD + cols).to(
-                tl.float32)
-            if HAS_VE:
-                y += l1 * tl.load(ve + out_rows + head * HD + cols).to(tl.float32)
-            tl.store(v + out_rows + head * HD + cols, y.to(tl.bfloat16))
+@qkv_prep_grad.register_kernel("cuda")
+def _qkv_prep_grad_triton(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, qkv: Tensor, ve: Tensor | None,
+                          lambdas: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    B, T, H3, head_dim = qkv.shape
+    (rows,), warps, stages = QKV
+    has_ve = ve is not None
+    grad_qkv, grad_ve = qkv.new_empty(qkv.shape), ve.new_empty(ve.shape) if has_ve else qkv.new_empty(0)
+    qkv, ve = qkv.contiguous(), ve.contiguous() if has_ve else qkv
+    grid = triton.cdiv(B * T, rows)
+    partial = lambdas.new_empty(grid, 2)  # each program's share of the lambdas' gradient
+    grads = [g if g.stride(-1) == 1 else g.contiguous() for g in (grad_q, grad_k, grad_v)]
+    strides = [s for g in grads for s in (g.stride(0), g.stride(1), g.stride(2))]
+    _qkv_prep_grad_kernel[(grid,)](*grads, *strides, qkv, ve, lambdas, cos, sin, grad_qkv, grad_ve if has_ve else qkv,
+                                   partial, B * T, T, has_ve, H3 // 3, head_dim, rows, num_warps=warps,
+                                   num_stages=stages)
+    return grad_qkv, grad_ve, partial.sum(0).bfloat16().float()
 
-    @triton.jit
-    def _qkv_prep_grad_kernel(grad_q, grad_k, grad_v, gq_b, gq_t, gq_h, gk_b, gk_t, gk_h, gv_b, gv_t, gv_h, qkv, ve,
-                              lambdas, cos, sin, grad_qkv, grad_ve, partial, n, T, HAS_VE: tl.constexpr,
-                              H: tl.constexpr, HD: tl.constexpr, ROWS: tl.constexpr):
-        # ROWS tokens, all heads: the gradients of q, k, v (strided (B, T, H, HD)) -> those of qkv and ve, and
-        # this program's sums for the lambdas' gradient
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        valid = rows < n
-        rows = tl.minimum(rows, n - 1)  # the last rows are done twice, their sums counted once
-        b, t = rows // T, rows % T
-        half = tl.arange(0, HD // 2)[None, :]
-        table = t[:, None] * (HD // 2) + half
-        c, s = tl.load(cos + table), tl.load(sin + table)
-        qkv_rows = rows.to(tl.int64)[:, None] * (3 * H * HD)
-        for head in tl.static_range(2 * H):
-            if head < H:
-                at = grad_q + b.to(tl.int64)[:, None] * gq_b + t[:, None] * gq_t + head * gq_h + half
-            else:
-                at = grad_k + b.to(tl.int64)[:, None] * gk_b + t[:, None] * gk_t + (head - H) * gk_h + half
-            g1, g2 = tl.load(at).to(tl.float32), tl.load(at + HD // 2).to(tl.float32)
-            d1, d2 = g1 * c - g2 * s, g1 * s + g2 * c  # the gradient of the normed halves: the inverse rotation
-            x1, x2, rstd = _qk_rows(qkv, rows, head, HD, 3 * H)
-            x1, x2 = x1 * rstd, x2 * rstd
-            mean_dot = ((tl.sum(d1 * x1, axis=1) + tl.sum(d2 * x2, axis=1)) / HD)[:, None]
-            out = grad_qkv + qkv_rows + head * HD + half
-            tl.store(out, (rstd * (d1 - x1 * mean_dot)).to(tl.bfloat16))
-            tl.store(out + HD // 2, (rstd * (d2 - x2 * mean_dot)).to(tl.bfloat16))
-        cols = tl.arange(0, HD)[None, :]
-        l0, l1 = tl.load(lambdas), tl.load(lambdas + 1)
-        dot_v = tl.zeros((ROWS, HD), dtype=tl.float32)
-        dot_ve = tl.zeros((ROWS, HD), dtype=tl.float32)
-        for head in tl.static_range(H):
-            g = tl.load(grad_v + b.to(tl.int64)[:, None] * gv_b + t[:, None] * gv_t + head * gv_h + cols).to(
-                tl.float32)
-            at = qkv_rows + (2 * H + head) * HD + cols
-            dot_v += tl.where(valid[:, None], g * tl.load(qkv + at).to(tl.float32), 0.0)
-            tl.store(grad_qkv + at, (l0 * g).to(tl.bfloat16))
-            if HAS_VE:
-                at_ve = rows.to(tl.int64)[:, None] * (H * HD) + head * HD + cols
-                dot_ve += tl.where(valid[:, None], g * tl.load(ve + at_ve).to(tl.float32), 0.0)
-                tl.store(grad_ve + at_ve, (l1 * g).to(tl.bfloat16))
-        tl.store(partial + 2 * tl.program_id(0), tl.sum(tl.sum(dot_v, axis=1), axis=0))
-        tl.store(partial + 2 * tl.program_id(0) + 1, tl.sum(tl.sum(dot_ve, axis=1), axis=0))
+
+@triton.jit
+def _qk_rows(qkv, rows, head, HD: tl.constexpr, H3: tl.constexpr):
+    """The two halves of head `head` of qkv's rows, float32, and their rsqrt(mean square + eps)."""
+    half = tl.arange(0, HD // 2)[None, :]
+    at = qkv + rows.to(tl.int64)[:, None] * (H3 * HD) + head * HD + half
+    x1, x2 = tl.load(at).to(tl.float32), tl.load(at + HD // 2).to(tl.float32)
+    rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / HD + 1.1920928955078125e-07)
+    return x1, x2, rstd[:, None]
+
+
+@triton.jit
+def _qkv_prep_kernel(qkv, ve, lambdas, cos, sin, q, k, v, n, T, HAS_VE: tl.constexpr, H: tl.constexpr,
+                     HD: tl.constexpr, ROWS: tl.constexpr):
+    # ROWS tokens, all heads: q and k normed and rotated, v = lambdas[0] v + lambdas[1] ve
+    rows = tl.minimum(tl.program_id(0) * ROWS + tl.arange(0, ROWS), n - 1)  # the last rows are done twice
+    half = tl.arange(0, HD // 2)[None, :]
+    table = (rows % T)[:, None] * (HD // 2) + half
+    c, s = tl.load(cos + table), tl.load(sin + table)
+    out_rows = rows.to(tl.int64)[:, None] * (H * HD)
+    for head in tl.static_range(2 * H):  # the heads of q, then those of k
+        x1, x2, rstd = _qk_rows(qkv, rows, head, HD, 3 * H)
+        x1, x2 = x1 * rstd, x2 * rstd
+        out = (q if head < H else k) + out_rows + (head % H) * HD + half
+        tl.store(out, (x1 * c + x2 * s).to(tl.bfloat16))
+        tl.store(out + HD // 2, (x2 * c - x1 * s).to(tl.bfloat16))
+    cols = tl.arange(0, HD)[None, :]
+    l0, l1 = tl.load(lambdas), tl.load(lambdas + 1)
+    for head in tl.static_range(H):
+        y = l0 * tl.load(qkv + rows.to(tl.int64)[:, None] * (3 * H * HD) + (2 * H + head) * HD + cols).to(
+            tl.float32)
+        if HAS_VE:
+            y += l1 * tl.load(ve + out_rows + head * HD + cols).to(tl.float32)
+        tl.store(v + out_rows + head * HD + cols, y.to(tl.bfloat16))
+
+
+@triton.jit
+def _qkv_prep_grad_kernel(grad_q, grad_k, grad_v, gq_b, gq_t, gq_h, gk_b, gk_t, gk_h, gv_b, gv_t, gv_h, qkv, ve,
+                          lambdas, cos, sin, grad_qkv, grad_ve, partial, n, T, HAS_VE: tl.constexpr,
+                          H: tl.constexpr, HD: tl.constexpr, ROWS: tl.constexpr):
+    # ROWS tokens, all heads: the gradients of q, k, v (strided (B, T, H, HD)) -> those of qkv and ve, and
+    # this program's sums for the lambdas' gradient
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    valid = rows < n
+    rows = tl.minimum(rows, n - 1)  # the last rows are done twice, their sums counted once
+    b, t = rows // T, rows % T
+    half = tl.arange(0, HD // 2)[None, :]
+    table = t[:, None] * (HD // 2) + half
+    c, s = tl.load(cos + table), tl.load(sin + table)
+    qkv_rows = rows.to(tl.int64)[:, None] * (3 * H * HD)
+    for head in tl.static_range(2 * H):
+        if head < H:
+            at = grad_q + b.to(tl.int64)[:, None] * gq_b + t[:, None] * gq_t + head * gq_h + half
+        else:
+            at = grad_k + b.to(tl.int64)[:, None] * gk_b + t[:, None] * gk_t + (head - H) * gk_h + half
+        g1, g2 = tl.load(at).to(tl.float32), tl.load(at + HD // 2).to(tl.float32)
+        d1, d2 = g1 * c - g2 * s, g1 * s + g2 * c  # the gradient of the normed halves: the inverse rotation
+        x1, x2, rstd = _qk_rows(qkv, rows, head, HD, 3 * H)
+        x1, x2 = x1 * rstd, x2 * rstd
+        mean_dot = ((tl.sum(d1 * x1, axis=1) + tl.sum(d2 * x2, axis=1)) / HD)[:, None]
+        out = grad_qkv + qkv_rows + head * HD + half
+        tl.store(out, (rstd * (d1 - x1 * mean_dot)).to(tl.bfloat16))
+        tl.store(out + HD // 2, (rstd * (d2 - x2 * mean_dot)).to(tl.bfloat16))
+    cols = tl.arange(0, HD)[None, :]
+    l0, l1 = tl.load(lambdas), tl.load(lambdas + 1)
+    dot_v = tl.zeros((ROWS, HD), dtype=tl.float32)
+    dot_ve = tl.zeros((ROWS, HD), dtype=tl.float32)
+    for head in tl.static_range(H):
+        g = tl.load(grad_v + b.to(tl.int64)[:, None] * gv_b + t[:, None] * gv_t + head * gv_h + cols).to(
+            tl.float32)
+        at = qkv_rows + (2 * H + head) * HD + cols
+        dot_v += tl.where(valid[:, None], g * tl.load(qkv + at).to(tl.float32), 0.0)
+        tl.store(grad_qkv + at, (l0 * g).to(tl.bfloat16))
+        if HAS_VE:
+            at_ve = rows.to(tl.int64)[:, None] * (H * HD) + head * HD + cols
+            dot_ve += tl.where(valid[:, None], g * tl.load(ve + at_ve).to(tl.float32), 0.0)
+            tl.store(grad_ve + at_ve, (l1 * g).to(tl.bfloat16))
+    tl.store(partial + 2 * tl.program_id(0), tl.sum(tl.sum(dot_v, axis=1), axis=0))
+    tl.store(partial + 2 * tl.program_id(0) + 1, tl.sum(tl.sum(dot_ve, axis=1), axis=0))
 
 
 # --- relu2_mlp: the MLP's two matmuls that have elementwise work beside them, each one Triton matmul on Hopper
@@ -1690,20 +1723,26 @@ if triton is not None:
 # relu(a) is sqrt(h) rounded to bf16, exactly (see relu_of_square).
 
 
-def relu2_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
-    """relu(x @ w_fc.T)^2 @ w_proj.T for x (..., dim) and bf16 weights (ReLU^2 suggested by @SKYLINEZ007 and
-    @Grad62304977, after arXiv:2109.08668)."""
-    if KERNELS.fused_mlp:
-        return FusedReLU2MLP.apply(x.flatten(end_dim=-2), w_fc, w_proj).view_as(x)
-    return relu2_mlp_reference(x, w_fc, w_proj)
+# The matmul's (rows, columns, depth) tile, fixed rather than autotuned (which would time each shape at every
+# start): the fastest of the sweeps in the speed record's leads table (records/2026-12-05_speed_x1). MLP_GROUP row
+# blocks at a time share w's column blocks in L2.
+MLP_MATMUL = Tile((128, 256, 64), warps=8, stages=3)
+MLP_GROUP = 8
+
+
+def relu2_mlp_fused(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
+    """relu2_mlp_reference with its up-projection and that one's backward as the Triton matmuls below."""
+    return FusedReLU2MLP.apply(x.flatten(end_dim=-2), w_fc, w_proj).view_as(x)
 
 
 def relu2_mlp_reference(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
+    """relu(x @ w_fc.T)^2 @ w_proj.T for x (..., dim) and bf16 weights (ReLU^2 suggested by @SKYLINEZ007 and
+    @Grad62304977, after arXiv:2109.08668)."""
     return F.linear(F.relu(F.linear(x, w_fc)).square(), w_proj)
 
 
 class FusedReLU2MLP(torch.autograd.Function):
-    """relu2_mlp for x (n, dim) with the two fused matmuls below. Saves x and h, not a."""
+    """relu2_mlp_fused for x (n, dim) with the two custom ops below. Saves x and h, not a."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
@@ -1734,11 +1773,6 @@ def matmul_relu2(x: Tensor, w: Tensor) -> Tensor:
     return F.relu(x @ w.T).square()
 
 
-@matmul_relu2.register_kernel("cuda")
-def _(x: Tensor, w: Tensor) -> Tensor:
-    return _matmul_relu2_triton(x.contiguous(), w.contiguous(), None, w_kn=False)
-
-
 @matmul_relu2.register_fake
 def _(x: Tensor, w: Tensor):
     return x.new_empty(x.size(0), w.size(0))
@@ -1751,74 +1785,77 @@ def matmul_relu2_grad(grad_y: Tensor, w: Tensor, h: Tensor) -> Tensor:
     return (grad_y @ w) * 2 * relu_of_square(h)
 
 
-@matmul_relu2_grad.register_kernel("cuda")
-def _(grad_y: Tensor, w: Tensor, h: Tensor) -> Tensor:
-    return _matmul_relu2_triton(grad_y.contiguous(), w.contiguous(), h.contiguous(), w_kn=True)
-
-
 @matmul_relu2_grad.register_fake
 def _(grad_y: Tensor, w: Tensor, h: Tensor):
     return torch.empty_like(h)
 
 
+@matmul_relu2.register_kernel("cuda")
+def _matmul_relu2_cuda(x: Tensor, w: Tensor) -> Tensor:
+    return _matmul_relu2_triton(x.contiguous(), w.contiguous(), None, w_kn=False)
+
+
+@matmul_relu2_grad.register_kernel("cuda")
+def _matmul_relu2_grad_cuda(grad_y: Tensor, w: Tensor, h: Tensor) -> Tensor:
+    return _matmul_relu2_triton(grad_y.contiguous(), w.contiguous(), h.contiguous(), w_kn=True)
+
+
 def _matmul_relu2_triton(x: Tensor, w: Tensor, h: Tensor | None, w_kn: bool) -> Tensor:
-    # The forward without h, the backward with it. 128 x 256 tiles, BK = 64, 8 warps, the tile loop flattened into
-    # the pipeline at 3 stages: the fastest of the shapes tried at the model's sizes (the speed records' MLP sweeps),
-    # fixed rather than autotuned, which would time each at every start
+    """The forward without h, the backward with it."""
     M, K = x.shape
     N = w.size(1) if w_kn else w.size(0)
-    BM, BN, BK = 128, 256, 64
+    (BM, BN, BK), warps, stages = MLP_MATMUL
     out = x.new_empty(M, N)
     descs = [TensorDescriptor.from_tensor(x, [BM, BK]), TensorDescriptor.from_tensor(w, [BK, BN] if w_kn else [BN, BK])]
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     grid = (min(num_sms, triton.cdiv(M, BM) * triton.cdiv(N, BN)),)
     backward = h is not None
-    _matmul_relu2_kernel[grid](*descs, h if backward else out, out, M, N, K, w_kn, backward, BM, BN, BK, GROUP=8,
-                               NUM_SMS=grid[0], num_warps=8, num_stages=3)
+    _matmul_relu2_kernel[grid](*descs, h if backward else out, out, M, N, K, w_kn, backward, BM, BN, BK,
+                               GROUP=MLP_GROUP, NUM_SMS=grid[0], num_warps=warps, num_stages=stages)
     return out
 
 
-if triton is not None:
-    @triton.jit
-    def _tile(tile, num_m, num_n, GROUP: tl.constexpr):
-        """A tile's (row, column) block: GROUP row blocks at a time share the column blocks of w in L2."""
-        first_m = tile // (GROUP * num_n) * GROUP
-        rows = min(num_m - first_m, GROUP)
-        return first_m + tile % (GROUP * num_n) % rows, tile % (GROUP * num_n) // rows
+@triton.jit
+def _tile(tile, num_m, num_n, GROUP: tl.constexpr):
+    """A tile's (row, column) block: GROUP row blocks at a time share the column blocks of w in L2."""
+    first_m = tile // (GROUP * num_n) * GROUP
+    rows = min(num_m - first_m, GROUP)
+    return first_m + tile % (GROUP * num_n) % rows, tile % (GROUP * num_n) // rows
 
-    @triton.jit
-    def _matmul_relu2_kernel(x_desc, w_desc, h, out, M, N, K, W_KN: tl.constexpr, BACKWARD: tl.constexpr,
-                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
-                             NUM_SMS: tl.constexpr):
-        # y = x @ w (w stored (K, N): W_KN) or x @ w.T (w stored (N, K)), rounded to bf16. Forward: stores relu(y)^2
-        # as out. Backward: stores y * 2 relu(a) as out, relu(a) from h as relu_of_square has it (tl.sqrt, the fast
-        # approximate one: its error is far inside that function's margin). Persistent: one program per SM walks the
-        # tiles.
-        # The epilogue stores from registers, not through shared memory and the TMA: the warps go on to the next
-        # tile's loads without waiting for the stores to land, and the shared memory is left to the pipeline.
-        num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-        tile_c = tl.program_id(0) - NUM_SMS  # the epilogue's tile, counted apart from the loads' as Triton's
-        # persistent-matmul tutorial does, for the flattened pipeline
-        for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
-            pid_m, pid_n = _tile(tile, num_m, num_n, GROUP)
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-            for k in range(0, K, BK):
-                if W_KN:
-                    acc = tl.dot(x_desc.load([pid_m * BM, k]), w_desc.load([k, pid_n * BN]), acc)
-                else:
-                    acc = tl.dot(x_desc.load([pid_m * BM, k]), w_desc.load([pid_n * BN, k]).T, acc)
-            tile_c += NUM_SMS
-            pid_m, pid_n = _tile(tile_c, num_m, num_n, GROUP)
-            rows, cols = pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN)
-            ok = (rows < M)[:, None] & (cols < N)[None, :]
-            at = rows.to(tl.int64)[:, None] * N + cols[None, :]
-            y = acc.to(tl.bfloat16)
-            if BACKWARD:
-                relu_a = tl.sqrt(tl.load(h + at, mask=ok).to(tl.float32)).to(tl.bfloat16).to(tl.float32)
-                tl.store(out + at, (y.to(tl.float32) * 2 * relu_a).to(tl.bfloat16), mask=ok)
+
+@triton.jit
+def _matmul_relu2_kernel(x_desc, w_desc, h, out, M, N, K, W_KN: tl.constexpr, BACKWARD: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+                         NUM_SMS: tl.constexpr):
+    # y = x @ w (w stored (K, N): W_KN) or x @ w.T (w stored (N, K)), rounded to bf16. Forward: stores relu(y)^2
+    # as out. Backward: stores y * 2 relu(a) as out, relu(a) from h as relu_of_square has it (tl.sqrt, the fast
+    # approximate one: its error is far inside that function's margin). Persistent: one program per SM walks the
+    # tiles.
+    # The epilogue stores from registers, not through shared memory and the TMA: the warps go on to the next
+    # tile's loads without waiting for the stores to land, and the shared memory is left to the pipeline.
+    num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+    tile_c = tl.program_id(0) - NUM_SMS  # the epilogue's tile, counted apart from the loads' as Triton's
+    # persistent-matmul tutorial does, for the flattened pipeline
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
+        pid_m, pid_n = _tile(tile, num_m, num_n, GROUP)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, K, BK):
+            if W_KN:
+                acc = tl.dot(x_desc.load([pid_m * BM, k]), w_desc.load([k, pid_n * BN]), acc)
             else:
-                relu_y = tl.maximum(y.to(tl.float32), 0.0)
-                tl.store(out + at, (relu_y * relu_y).to(tl.bfloat16), mask=ok)
+                acc = tl.dot(x_desc.load([pid_m * BM, k]), w_desc.load([pid_n * BN, k]).T, acc)
+        tile_c += NUM_SMS
+        pid_m, pid_n = _tile(tile_c, num_m, num_n, GROUP)
+        rows, cols = pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN)
+        ok = (rows < M)[:, None] & (cols < N)[None, :]
+        at = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        y = acc.to(tl.bfloat16)
+        if BACKWARD:
+            relu_a = tl.sqrt(tl.load(h + at, mask=ok).to(tl.float32)).to(tl.bfloat16).to(tl.float32)
+            tl.store(out + at, (y.to(tl.float32) * 2 * relu_a).to(tl.bfloat16), mask=ok)
+        else:
+            relu_y = tl.maximum(y.to(tl.float32), 0.0)
+            tl.store(out + at, (relu_y * relu_y).to(tl.bfloat16), mask=ok)
 
 
 # --- head_loss: the lm_head's training loss, fused and in chunks of tokens
@@ -1839,24 +1876,36 @@ HEAD_CHUNK = 8192  # tokens a chunk: its logits are 0.8 GB in bf16
 GRAD_W_CHUNKS = 2  # chunks a span: each one more holds another chunk's FP8 gradient (0.4 GB) until the span ends
 
 
-def head_loss(x: Tensor, w: Tensor, targets: Tensor) -> Tensor:
-    """The mean cross entropy of softcap(x @ w.T) against targets, for x (tokens, D) bf16 and w (V, D)."""
-    loss, _, _ = fused_head_loss(x, w, targets, KERNELS.fp8_head)
-    return loss
+# The row-sum kernel's block (rows x vocabulary) and the gradient kernel's tile, as benchmarks/logit_grad_check.py
+# compares them
+HEAD_LSE = Tile((1, 2048), warps=4, stages=3)
+HEAD_GRAD = Tile((32, 64), warps=4, stages=3)
 
 
-@torch.library.custom_op("speedrun::head_loss", mutates_args=())
-def fused_head_loss(x: Tensor, w: Tensor, targets: Tensor, fp8: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """The mean cross entropy of softcap(x @ w.T) against targets, and its gradients.
-    x (T, D) bf16, w (V, D) float32, targets (T,) int64 -> loss () float32, grad_x (T, D) bf16, grad_w (V, D)
-    float32. fp8: the matmuls in FP8 (compute capability >= 8.9, or a recent CPU build), else in bf16."""
-    if x.is_cuda:
-        loss_and_logit_grad, e4m3_both = _loss_and_logit_grad_triton, _e4m3_both_compiled
-        grad_x_of, add_grad_w = _grad_x_compiled, _add_grad_w_compiled
-    else:
-        loss_and_logit_grad, e4m3_both, grad_x_of, add_grad_w = _loss_and_logit_grad, _e4m3_both, _grad_x, _add_grad_w
+def head_loss_bf16(x: Tensor, w: Tensor, targets: Tensor) -> Tensor:
+    """The mean cross entropy of softcap(x @ w.T) against targets, for x (tokens, D) bf16 and w (V, D), its
+    matmuls in bf16."""
+    return fused_head_loss(x, w, targets, False)[0]
+
+
+def head_loss_fp8(x: Tensor, w: Tensor, targets: Tensor) -> Tensor:
+    """head_loss_bf16 with its matmuls in FP8 (compute capability >= 8.9)."""
+    return fused_head_loss(x, w, targets, True)[0]
+
+
+class HeadSteps(NamedTuple):
+    """The steps of the head loss's chunk loop that the GPU runs otherwise than the reference."""
+    loss_and_logit_grad: Callable  # a chunk's logits -> its loss and the logits' gradient
+    e4m3_both: Callable  # w -> its FP8 copies
+    grad_x: Callable  # the logits' gradient -> the gradient for x
+    add_grad_w: Callable  # grad_w + a span's gradient for w
+
+
+def _head_loss_chunks(x: Tensor, w: Tensor, targets: Tensor, fp8: bool,
+                      steps: HeadSteps) -> tuple[Tensor, Tensor, Tensor]:
+    """fused_head_loss's loop over spans of GRAD_W_CHUNKS chunks (one chunk in bf16), with the device's steps."""
     if fp8:
-        w_q, w_q_t = e4m3_both(w, FP8_W_SCALE)
+        w_q, w_q_t = steps.e4m3_both(w, FP8_W_SCALE)
     else:
         w_q = w.bfloat16()
         w_q_t = w_q.T
@@ -1871,13 +1920,22 @@ def fused_head_loss(x: Tensor, w: Tensor, targets: Tensor, fp8: bool) -> tuple[T
         for chunk in range(0, len(x_q), HEAD_CHUNK):
             rows = slice(chunk, chunk + HEAD_CHUNK)
             g = None  # the last chunk's gradient goes before this chunk's logits are allocated
-            chunk_loss, g = loss_and_logit_grad(_logits(x_q[rows], w_q), targets[tokens][rows], 1 / len(x),
-                                                grad_s, g_t[:, rows] if fp8 else None)[:2]
-            grad_x[tokens][rows] = grad_x_of(g, w_q_t, grad_s)
+            chunk_loss, g = steps.loss_and_logit_grad(_logits(x_q[rows], w_q), targets[tokens][rows], 1 / len(x),
+                                                      grad_s, g_t[:, rows] if fp8 else None)[:2]
+            grad_x[tokens][rows] = steps.grad_x(g, w_q_t, grad_s)
             loss += chunk_loss
-        grad_w = add_grad_w(grad_w, g_t if fp8 else g.T, x_q, grad_s)  # in bf16 a span is one chunk: g.T is its g_t
+        grad_w = steps.add_grad_w(grad_w, g_t if fp8 else g.T, x_q, grad_s)  # in bf16 a span is a chunk: g.T is g_t
         del g, g_t  # before the next span's are allocated
     return loss / len(x), grad_x, grad_w.contiguous()  # the sum's layout may follow the transposed partial
+
+
+@torch.library.custom_op("speedrun::head_loss", mutates_args=())
+def fused_head_loss(x: Tensor, w: Tensor, targets: Tensor, fp8: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The mean cross entropy of softcap(x @ w.T) against targets, and its gradients.
+    x (T, D) bf16, w (V, D) float32, targets (T,) int64 -> loss () float32, grad_x (T, D) bf16, grad_w (V, D)
+    float32. fp8: the matmuls in FP8 (compute capability >= 8.9, or a recent CPU build), else in bf16. This body
+    is the reference; on CUDA _fused_head_loss_cuda runs the same loop with Triton kernels and compiled steps."""
+    return _head_loss_chunks(x, w, targets, fp8, HeadSteps(_loss_and_logit_grad, _e4m3_both, _grad_x, _add_grad_w))
 
 
 @fused_head_loss.register_fake
@@ -1910,14 +1968,6 @@ def _e4m3_both(t: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     return t_q, t_q.T.contiguous()
 
 
-# The head's small compiled functions never take --coordinate_descent_tuning: with it, on torch 2.11, _e4m3_both's
-# float8 transposed copy came out nonfinite (tuned to a 256 x 32 tile at 32 warps) and the loss went nan at step 2.
-HEAD_COMPILE = dict(dynamic=False, options={"coordinate_descent_tuning": False})
-# compiled on the GPU, where eagerly the float8 transposed copy is a slow kernel of its own, and the scaling and the
-# cast two more; under no_grad, because w comes in as the parameter
-_e4m3_both_compiled = torch.compile(torch.no_grad()(_e4m3_both), **HEAD_COMPILE)
-
-
 def _logits(x_q: Tensor, w_q: Tensor) -> Tensor:
     """x_q (n, D) and w_q (V, D), both bf16 or both float8_e4m3fn (scaled) -> the logits (n, V) in bf16."""
     if w_q.dtype != torch.float8_e4m3fn:
@@ -1948,106 +1998,6 @@ def _loss_and_logit_grad(logits: Tensor, targets: Tensor, inv_tokens: float, gra
     return loss, g, g.T.contiguous() if g_t is None else g_t.copy_(g.T)
 
 
-def _loss_and_logit_grad_triton(logits: Tensor, targets: Tensor, inv_tokens: float, grad_s: float | None,
-                                g_t: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """_loss_and_logit_grad on the GPU: the row sums of exp(z), then g tile by tile."""
-    if triton is None:
-        raise RuntimeError("the GPU head loss needs Triton, as torch.compile does: pip install triton")
-    n, V = logits.shape
-    lse, losses = _row_lse_triton(logits, targets)
-    fp8 = grad_s is not None
-    g = torch.empty_like(logits, dtype=torch.float8_e5m2 if fp8 else torch.bfloat16)
-    if fp8 and g_t is None:
-        g_t = logits.new_empty((V, n), dtype=torch.float8_e5m2)
-    grid = (triton.cdiv(n, GRAD_ROWS), triton.cdiv(V, GRAD_COLS))
-    _logit_grad_kernel[grid](logits, targets, lse, g, g_t if fp8 else g, n, V, g_t.stride(0) if fp8 else 0,
-                             inv_tokens, grad_s or 1.0, fp8, SOFTCAP, SOFTCAP_TEMPERATURE, GRAD_ROWS, GRAD_COLS,
-                             num_warps=GRAD_WARPS)
-    return losses.sum(), g, g_t
-
-
-def _row_lse_triton(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """The row sums: logits (n, V) bf16 -> each row's log-sum-exp of z = softcap(logits) and its loss
-    lse - z[target], both (n,) float32."""
-    n, V = logits.shape
-    lse, losses = logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
-    _lse_kernel[(triton.cdiv(n, LSE_ROWS),)](logits, targets, lse, losses, n, V, SOFTCAP, SOFTCAP_TEMPERATURE,
-                                             LSE_ROWS, LSE_COLS, num_warps=LSE_WARPS)
-    return lse, losses
-
-
-# Block shapes: the fastest of those tried (benchmarks/logit_grad_check.py)
-LSE_ROWS, LSE_COLS, LSE_WARPS = 1, 2048, 4  # the row-sum kernel's block (rows x vocabulary) and warps
-GRAD_ROWS, GRAD_COLS, GRAD_WARPS = 32, 64, 4  # the gradient kernel's tile and warps
-
-if triton is not None:
-    # The head loss's exponentials and reciprocals as the special-function unit's instructions alone: tl.exp and
-    # tl.fdiv wrap them in code that keeps subnormal results, which these kernels almost never meet (exp(z) >= 1,
-    # exp(z - lse) >= e^-41). The one exception: sigmoid(x / 7.5) for a logit x < -655 is flushed to 0, where the
-    # loss stays the same and the logit's gradient, below 2^-124 / tokens, rounds to 0 anyway in FP8, and in bf16
-    # from 1024 tokens up. The same bits, in less time.
-    LOG2E_KERNEL = tl.constexpr(LOG2E)
-
-    @triton.jit
-    def _special_kernel(x, INSTRUCTION: tl.constexpr):  # float32 -> float32 by one PTX instruction, as "rcp.approx.f32"
-        return tl.inline_asm_elementwise(INSTRUCTION + " $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
-
-    @triton.jit
-    def _exp_kernel(x):  # float32 -> e^x, as 2^(x log2 e)
-        return _special_kernel(x * LOG2E_KERNEL, "ex2.approx.ftz.f32")
-
-    @triton.jit
-    def _sigmoid_kernel(logits, TEMPERATURE: tl.constexpr):  # float32 -> sigmoid(logits / TEMPERATURE)
-        return _special_kernel(1.0 + _exp_kernel(logits * (-1.0 / TEMPERATURE)), "rcp.approx.ftz.f32")
-
-    @triton.jit
-    def _sigmoid_tanh_kernel(logits, TEMPERATURE: tl.constexpr):  # float32 -> about sigmoid(logits / TEMPERATURE)
-        # as (1 + tanh(x / 2)) / 2, for the row sums alone: with their exp, two special-function instructions a logit
-        # where _sigmoid_kernel takes three. Its soft cap is off by up to 1.1e-4 (at |logits| 4 to 64), so a row's
-        # log-sum-exp and loss are too; each row of the gradient scales by as little, 30 times less than its rounding
-        # to bf16. The val loss is computed apart, exactly.
-        return 0.5 + 0.5 * _special_kernel(logits * (0.5 / TEMPERATURE), "tanh.approx.f32")
-
-    @triton.jit
-    def _lse_kernel(logits, targets, lse, losses, n, V, CAP: tl.constexpr, TEMPERATURE: tl.constexpr,
-                    ROWS: tl.constexpr, COLS: tl.constexpr):
-        # ROWS rows of the logits (n, V) bf16 -> lse = log(sum(exp(z))) and the loss lse - z[target], z = softcap
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        row_ok = rows < n
-        row_start = rows.to(tl.int64) * V
-        total = tl.zeros((ROWS,), dtype=tl.float32)
-        for start in range(0, V, COLS):
-            cols = start + tl.arange(0, COLS)
-            ok = row_ok[:, None] & (cols < V)[None, :]
-            s = _sigmoid_tanh_kernel(tl.load(logits + row_start[:, None] + cols[None, :], mask=ok).to(tl.float32),
-                                     TEMPERATURE)
-            total += tl.sum(tl.where(ok, _exp_kernel(CAP * s), 0.0), axis=1)
-        row_lse = tl.log(total)
-        z_target = CAP * _sigmoid_kernel(tl.load(logits + row_start + tl.load(targets + rows, mask=row_ok),
-                                                 mask=row_ok).to(tl.float32), TEMPERATURE)
-        tl.store(lse + rows, row_lse, mask=row_ok)
-        tl.store(losses + rows, row_lse - z_target, mask=row_ok)
-
-    @triton.jit
-    def _logit_grad_kernel(logits, targets, lse, g, g_t, n, V, t_stride, inv_tokens, grad_s, FP8: tl.constexpr,
-                           CAP: tl.constexpr, TEMPERATURE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
-        # A (ROWS, COLS) tile of the logits -> the same tile of g, as _loss_and_logit_grad computes it; in FP8 also
-        # stored transposed into g_t (V, n), whose rows are t_stride apart
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
-        ok = (rows < n)[:, None] & (cols < V)[None, :]
-        offsets = rows.to(tl.int64)[:, None] * V + cols[None, :]
-        s = _sigmoid_kernel(tl.load(logits + offsets, mask=ok).to(tl.float32), TEMPERATURE)
-        p = _exp_kernel(CAP * s - tl.load(lse + rows, mask=rows < n)[:, None])
-        dz = tl.where(cols[None, :] == tl.load(targets + rows, mask=rows < n)[:, None], p - 1, p)
-        grad = (dz * inv_tokens * (CAP / TEMPERATURE) * s * (1 - s)).to(tl.bfloat16)  # = dz / dlogits
-        if FP8:
-            grad = (grad.to(tl.float32) * grad_s).to(tl.float8e5)
-            t_offsets = cols.to(tl.int64)[:, None] * t_stride + rows[None, :]
-            tl.store(g_t + t_offsets, tl.trans(grad), mask=tl.trans(ok))
-        tl.store(g + offsets, grad, mask=ok)
-
-
 def _grad_x(g: Tensor, w_q_t: Tensor, grad_s: float | None) -> Tensor:
     """The logits' gradient g (n, V) against w_q_t (D, V) -> the gradient for x (n, D) bf16."""
     if grad_s is None:
@@ -2068,10 +2018,129 @@ def _add_grad_w(grad_w: Tensor, g_t: Tensor, x_q: Tensor, grad_s: float | None) 
     return grad_w + part.T
 
 
-# compiled once per shape: inductor makes the scales' small tensors in one kernel, and writes the transposed copy
-# of x_q and the transposed add into grad_w
+# Compiled on the GPU, once per shape: eagerly, the float8 transposed copy of w is a slow kernel of its own and
+# the scaling and the cast two more; inductor makes the scales' small tensors in one kernel, and writes the
+# transposed copy of x_q and the transposed add into grad_w. They never take --coordinate_descent_tuning, whose tile
+# for the float8 transposed copy gave nonfinite values (the speed record's leads table); _e4m3_both under no_grad,
+# because w comes in as the parameter.
+HEAD_COMPILE = dict(dynamic=False, options={"coordinate_descent_tuning": False})
+_e4m3_both_compiled = torch.compile(torch.no_grad()(_e4m3_both), **HEAD_COMPILE)
 _grad_x_compiled = torch.compile(_grad_x, **HEAD_COMPILE)
 _add_grad_w_compiled = torch.compile(_add_grad_w, **HEAD_COMPILE)
+
+
+@fused_head_loss.register_kernel("cuda")
+def _fused_head_loss_cuda(x: Tensor, w: Tensor, targets: Tensor, fp8: bool) -> tuple[Tensor, Tensor, Tensor]:
+    steps = HeadSteps(_loss_and_logit_grad_triton, _e4m3_both_compiled, _grad_x_compiled, _add_grad_w_compiled)
+    return _head_loss_chunks(x, w, targets, fp8, steps)
+
+
+def _loss_and_logit_grad_triton(logits: Tensor, targets: Tensor, inv_tokens: float, grad_s: float | None,
+                                g_t: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """_loss_and_logit_grad on the GPU: the row sums of exp(z), then g tile by tile."""
+    if not HAS_TRITON:
+        raise RuntimeError("the GPU head loss needs Triton, as torch.compile does: pip install triton")
+    n, V = logits.shape
+    lse, losses = _row_lse_triton(logits, targets)
+    fp8 = grad_s is not None
+    g = torch.empty_like(logits, dtype=torch.float8_e5m2 if fp8 else torch.bfloat16)
+    if fp8 and g_t is None:
+        g_t = logits.new_empty((V, n), dtype=torch.float8_e5m2)
+    (rows, cols), warps, stages = HEAD_GRAD
+    _logit_grad_kernel[(triton.cdiv(n, rows), triton.cdiv(V, cols))](
+        logits, targets, lse, g, g_t if fp8 else g, n, V, g_t.stride(0) if fp8 else 0, inv_tokens, grad_s or 1.0, fp8,
+        SOFTCAP, SOFTCAP_TEMPERATURE, rows, cols, num_warps=warps, num_stages=stages)
+    return losses.sum(), g, g_t
+
+
+def _row_lse_triton(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """The row sums: logits (n, V) bf16 -> each row's log-sum-exp of z = softcap(logits) and its loss
+    lse - z[target], both (n,) float32."""
+    n, V = logits.shape
+    lse, losses = logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+    (rows, cols), warps, stages = HEAD_LSE
+    _lse_kernel[(triton.cdiv(n, rows),)](logits, targets, lse, losses, n, V, SOFTCAP, SOFTCAP_TEMPERATURE, rows, cols,
+                                         num_warps=warps, num_stages=stages)
+    return lse, losses
+
+
+# The head loss's exponentials and reciprocals as the special-function unit's instructions alone: tl.exp and
+# tl.fdiv wrap them in code that keeps subnormal results, which these kernels almost never meet (exp(z) >= 1,
+# exp(z - lse) >= e^-41). The one exception: sigmoid(x / 7.5) for a logit x < -655 is flushed to 0, where the
+# loss stays the same and the logit's gradient, below 2^-124 / tokens, rounds to 0 anyway in FP8, and in bf16
+# from 1024 tokens up. The same bits, in less time.
+LOG2E_KERNEL = tl.constexpr(LOG2E)
+
+
+@triton.jit
+def _special_kernel(x, INSTRUCTION: tl.constexpr):  # float32 -> float32 by one PTX instruction, as "rcp.approx.f32"
+    return tl.inline_asm_elementwise(INSTRUCTION + " $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _exp_kernel(x):  # float32 -> e^x, as 2^(x log2 e)
+    return _special_kernel(x * LOG2E_KERNEL, "ex2.approx.ftz.f32")
+
+
+@triton.jit
+def _sigmoid_kernel(logits, TEMPERATURE: tl.constexpr):  # float32 -> sigmoid(logits / TEMPERATURE)
+    return _special_kernel(1.0 + _exp_kernel(logits * (-1.0 / TEMPERATURE)), "rcp.approx.ftz.f32")
+
+
+@triton.jit
+def _sigmoid_tanh_kernel(logits, TEMPERATURE: tl.constexpr):  # float32 -> about sigmoid(logits / TEMPERATURE)
+    # as (1 + tanh(x / 2)) / 2, for the row sums alone: with their exp, two special-function instructions a logit
+    # where _sigmoid_kernel takes three. Its soft cap is off by up to 1.1e-4 (at |logits| 4 to 64), so a row's
+    # log-sum-exp and loss are too; each row of the gradient scales by as little, 30 times less than its rounding
+    # to bf16. The val loss is computed apart, exactly.
+    return 0.5 + 0.5 * _special_kernel(logits * (0.5 / TEMPERATURE), "tanh.approx.f32")
+
+
+@triton.jit
+def _lse_kernel(logits, targets, lse, losses, n, V, CAP: tl.constexpr, TEMPERATURE: tl.constexpr,
+                ROWS: tl.constexpr, COLS: tl.constexpr):
+    # ROWS rows of the logits (n, V) bf16 -> lse = log(sum(exp(z))) and the loss lse - z[target], z = softcap
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n
+    row_start = rows.to(tl.int64) * V
+    total = tl.zeros((ROWS,), dtype=tl.float32)
+    for start in range(0, V, COLS):
+        cols = start + tl.arange(0, COLS)
+        ok = row_ok[:, None] & (cols < V)[None, :]
+        s = _sigmoid_tanh_kernel(tl.load(logits + row_start[:, None] + cols[None, :], mask=ok).to(tl.float32),
+                                 TEMPERATURE)
+        total += tl.sum(tl.where(ok, _exp_kernel(CAP * s), 0.0), axis=1)
+    row_lse = tl.log(total)
+    z_target = CAP * _sigmoid_kernel(tl.load(logits + row_start + tl.load(targets + rows, mask=row_ok),
+                                             mask=row_ok).to(tl.float32), TEMPERATURE)
+    tl.store(lse + rows, row_lse, mask=row_ok)
+    tl.store(losses + rows, row_lse - z_target, mask=row_ok)
+
+
+@triton.jit
+def _logit_grad_kernel(logits, targets, lse, g, g_t, n, V, t_stride, inv_tokens, grad_s, FP8: tl.constexpr,
+                       CAP: tl.constexpr, TEMPERATURE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    # A (ROWS, COLS) tile of the logits -> the same tile of g, as _loss_and_logit_grad computes it; in FP8 also
+    # stored transposed into g_t (V, n), whose rows are t_stride apart
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
+    ok = (rows < n)[:, None] & (cols < V)[None, :]
+    offsets = rows.to(tl.int64)[:, None] * V + cols[None, :]
+    s = _sigmoid_kernel(tl.load(logits + offsets, mask=ok).to(tl.float32), TEMPERATURE)
+    p = _exp_kernel(CAP * s - tl.load(lse + rows, mask=rows < n)[:, None])
+    dz = tl.where(cols[None, :] == tl.load(targets + rows, mask=rows < n)[:, None], p - 1, p)
+    grad = (dz * inv_tokens * (CAP / TEMPERATURE) * s * (1 - s)).to(tl.bfloat16)  # = dz / dlogits
+    if FP8:
+        grad = (grad.to(tl.float32) * grad_s).to(tl.float8e5)
+        t_offsets = cols.to(tl.int64)[:, None] * t_stride + rows[None, :]
+        tl.store(g_t + t_offsets, tl.trans(grad), mask=tl.trans(ok))
+    tl.store(g + offsets, grad, mask=ok)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Until bind_ops() binds this run's, the ops are the plain implementations, which run on any device
+attention_masks, attention, attention_inputs = block_masks, attention_dense, attention_inputs_reference
+relu2_mlp, head_loss = relu2_mlp_reference, head_loss_bf16
 
 
 if __name__ == "__main__":

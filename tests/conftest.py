@@ -16,3 +16,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def restore_ops(monkeypatch):
+    """bind_ops() rebinds train_gpt's op names: the test's bindings are undone after it."""
+    import train_gpt
+    for name in ("attention_masks", "attention", "attention_inputs", "relu2_mlp", "head_loss"):
+        monkeypatch.setattr(train_gpt, name, getattr(train_gpt, name))

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 import train_gpt
 from test_masks import EOT, random_tokens, schedule_windows
-from train_gpt import (ATTENTION_SCALE, attention, block_masks, dense_mask, document_ids, document_windows,
-                       window_attention, window_attention_grad, window_dense_mask)
+from train_gpt import (ATTENTION_SCALE, attention_flex, attention_windows, block_masks, dense_mask, document_ids,
+                       document_windows, window_attention, window_attention_grad, window_dense_mask)
 
-CUDA = torch.cuda.is_available() and train_gpt.triton is not None
+CUDA = torch.cuda.is_available() and train_gpt.HAS_TRITON
 
 
 def devices() -> list[str]:
@@ -80,7 +80,9 @@ def test_reference_bodies_match_sdpa_and_autograd():
 
 def test_gpt_through_the_ops_matches_the_plain_gpt(monkeypatch):
     def loss(fused: bool):
-        monkeypatch.setattr(train_gpt.KERNELS, "fused_attention", fused)
+        # the fused path's ops, which bind_ops binds on Hopper; on the CPU the custom ops run their reference bodies
+        monkeypatch.setattr(train_gpt, "attention_masks", document_windows if fused else block_masks)
+        monkeypatch.setattr(train_gpt, "attention", attention_windows if fused else train_gpt.attention_dense)
         torch.manual_seed(0)
         model = train_gpt.GPT(vocab_size=128, num_layers=2, num_heads=2, model_dim=64, max_seq_len=512)
         torch.nn.init.normal_(model.lm_head.weight, std=0.1)  # not its zero init, so that the loss moves
@@ -95,9 +97,10 @@ def test_gpt_through_the_ops_matches_the_plain_gpt(monkeypatch):
     torch.testing.assert_close(fused_grad, plain_grad, atol=1e-3, rtol=0.05)
 
 
-def test_fused_attention_is_off_on_the_cpu():
-    train_gpt.choose_kernels(train_gpt.Hyperparameters(), torch.device("cpu"))
-    assert not train_gpt.KERNELS.fused_attention
+def test_fused_attention_is_off_on_the_cpu(restore_ops):
+    lines = train_gpt.bind_ops(train_gpt.Hyperparameters(), torch.device("cpu"))
+    assert train_gpt.attention is train_gpt.attention_dense and train_gpt.attention_masks is block_masks
+    assert "fused_attention: off (no Triton on cpu); FlexAttention or dense attention runs it" in lines
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and Triton")
@@ -105,6 +108,7 @@ def test_kernels_are_as_close_to_float64_as_flex_attention():
     T, H, head_dim = 16 * 128, 2, 128
     docs = document_ids(random_tokens(np.random.default_rng(7), num_blocks=T // 128), EOT).cuda()
     q, k, v, grad = qkv(T, H, head_dim, "cuda")
+    flex = torch.compile(attention_flex, dynamic=False)  # uncompiled, FlexAttention ignores the block tables
 
     def run(mask, dtype=torch.bfloat16):
         leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
@@ -112,7 +116,7 @@ def test_kernels_are_as_close_to_float64_as_flex_attention():
             attended = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in leaves), attn_mask=mask,
                                                       scale=ATTENTION_SCALE).transpose(1, 2)
         else:
-            attended = attention(*leaves, mask)
+            attended = (attention_windows if isinstance(mask, train_gpt.DocumentWindows) else flex)(*leaves, mask)
         attended.backward(grad.to(dtype))
         return [attended.detach()] + [t.grad for t in leaves]
 

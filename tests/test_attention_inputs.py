@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import train_gpt
-from train_gpt import Rotary, attention_inputs, qkv_prep, qkv_prep_grad
+from train_gpt import Rotary, attention_inputs_fused, attention_inputs_reference, qkv_prep, qkv_prep_grad
 
 
 def devices() -> list[str]:
-    return ["cpu"] + ["cuda"] * (torch.cuda.is_available() and train_gpt.triton is not None)
+    return ["cpu"] + ["cuda"] * (torch.cuda.is_available() and train_gpt.HAS_TRITON)
 
 
 def inputs(device: str, T: int, H: int = 2, head_dim: int = 128, with_ve: bool = True, seed: int = 0):
@@ -29,22 +29,21 @@ def inputs(device: str, T: int, H: int = 2, head_dim: int = 128, with_ve: bool =
     return tensors, [g.to(device) for g in grads], rotary.to(device)
 
 
-def run(qkv, ve, lambdas, grads, rotary, fused: bool, monkeypatch, strided_grads: bool = False):
+def run(qkv, ve, lambdas, grads, rotary, fused: bool, strided_grads: bool = False):
     """q, k, v and the gradients of qkv, ve and lambdas from one forward and backward."""
-    monkeypatch.setattr(train_gpt.KERNELS, "fused_qkv", fused)
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (qkv, ve, lambdas)]
-    outs = attention_inputs(*leaves, rotary)
+    outs = (attention_inputs_fused if fused else attention_inputs_reference)(*leaves, rotary)
     if strided_grads:  # FlexAttention's backward gives (B, H, T, head_dim) gradients, seen as (B, T, H, head_dim)
         grads = [g.transpose(1, 2).contiguous().transpose(1, 2) for g in grads]
     torch.autograd.backward(outs, grads)
     return [t.detach() for t in outs] + [t.grad for t in leaves if t is not None]
 
 
-def float64_truth(qkv, ve, lambdas, grads, rotary, monkeypatch):
+def float64_truth(qkv, ve, lambdas, grads, rotary):
     rotary64 = Rotary(qkv.size(-1), rotary.cos.size(0)).double().to(qkv.device)
     rotary64.cos, rotary64.sin = rotary.cos.double(), rotary.sin.double()
     args = [t.double() if t is not None else None for t in (qkv, ve, lambdas)]
-    return run(*args, [g.double() for g in grads], rotary64, fused=False, monkeypatch=monkeypatch)
+    return run(*args, [g.double() for g in grads], rotary64, fused=False)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -60,11 +59,11 @@ def test_ops_pass_opcheck(device):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("with_ve", [True, False])
 @pytest.mark.parametrize("strided_grads", [False, True])
-def test_fused_is_as_close_to_float64_as_the_plain_path(device, with_ve, strided_grads, monkeypatch):
+def test_fused_is_as_close_to_float64_as_the_plain_path(device, with_ve, strided_grads):
     (qkv, ve, lambdas), grads, rotary = inputs(device, T=200, with_ve=with_ve)
-    truth = float64_truth(qkv, ve, lambdas, grads, rotary, monkeypatch)
-    plain = run(qkv, ve, lambdas, grads, rotary, False, monkeypatch, strided_grads)
-    fused = run(qkv, ve, lambdas, grads, rotary, True, monkeypatch, strided_grads)
+    truth = float64_truth(qkv, ve, lambdas, grads, rotary)
+    plain = run(qkv, ve, lambdas, grads, rotary, False, strided_grads)
+    fused = run(qkv, ve, lambdas, grads, rotary, True, strided_grads)
     names = ["q", "k", "v", "grad_qkv"] + ["grad_ve"] * with_ve + ["grad_lambdas"]
     for name, got, expected, exact in zip(names, fused, plain, truth):
         assert got.dtype == expected.dtype and got.shape == expected.shape, name
@@ -75,7 +74,8 @@ def test_fused_is_as_close_to_float64_as_the_plain_path(device, with_ve, strided
 
 def test_fused_gpt_matches_the_plain_gpt(monkeypatch):
     def loss(fused: bool):
-        monkeypatch.setattr(train_gpt.KERNELS, "fused_qkv", fused)
+        bound = attention_inputs_fused if fused else attention_inputs_reference
+        monkeypatch.setattr(train_gpt, "attention_inputs", bound)
         torch.manual_seed(0)
         model = train_gpt.GPT(vocab_size=128, num_layers=2, num_heads=2, model_dim=64, max_seq_len=256)
         torch.nn.init.normal_(model.lm_head.weight, std=0.1)  # not its zero init, so that the loss moves
@@ -85,7 +85,7 @@ def test_fused_gpt_matches_the_plain_gpt(monkeypatch):
     assert loss(True) == pytest.approx(loss(False), abs=1e-3)
 
 
-def test_fused_qkv_is_off_on_the_cpu():
-    args = train_gpt.Hyperparameters()
-    train_gpt.choose_kernels(args, torch.device("cpu"))
-    assert not train_gpt.KERNELS.fused_qkv
+def test_fused_qkv_is_off_on_the_cpu(restore_ops):
+    lines = train_gpt.bind_ops(train_gpt.Hyperparameters(), torch.device("cpu"))
+    assert train_gpt.attention_inputs is attention_inputs_reference
+    assert "fused_qkv: off (no Triton on cpu); QK norm, rotary and the value mix run as plain PyTorch" in lines

@@ -1,5 +1,5 @@
 """The fused MLP (custom ops speedrun::matmul_relu2 and speedrun::matmul_relu2_grad, and FusedReLU2MLP, which
-relu2_mlp runs when KERNELS.fused_mlp is on) against the plain path it replaces, relu2_mlp_reference through
+relu2_mlp_fused runs, and bind_ops binds on Hopper) against the plain path it replaces, relu2_mlp_reference through
 autograd:
 - both ops pass torch.library.opcheck;
 - the backward's relu(a), which it takes from h = relu(a)^2 (relu_of_square), is relu(a) itself for every bf16 a in
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import train_gpt
-from train_gpt import MLP, matmul_relu2, matmul_relu2_grad, relu_of_square, triton_on_hopper
+from train_gpt import (MLP, matmul_relu2, matmul_relu2_grad, relu2_mlp_fused, relu2_mlp_reference, relu_of_square,
+                       triton_on_hopper)
 
 
 def devices() -> list[str]:
@@ -57,7 +58,7 @@ def test_fused_mlp_matches_the_plain_path(device, monkeypatch):
     grad_y = bf16(1, n, d, device=device, seed=5)
 
     def run(fused: bool):
-        monkeypatch.setattr(train_gpt.KERNELS, "fused_mlp", fused)
+        monkeypatch.setattr(train_gpt, "relu2_mlp", relu2_mlp_fused if fused else relu2_mlp_reference)
         x.grad = mlp.c_fc.weight.grad = mlp.c_proj.weight.grad = None
         y = mlp(x)
         y.backward(grad_y)
@@ -71,7 +72,7 @@ def test_fused_mlp_matches_the_plain_path(device, monkeypatch):
 
 def test_fused_gpt_matches_the_plain_gpt(monkeypatch):
     def loss_and_grads(fused: bool):
-        monkeypatch.setattr(train_gpt.KERNELS, "fused_mlp", fused)
+        monkeypatch.setattr(train_gpt, "relu2_mlp", relu2_mlp_fused if fused else relu2_mlp_reference)
         torch.manual_seed(0)
         model = train_gpt.GPT(vocab_size=128, num_layers=2, num_heads=2, model_dim=32, max_seq_len=256)
         for block in model.blocks:  # not the zero init, so that the MLPs matter
@@ -89,5 +90,8 @@ def test_fused_gpt_matches_the_plain_gpt(monkeypatch):
         torch.testing.assert_close(fused_grads[name], grad, rtol=0, atol=0, msg=name)
 
 
-def test_fused_mlp_is_off_without_hopper():
+def test_fused_mlp_is_off_without_hopper(restore_ops):
     assert triton_on_hopper(torch.device("cpu")) == (False, "no Triton on cpu")
+    lines = train_gpt.bind_ops(train_gpt.Hyperparameters(), torch.device("cpu"))
+    assert train_gpt.relu2_mlp is relu2_mlp_reference
+    assert "fused_mlp: off (no Triton on cpu); its matmuls and ReLU^2 run as plain PyTorch" in lines

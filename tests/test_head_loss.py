@@ -137,7 +137,7 @@ def test_fp8_head_unchanged_by_coordinate_descent_tuning(monkeypatch):
         assert torch.equal(plain, tuned)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or train_gpt.triton is None, reason="needs a CUDA GPU and Triton")
+@pytest.mark.skipif(not torch.cuda.is_available() or not train_gpt.HAS_TRITON, reason="needs a CUDA GPU and Triton")
 @pytest.mark.parametrize("fp8", [False, True])
 def test_triton_kernels_match_reference_at_extreme_logits(fp8):
     """The kernels' bare ex2 and rcp instructions flush subnormal numbers to zero, where tl.exp and tl.fdiv would
@@ -169,7 +169,7 @@ def test_triton_kernels_match_reference_at_extreme_logits(fp8):
         assert torch.equal(g_t.float(), g.T)  # the kernel's two layouts agree
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or train_gpt.triton is None, reason="needs a CUDA GPU and Triton")
+@pytest.mark.skipif(not torch.cuda.is_available() or not train_gpt.HAS_TRITON, reason="needs a CUDA GPU and Triton")
 def test_triton_row_sums_within_tanh_bound_at_every_bf16_logit():
     """The row-sum kernel takes the soft cap's sigmoid as tanh, whose z is off by up to 1.1e-4 (train_gpt.py's
     comment at _sigmoid_tanh_kernel): its log-sum-exp and losses stay within that of float64's, for every finite

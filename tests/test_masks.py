@@ -1,13 +1,14 @@
 """Attention block masks: the block masks, expanded to dense masks as the CPU's attention uses them, against a
 reference mask built independently, token by token, from document ids, causality and the block-wise window; and
-FlexAttention's forward with the block masks against scaled_dot_product_attention with the reference masks."""
+FlexAttention's forward with the block masks against scaled_dot_product_attention with the reference masks; and
+which layers take the long window and which value embedding, for the record's 12 layers and for fewer."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from train_gpt import (BLOCK_SIZE, Hyperparameters, block_masks, dense_mask, document_ids, flex_attention,
-                       window_blocks_at)
+from train_gpt import (BLOCK_SIZE, VALUE_EMBEDS, WINDOWS, Hyperparameters, block_masks, dense_mask, document_ids,
+                       flex_attention, layer_tables, window_blocks_at)
 
 EOT = 50256
 
@@ -101,3 +102,9 @@ def test_flex_attention_forward_matches_dense_sdpa():
             expected = F.scaled_dot_product_attention(q, k, v, attn_mask=reference_mask(tokens, window), scale=0.12)
             got = flex(q, k, v, block_mask=block_mask, scale=0.12)
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_layer_tables_are_the_records_and_shrink_by_the_same_rule():
+    assert layer_tables(12) == (VALUE_EMBEDS, WINDOWS)
+    assert layer_tables(4) == ((0, 1, 0, 1), ("long", "short", "short", "long"))  # the smoke preset's
+    assert layer_tables(2) == ((0, 0), ("long", "long"))
