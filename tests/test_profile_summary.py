@@ -1,6 +1,7 @@
 """tools/profile_summary.py: kernels fall in the right categories (train_gpt's own Triton kernels by name, the
 fused MLP's and the attention inputs' among them), phase spans and non-kernel rows are kept out of the sums, and
-the step time comes from the log's profiled steps."""
+the step time comes from the log's profiled steps. A missing log, or a log without its .profile.tsv, exits 2 with
+one line on stderr instead of a traceback. Files are written under tmp_path only."""
 import sys
 from pathlib import Path
 
@@ -37,7 +38,8 @@ def test_category(name, expected):
     assert category(name) == expected
 
 
-def test_summary(tmp_path):
+def write_profiled_run(tmp_path):
+    """A log of 20 steps whose steps 11..12 were profiled, and its profile beside it."""
     log = tmp_path / "run.txt"
     log.write_text("step:10/20 train_loss:4.0 train_time:1000ms step_avg:100.00ms\n"
                    "step:11/20 train_loss:4.0 train_time:1110ms step_avg:100.91ms\n"
@@ -51,9 +53,31 @@ def test_summary(tmp_path):
         "30000.0\t0.0\t2\ttriton_poi_fused__unsafe_view_pow_relu_15\n"
         "10000.0\t0.0\t48\t_matmul_relu2_kernel\n"
         "8000.0\t0.0\t2\tncclDevKernel_AllReduce_Sum_f32_RING_LL(x)\n")
-    text = profile_summary.summary(log)
+    return log
+
+
+def test_summary(tmp_path):
+    text = profile_summary.summary(write_profiled_run(tmp_path))
     assert text.startswith("measured step (profiled): 115.0 ms")
     assert "| matmul, bf16 | 60.0 | 52% |" in text and "| ReLU^2 | 30.0 | 26% |" in text
     assert "| MLP matmuls with ReLU^2 (Triton) | 10.0 | 9% |" in text
     assert "| not covered by a compute kernel | 15.0 | 13% |" in text  # NCCL overlaps: not subtracted
     assert "forward_backward 100.0 ms" in text
+
+
+def test_missing_log_or_profile_is_one_line_and_exit_2(tmp_path, capsys):
+    missing = tmp_path / "none.txt"
+    assert profile_summary.main([str(missing)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"error: no log at {missing}\n"
+
+    log = write_profiled_run(tmp_path)
+    tsv = log.with_suffix(".profile.tsv")
+    tsv.rename(tmp_path / "elsewhere.tsv")
+    assert profile_summary.main([str(log)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and str(tsv) in err and "--profile_at=N" in err
+
+    (tmp_path / "elsewhere.tsv").rename(tsv)
+    assert profile_summary.main([str(log)]) == 0
+    assert capsys.readouterr().out.startswith("measured step (profiled): 115.0 ms")

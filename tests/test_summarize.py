@@ -2,21 +2,25 @@
 
 Pins: whole-line parsing that ignores look-alike f-strings in the embedded source preamble; the parsed
 values (steps, losses, train times, peak memory, step times); mean/std/one-sided p-value against numbers
-computed here with numpy/scipy (seed record: 32 runs, mean 3.27869, p 0.0001); cut-off, malformed,
-unreadable and different-T logs listed as skipped and excluded from the mean; exit code 1 for an empty
-or all-bad folder; a valid PNG; Markdown output; the CLI entry point. Grouping: logs found in subfolders,
-non-logs ignored; code versions, world sizes, hyperparameters and resumed runs in groups of their own, never
-pooled, while tag, resume and checkpoint settings do not split; the plot draws only counted runs, one legend
-entry per group, a target line, a frame holding every evaluation after the first; --png is honoured; no
-scipy or matplotlib on import.
+computed here with numpy/scipy (seed record: 32 runs, mean 3.27869, p 0.0001); no p-value and no warning
+for identical losses (std 0); cut-off, malformed, unreadable and different-T logs listed as skipped and excluded
+from the mean; exit code 1 for an empty or all-bad folder; Markdown output; the CLI entry point. Grouping: logs
+found in subfolders, non-logs ignored; code versions, world sizes, hyperparameters and resumed runs in groups of
+their own, never pooled, while tag, resume and checkpoint settings do not split; the plot draws only counted runs,
+one legend entry per group for the 8 groups with the most runs (the rest counted in the legend and on stdout), a
+target line, a frame holding every evaluation after the first. The PNG: written only with --png, never into a
+folder that does not exist nor over a file git tracks unless --force (exit 2, one line). No scipy or matplotlib
+on import. Every file is written under tmp_path.
 
 Run: python -m pytest tests/test_summarize.py -q
 """
 import hashlib
 import importlib.util
 import re
+import shutil
 import subprocess
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -143,6 +147,16 @@ def test_single_run_has_no_std_or_p(tmp_path):
     assert rows["peak alloc MiB"] == ["n/a"]
 
 
+@pytest.mark.parametrize("loss", [3.2787, 3.28, 3.2813])  # below, at and above the target
+def test_identical_losses_have_no_p_value_and_no_warning(tmp_path, loss):
+    runs = [sm.parse_log(write(tmp_path, f"r{i}.txt", make_log(final_loss=loss))) for i in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy's t-test on zero variance warns; the std-0 case must not reach it
+        rows = summary_lines(sm.summarize(runs, 3.28))
+    assert rows["n runs"] == ["3"] and rows["final val loss"] == [f"{loss:.5f}", "0.00000"]
+    assert rows["p(mean"][-1] == "n/a"
+
+
 def test_bad_logs_are_skipped_and_excluded(tmp_path):
     write(tmp_path, "good1.txt", make_log(final_loss=3.27))
     write(tmp_path, "good2.txt", make_log(final_loss=3.29))
@@ -188,18 +202,52 @@ def test_all_bad_folder_exits_1(tmp_path, capsys):
     assert not (tmp_path / "summary.png").exists()
 
 
-def test_main_writes_png(tmp_path, capsys):
+def test_main_writes_png_only_when_asked(tmp_path, capsys):
     write(tmp_path, "a.txt", make_log(final_loss=3.279))
     write(tmp_path, "b.txt", make_log(final_loss=3.281, ms=240))
     write(tmp_path, "c.txt", make_log(cut_at=7))  # neither averaged nor drawn
+    before = sorted(tmp_path.iterdir())
     assert sm.main([str(tmp_path)]) == 0
+    assert sorted(tmp_path.iterdir()) == before and "wrote" not in capsys.readouterr().err  # no default PNG
+    assert sm.main([str(tmp_path), "--png", str(tmp_path / "summary.png")]) == 0
     png = (tmp_path / "summary.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     import matplotlib.image
     img = matplotlib.image.imread(tmp_path / "summary.png")
     assert img.ndim == 3 and img.shape[1] > img.shape[0]  # two subplots side by side
-    assert sm.main([str(tmp_path), "--png", str(tmp_path / "other.png")]) == 0
-    assert (tmp_path / "other.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_png_in_a_missing_folder_is_refused(tmp_path, capsys):
+    write(tmp_path, "a.txt", make_log(final_loss=3.279))
+    png = tmp_path / "missing" / "dir" / "x.png"
+    assert sm.main([str(tmp_path), "--png", str(png)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "missing/dir does not exist" in err
+    assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_png_tracked_by_git_is_refused_unless_forced(tmp_path, capsys):
+    write(tmp_path, "a.txt", make_log(final_loss=3.279))
+    repo = tmp_path / "repo"
+    tracked = write(repo, "summary.png", "committed plot")
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(["git", "add", "summary.png"], cwd=repo, check=True)
+    assert sm.main([str(tmp_path), "--png", str(tracked)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "tracked by git" in err and "--force" in err
+    assert tracked.read_text() == "committed plot"
+    assert sm.main([str(tmp_path), "--png", str(repo / "new.png")]) == 0  # untracked, in the same repository
+    assert sm.main([str(tmp_path), "--png", str(tracked), "--force"]) == 0
+    assert tracked.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_png_counts_as_untracked_outside_a_repository_or_without_git(tmp_path, monkeypatch):
+    png = write(tmp_path, "x.png", "")
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no repository above tmp_path counts
+    assert not sm.tracked_by_git(png)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git to run
+    assert not sm.tracked_by_git(png) and sm.png_refusal(png, force=False) is None
 
 
 def test_markdown(tmp_path, capsys):
@@ -266,7 +314,7 @@ def test_logs_in_subfolders_are_found_and_non_logs_ignored(tmp_path, capsys):
     assert "ignored, not logs (1): bench.txt" in err
     assert len(sections(out)) == 1 and summary_lines(out)["n runs"] == ["2"]
     assert "\nround1/a " in out and "\nround2/x1/b " in out
-    assert (tmp_path / "summary.png").exists()
+    assert not (tmp_path / "summary.png").exists()
 
 
 def test_code_versions_are_grouped_apart_and_never_pooled(tmp_path):
@@ -353,9 +401,29 @@ def test_plot_draws_counted_runs_one_entry_per_group(tmp_path):
     plt_close(fig)
 
 
+def test_plot_keeps_the_groups_with_most_runs(tmp_path, capsys):
+    # Ten groups (seeds 0-9): seeds 0 and 1 have one run each, the others two, so groups 1 and 2 are left out.
+    for seed in range(10):
+        for i in range(1 + (seed > 1)):
+            write(tmp_path, f"s{seed}_{i}.txt", make_log(final_loss=3.27 + i / 100, preamble=header(seed=seed)))
+    runs = [sm.parse_log(p) for p in sorted(tmp_path.glob("*.txt"))]
+    fig = sm.draw(runs, 3.28)
+    legend = fig.legends[0]
+    assert [t.get_text().split(":")[0] for t in legend.get_texts()] == [str(n) for n in range(3, 11)]
+    assert legend.get_title().get_text().startswith("2 groups with fewer runs left out of the plot")
+    curves = [line for line in fig.axes[0].get_lines() if line.get_linestyle() != "--"]
+    assert len(curves) == 16 and len({c.get_color() for c in curves}) == 8  # no colour shared by two groups
+    plt_close(fig)
+    assert sm.main([str(tmp_path), "--png", str(tmp_path / "p.png")]) == 0
+    out = capsys.readouterr().out
+    assert len(sections(out)) == 10  # the text still reports every group
+    assert out.splitlines()[-1] == "plot: 2 groups with fewer runs left out of the plot: 1, 2"
+
+
 def test_png_goes_to_the_png_path(tmp_path, capsys):
     write(tmp_path / "logs", "a.txt", make_log(final_loss=3.279, preamble=header()))
     png = tmp_path / "plots" / "mine.png"
+    png.parent.mkdir()
     assert sm.main([str(tmp_path / "logs"), "--png", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {png}" in capsys.readouterr().err
     assert not (tmp_path / "logs" / "summary.png").exists()

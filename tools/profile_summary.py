@@ -10,6 +10,7 @@ contain, and train_gpt.py's own Triton kernels (the lm_head loss's, the fused Re
 and the attention's) by name. The names are heuristics for this model, written for torch 2.11's kernels. NCCL runs
 on its own stream and may overlap the rest; "not covered" is the step time that no compute kernel fills: launch
 gaps and waits for communication. Prints a markdown table, then the GPU spans of the annotated phases.
+Exits 2 with one line on stderr when the log does not exist or has no profile beside it.
 """
 import re
 import sys
@@ -91,10 +92,24 @@ def summary(log: Path) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    if sys.argv[1:] in (["-h"], ["--help"]):
+def main(argv: list[str]) -> int:
+    if argv in (["-h"], ["--help"]):
         print(__doc__)
-        sys.exit(0)
-    if len(sys.argv) != 2:
+        return 0
+    if len(argv) != 1:
         sys.exit(__doc__)
-    print(summary(Path(sys.argv[1])))
+    log = Path(argv[0])
+    tsv = log.with_suffix(".profile.tsv")
+    if not log.is_file():
+        print(f"error: no log at {log}", file=sys.stderr)
+        return 2
+    if not tsv.is_file():
+        print(f"error: no profile beside {log}: expected {tsv}, which train_gpt.py writes for a run made with "
+              "--profile_at=N", file=sys.stderr)
+        return 2
+    print(summary(log))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,7 +1,7 @@
-"""Summarise a folder of train_gpt.py logs: statistics per group of comparable runs, and one PNG of curves.
+"""Summarise a folder of train_gpt.py logs: statistics per group of comparable runs, and a PNG of curves if asked.
 
 Usage:
-    python tools/summarize.py records/<tag> [--target 3.28] [--png PATH] [--markdown]
+    python tools/summarize.py records/<tag> [--target 3.28] [--markdown] [--png PATH [--force]]
 
 Every `*.txt` file in the folder or its subfolders is read; files with neither step lines nor the log's
 "=" * 100 rules (benchmark outputs, notes) are not logs and are ignored. A log opens with the script's source,
@@ -21,14 +21,23 @@ whose T differs from the most common T of their group, are listed under "skipped
 
 Prints for each group a header (code, world size, the hyperparameters that differ between groups, number of
 logs), then n runs, mean/std of the final val loss, the one-sided t-test p-value for mean < target, mean/std
-train time, mean ms/step, mean peak memory, then one row per run. Writes val-loss and step-time curves of the
-counted runs to <folder>/summary.png (or --png): one colour and legend entry per group, a dashed line at the
-target, the loss axis framed on the evaluations after each run's first. Exits 1 when no complete run remains.
+train time, mean ms/step, mean peak memory, then one row per run. The p-value is "n/a" for a single run and
+when every final loss of the group is the same (std 0): t is then undefined, and identical runs (one seed
+repeated, say) are no evidence about run-to-run noise. Exits 1 when no complete run remains.
+
+Only with --png PATH are the val-loss and step-time curves of the counted runs drawn, to PATH: one colour and
+legend entry per group, for at most 8 groups (those with the most counted runs; how many were left out is said
+in the legend's title and on stdout, and every group is still in the text), resumed groups dotted, a dashed line
+at the target, the loss axis framed on the evaluations after each run's first. Nothing is written otherwise, so
+summarising a record folder leaves its committed files alone. Exits 2, with one line on stderr and before any
+log is read, when PATH's folder does not exist (it is not created) or when git tracks PATH and --force is not
+given (a file is untracked outside a git repository or without git).
 """
 import argparse
 import hashlib
 import math
 import re
+import subprocess
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -50,6 +59,7 @@ HPARAM_RE = re.compile(r"^([A-Za-z_]\w*) = (.*)$")
 # only in them are pooled. Whether a run was resumed is part of the grouping key on its own (Run.resumed).
 BOOKKEEPING = frozenset({"tag", "resume", "checkpoint_every", "checkpoint_dir", "profile_at"})
 NOT_A_LOG = "not a log: no step lines and no environment report"
+MAX_PLOTTED_GROUPS = 8  # more legend entries than this no longer read as a legend
 
 
 @dataclass
@@ -282,6 +292,17 @@ def _fmt_p(p: float) -> str:
     return f"{p:.4f}" if not p < 1e-4 else f"{p:.1e}"
 
 
+def _p_value(losses: np.ndarray, target: float) -> str:
+    """The one-sided t-test p-value for mean < target; "n/a" for one run or for identical losses."""
+    # Identical losses (std 0): t is +-inf or 0/0 and scipy warns; and identical runs, one seed repeated say,
+    # say nothing about the noise between runs, so no p-value is claimed from them.
+    if len(losses) < 2 or np.ptp(losses) == 0:
+        return "n/a"
+    from scipy import stats  # here, not on import: profile_summary.py imports this module for STEP_RE
+
+    return _fmt_p(stats.ttest_1samp(losses, target, alternative="less").pvalue)
+
+
 def _statistics(good: list[Run], target: float, markdown: bool) -> list[str]:
     """The summary table and the per-run rows of one group's usable runs."""
     n = len(good)
@@ -293,14 +314,11 @@ def _statistics(good: list[Run], target: float, markdown: bool) -> list[str]:
     def std(x, fmt):
         return format(np.std(x, ddof=1), fmt) if n > 1 else "n/a"
 
-    from scipy import stats  # here, not on import: profile_summary.py imports this module for STEP_RE
-
-    p = _fmt_p(stats.ttest_1samp(losses, target, alternative="less").pvalue) if n > 1 else "n/a"
     peak_label = "peak alloc MiB" + (f" ({len(peaks)} of {n} runs)" if 0 < len(peaks) < n else "")
     summary = [
         ["n runs", str(n), ""],
         ["final val loss", f"{losses.mean():.5f}", std(losses, ".5f")],
-        [f"p(mean < {target:g})", p, ""],
+        [f"p(mean < {target:g})", _p_value(losses, target), ""],
         ["train time s", f"{times_s.mean():.2f}", std(times_s, ".2f")],
         ["ms/step", f"{ms_step.mean():.2f}", ""],
         [peak_label, f"{np.mean(peaks):.0f}" if peaks else "n/a", ""],
@@ -372,21 +390,31 @@ def _frame_time(ax, runs: list[Run]):
         ax.set_ylim(0, top)
 
 
-def draw(runs: list[Run], target: float = 3.28):
+def plotted_groups(groups: list[Group], max_groups: int = MAX_PLOTTED_GROUPS):
+    """([(group, its usable runs)] to draw, in group order; [groups with usable runs left out]): the max_groups
+    groups with the most usable runs, ties to the lower number, so that the legend stays readable."""
+    counted = [(g, good) for g in groups if (good := split_runs(g.runs)[0])]
+    kept = {g.number for g, good in sorted(counted, key=lambda c: (-len(c[1]), c[0].number))[:max_groups]}
+    return [(g, good) for g, good in counted if g.number in kept], [g for g, _ in counted if g.number not in kept]
+
+
+def draw(runs: list[Run], target: float = 3.28, max_groups: int = MAX_PLOTTED_GROUPS):
     """The figure: val loss and ms/step vs step for the usable runs only, one colour and legend entry per
-    group, resumed groups dotted, a dashed line at the target."""
+    group for the plotted_groups() only (the legend's title counts the rest), resumed groups dotted, a dashed
+    line at the target."""
     import matplotlib
     matplotlib.use("Agg")  # headless: no display on the training or CI machines
     import matplotlib.pyplot as plt
 
     groups = group_runs(runs)
     names = differing_hparams(groups)
-    counted = [(g, good) for g in groups if (good := split_runs(g.runs)[0])]
+    counted, left_out = plotted_groups(groups, max_groups)
     ncol = 1 if len(counted) < 7 else 2
-    legend_in = 0.17 * math.ceil(len(counted) / ncol) + 0.2  # inches below the axes for the legend
+    legend_in = 0.17 * (math.ceil(len(counted) / ncol) + bool(left_out)) + 0.2  # inches below the axes
     fig, (ax_loss, ax_time) = plt.subplots(1, 2, figsize=(14, 5 + legend_in))
-    for g, good in counted:
-        style = dict(color=f"C{(g.number - 1) % 10}", ls=":" if g.resumed else "-", lw=1)
+    for i, (g, good) in enumerate(counted):
+        # A colour per drawn group, not per group number: at most max_groups colours, none repeated.
+        style = dict(color=f"C{i % 10}", ls=":" if g.resumed else "-", lw=1)
         for j, r in enumerate(good):
             label = _legend_label(g, names, len(good)) if j == 0 else "_nolegend_"
             ax_loss.plot(r.val_steps, r.val_losses, marker=".", ms=3, label=label, **style)
@@ -397,19 +425,43 @@ def draw(runs: list[Run], target: float = 3.28):
     for ax in (ax_loss, ax_time):
         ax.grid(alpha=0.3)
     if counted:  # below the axes: group labels are long and would cover the curves
-        fig.legend(loc="lower center", fontsize=7, ncol=ncol, frameon=False)
+        title = f"{_left_out_note(left_out)}; every group is in the text" if left_out else None
+        fig.legend(loc="lower center", fontsize=7, ncol=ncol, frameon=False, title=title, title_fontsize=7)
     fig.tight_layout(rect=(0, legend_in / (5 + legend_in), 1, 1))
     return fig
 
 
+def _left_out_note(left_out: list[Group]) -> str:
+    n = len(left_out)
+    return f"{n} group{'s' * (n > 1)} with fewer runs left out of the plot"
+
+
 def plot(runs: list[Run], png_path, target: float = 3.28) -> None:
-    """Write draw()'s figure to png_path, making its folder if needed."""
+    """Write draw()'s figure to png_path, whose folder must exist."""
     import matplotlib.pyplot as plt
 
     fig = draw(runs, target)
-    Path(png_path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
+
+
+def tracked_by_git(path: Path) -> bool:
+    """Whether git tracks path, asked in path's folder; False outside a repository or without git."""
+    try:
+        res = subprocess.run(["git", "ls-files", "--error-unmatch", path.name], cwd=path.parent,
+                             capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):  # no git, or a folder git cannot enter
+        return False
+    return res.returncode == 0
+
+
+def png_refusal(png: Path, force: bool) -> str | None:
+    """Why --png PATH must not be written, or None: a folder that does not exist, or a file git tracks."""
+    if not png.parent.is_dir():
+        return f"error: --png {png}: folder {png.parent} does not exist (it is not created)"
+    if not force and tracked_by_git(png):
+        return f"error: --png {png}: the file is tracked by git; pass --force to overwrite it"
+    return None
 
 
 def main(argv=None) -> int:
@@ -419,13 +471,19 @@ def main(argv=None) -> int:
                     "never averaged across groups.",
         epilog=f"Hyperparameters left out of the grouping: {', '.join(sorted(BOOKKEEPING))}. Logs without the "
                "header form a group with code 'unknown'; *.txt files with neither step lines nor a header are "
-               "ignored. The plot shows the counted runs only, one legend entry per group, a dashed line at "
-               "--target, and frames the val losses after each run's first evaluation.")
+               "ignored. The plot (only with --png) shows the counted runs only, one legend entry per group for at "
+               f"most {MAX_PLOTTED_GROUPS} groups (those with the most runs), a dashed line at --target, and "
+               "frames the val losses after each run's first evaluation.")
     ap.add_argument("folder", type=Path, help="searched recursively for *.txt logs")
     ap.add_argument("--target", type=float, default=3.28, help="val loss to beat (one-sided t-test, plot line)")
-    ap.add_argument("--png", type=Path, help="plot path (default: <folder>/summary.png)")
     ap.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    ap.add_argument("--png", type=Path, help="write the plot here (default: no plot); its folder must exist")
+    ap.add_argument("--force", action="store_true", help="let --png overwrite a file that git tracks")
     args = ap.parse_args(argv)
+
+    if args.png is not None and (refusal := png_refusal(args.png, args.force)):
+        print(refusal, file=sys.stderr)
+        return 2
 
     if not args.folder.is_dir():
         print(f"error: {args.folder} is not a folder", file=sys.stderr)
@@ -443,10 +501,13 @@ def main(argv=None) -> int:
         print(f"error: no complete run among {len(runs)} logs in {args.folder}", file=sys.stderr)
         return 1
     print(summarize(runs, args.target, markdown=args.markdown), end="")
-    png = args.png or args.folder / "summary.png"
-    plot(runs, png, args.target)
-    # stderr, so stdout stays a clean table to paste into a README
-    print(f"wrote {png}", file=sys.stderr)
+    if args.png is None:
+        return 0
+    plot(runs, args.png, args.target)
+    if left_out := plotted_groups(group_runs(runs))[1]:
+        print(f"\nplot: {_left_out_note(left_out)}: " + ", ".join(str(g.number) for g in left_out))
+    # stderr, so stdout stays the text to paste into a README
+    print(f"wrote {args.png}", file=sys.stderr)
     return 0
 
 
