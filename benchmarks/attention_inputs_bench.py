@@ -52,8 +52,8 @@ def main():
     qkv = (3 * torch.randn(1, T, 3 * H, head_dim, device="cuda", generator=gen)).bfloat16().requires_grad_()
     ve = torch.randn(T, H * head_dim, device="cuda", generator=gen).bfloat16().requires_grad_()
     lambdas = torch.tensor([0.7, 0.4], device="cuda", requires_grad=True)
-    grads = [torch.randn(1, H, T, head_dim, device="cuda", generator=gen).bfloat16().transpose(1, 2)
-             for _ in range(3)]  # in the layout FlexAttention's backward gives
+    grads = [torch.randn(1, T, H, head_dim, device="cuda", generator=gen).bfloat16()
+             for _ in range(3)]  # contiguous, as the attention kernels' backward gives them
     rotary = train_gpt.Rotary(head_dim, T).cuda()
     step = torch.compile(lambda *a: train_gpt.attention_inputs(*a, rotary), dynamic=False)
     act_bytes = T * H * head_dim * 2

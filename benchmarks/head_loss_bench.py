@@ -37,7 +37,7 @@ def main():
     x = torch.randn(T, D, device="cuda", generator=gen).bfloat16()
     w = 0.02 * torch.randn(V, D, device="cuda", generator=gen)
     targets = torch.randint(0, V, (T,), device="cuda", generator=gen)
-    op = getattr(tg, "fused_head_loss", tg.head_loss)  # the custom op was named head_loss in older versions
+    op = getattr(tg, "fused_head_loss", tg.head_loss)  # an older train_gpt.py names the op head_loss
     for chunk, span in [(c, n) for c in chunks or [tg.HEAD_CHUNK] for n in spans or [None]]:
         tg.HEAD_CHUNK = chunk
         if span is not None:

@@ -1,7 +1,7 @@
 """The head loss's middle step on one 8192-token chunk, on this machine's first GPU: the bf16 logits -> the summed
 loss and the logits' gradient g in float8_e5m2, in both layouts.
 - Time: train_gpt.py's Triton kernels, for the block shapes listed, against the torch.compile of the same torch
-  function plus a compiled transpose (what train_gpt.py ran before the kernels).
+  function plus a compiled transpose.
 - Agreement: the kernels against the eager torch function on the GPU, which rounds as the record does. Each line
   gives the loss's relative difference and how many of g's bytes differ (one e5m2 step each).
 

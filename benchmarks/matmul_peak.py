@@ -1,5 +1,5 @@
 """The ceilings a step is measured against, on this machine's first GPU: bf16 and FP8 matmul TFLOP/s and
-device-memory bandwidth. Prints one line each; the README's fraction-of-peak column divides by the bf16 line.
+device-memory bandwidth (a 1 GiB copy). Prints one line each. Also median_ms, the timer the other benchmarks use.
 
 Usage: python benchmarks/matmul_peak.py
 """

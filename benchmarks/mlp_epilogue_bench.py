@@ -9,8 +9,7 @@ prints how many output values differ from the compiled path: the same rounding i
 bf16, the epilogue computes in float32 and rounds once).
 
 Each time is the median over 10 rounds of 20 calls queued back to back, per call, as in training, where the
-CPU runs ahead of the GPU. (Round 5 timed single calls, which counts each launch's latency in, and so
-overstated what the fused ops save against a compiled function.)
+CPU runs ahead of the GPU (a lone call would count its launch latency in).
 
 Usage: python benchmarks/mlp_epilogue_bench.py
 """

@@ -15,15 +15,25 @@ Usage: python benchmarks/window_attention_bench.py [--forward=128x64x8x3,...] [-
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt  # noqa: E402
 from attention_inputs_bench import kernel_times  # noqa: E402
-from attention_sweep import documents  # noqa: E402
 
 T, H, HEAD_DIM = 64 * 1024, 6, 128
 LONG_LAYERS, SHORT_LAYERS = 3, 8
+
+
+def documents(tokens: int, seed: int = 0) -> torch.Tensor:
+    """Document ids, as the model derives them from end-of-text tokens, for documents of lognormal length."""
+    rng = np.random.default_rng(seed)
+    lengths = np.maximum(1, rng.lognormal(np.log(1000) - 0.5, 1.0, size=tokens)).astype(np.int64)
+    starts = np.cumsum(lengths)
+    ids = torch.zeros(tokens, dtype=torch.int64)
+    ids[torch.from_numpy(starts[starts < tokens])] = train_gpt.EOT_TOKEN
+    return train_gpt.document_ids(ids, train_gpt.EOT_TOKEN).cuda()
 
 
 def tiles(name: str) -> list[tuple[int, ...]]:
