@@ -55,14 +55,15 @@ def main():
     grads = [torch.randn(1, T, H, head_dim, device="cuda", generator=gen).bfloat16()
              for _ in range(3)]  # contiguous, as the attention kernels' backward gives them
     rotary = train_gpt.Rotary(head_dim, T).cuda()
-    step = torch.compile(lambda *a: train_gpt.attention_inputs(*a, rotary), dynamic=False)
     act_bytes = T * H * head_dim * 2
     results = {}
-    variants = [(False, 0, 0)] + [(True, r, w) for r in option("rows", [train_gpt.QKV_ROWS])
-                                  for w in option("warps", [train_gpt.QKV_WARPS])]
+    (default_rows,), default_warps, stages = train_gpt.QKV
+    variants = [(False, 0, 0)] + [(True, r, w) for r in option("rows", [default_rows])
+                                  for w in option("warps", [default_warps])]
     for fused, rows, warps in variants:
-        train_gpt.KERNELS.fused_qkv = fused
-        train_gpt.QKV_ROWS, train_gpt.QKV_WARPS = rows or train_gpt.QKV_ROWS, warps or train_gpt.QKV_WARPS
+        implementation = train_gpt.attention_inputs_fused if fused else train_gpt.attention_inputs_reference
+        step = torch.compile(lambda *a: implementation(*a, rotary), dynamic=False)
+        train_gpt.QKV = train_gpt.Tile((rows or default_rows,), warps or default_warps, stages)
         torch._dynamo.reset()
 
         def forward():

@@ -50,10 +50,11 @@ def main():
     lse_blocks = [(1, 2048, 4), (1, 2048, 8), (1, 8192, 8), (1, 512, 2)]
     grad_blocks = [(64, 64, 4), (32, 64, 4), (64, 32, 4), (32, 128, 4), (64, 64, 2), (32, 32, 2), (128, 32, 4),
                    (64, 64, 8), (64, 128, 4)]
-    for (tg.LSE_ROWS, tg.LSE_COLS, tg.LSE_WARPS), (tg.GRAD_ROWS, tg.GRAD_COLS, tg.GRAD_WARPS) in itertools.chain(
+    for (lse_rows, lse_cols, lse_warps), (rows, cols, warps) in itertools.chain(
             ((b, grad_blocks[0]) for b in lse_blocks), ((lse_blocks[0], b) for b in grad_blocks[1:])):
-        report(f"triton lse {tg.LSE_ROWS}x{tg.LSE_COLS} w{tg.LSE_WARPS}, "
-               f"grad {tg.GRAD_ROWS}x{tg.GRAD_COLS} w{tg.GRAD_WARPS}",
+        tg.HEAD_LSE = tg.Tile((lse_rows, lse_cols), lse_warps, tg.HEAD_LSE.stages)
+        tg.HEAD_GRAD = tg.Tile((rows, cols), warps, tg.HEAD_GRAD.stages)
+        report(f"triton lse {lse_rows}x{lse_cols} w{lse_warps}, grad {rows}x{cols} w{warps}",
                lambda: tg._loss_and_logit_grad_triton(logits, targets, inv_tokens, grad_s))
 
 

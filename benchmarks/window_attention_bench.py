@@ -1,6 +1,6 @@
 """The windowed attention of one 64K-token sequence (6 heads of 128, bf16) on this machine's first GPU:
-FlexAttention with train_gpt.block_masks against train_gpt's Triton kernels with document_windows, both through
-train_gpt.attention compiled as in training. Documents of lognormal length (mean ~1000 tokens, as
+FlexAttention with train_gpt.block_masks (attention_flex) against train_gpt's Triton kernels with document_windows
+(attention_windows), each compiled as in training. Documents of lognormal length (mean ~1000 tokens, as
 data/synthetic.py makes them).
 
 Prints, for every long window of the schedule (1..14 blocks), the GPU kernel time (torch.profiler) of the forward
@@ -36,9 +36,10 @@ def documents(tokens: int, seed: int = 0) -> torch.Tensor:
     return train_gpt.document_ids(ids, train_gpt.EOT_TOKEN).cuda()
 
 
-def tiles(name: str) -> list[tuple[int, ...]]:
+def tiles(name: str) -> list[train_gpt.Tile]:
     given = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith(f"--{name}=")]
-    return [tuple(int(x) for x in t.split("x")) for t in given[-1].split(",")] if given else []
+    sizes = [[int(x) for x in t.split("x")] for t in given[-1].split(",")] if given else []
+    return [train_gpt.Tile((rows, keys), warps, stages) for rows, keys, warps, stages in sizes]
 
 
 def main():
@@ -47,7 +48,11 @@ def main():
     q, k, v = (torch.randn(1, T, H, HEAD_DIM, device="cuda", generator=gen).bfloat16().requires_grad_()
                for _ in range(3))
     grad = torch.randn(1, T, H, HEAD_DIM, device="cuda", generator=gen).bfloat16()
-    attend = torch.compile(train_gpt.attention, dynamic=False)
+    flex = torch.compile(train_gpt.attention_flex, dynamic=False)
+    kernels = torch.compile(train_gpt.attention_windows, dynamic=False)
+
+    def attend(q, k, v, mask):
+        return (kernels if isinstance(mask, train_gpt.DocumentWindows) else flex)(q, k, v, mask)
 
     def masks(fused: bool, window: int):
         w = torch.tensor(window, dtype=torch.int32, device="cuda")
@@ -66,19 +71,20 @@ def main():
 
     kernel_names = dict(forward="_window_attention_kernel", grad_kv="_window_attention_grad_kv_kernel",
                         grad_q="_window_attention_grad_q_kernel")
+    settings = dict(forward="ATTENTION_FORWARD", grad_kv="ATTENTION_GRAD_KV", grad_q="ATTENTION_GRAD_Q")
     for kernel, name in kernel_names.items():
-        committed = train_gpt.ATTENTION_TILES[kernel]
+        committed = getattr(train_gpt, settings[kernel])
         for tile in tiles(kernel):
-            train_gpt.ATTENTION_TILES[kernel] = tile
+            setattr(train_gpt, settings[kernel], tile)
             for window in (7, 14):
                 long_mask = masks(True, window)[0]
                 try:
                     ms = f"{kernel_times(lambda: forward_backward(long_mask), calls=10)[name]:.3f} ms"
                 except Exception as e:  # a tile that does not fit: say so and go on with the next
                     ms = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
-                print(f"{kernel} tile {'x'.join(map(str, tile))}: window {window:2d}, long mask {ms}", flush=True)
-        train_gpt.ATTENTION_TILES[kernel] = committed
-    print(f"tiles: {train_gpt.ATTENTION_TILES}")
+                print(f"{kernel} tile {tile}: window {window:2d}, long mask {ms}", flush=True)
+        setattr(train_gpt, settings[kernel], committed)
+    print("tiles:", {kernel: getattr(train_gpt, setting) for kernel, setting in settings.items()})
 
     step_ms = {False: [], True: []}
     for window in range(1, 15):
