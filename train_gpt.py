@@ -1093,6 +1093,8 @@ def prepare_data(args: Hyperparameters) -> tuple[list[str], str, str]:
 def check_launch(argv: list[str], world_size: int):
     """What ./run.sh runs in one process before it starts torchrun: the command line, the configuration for
     world_size processes, the data (the smoke preset makes its own first) and the checkpoint to resume."""
+    if world_size < 1:
+        raise ConfigError(f"--check={world_size}: must be a positive integer (the number of processes)")
     args = parse_args(argv)
     check_config(args, world_size)
     *_, note = prepare_data(args)

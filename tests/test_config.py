@@ -1,7 +1,8 @@
 """Hyperparameters from the command line: --name=value sets any field with its type, --preset=smoke applies a
 preset that later arguments override, and unknown names, bad values and malformed arguments give clear errors
 (and a non-zero exit before anything starts). Every field but the switches has a rule, and a value that breaks it
-is one error naming the field, the value and the rule, such as a --tag that is not a plain name. Also the lr and momentum schedules."""
+is one error naming the field, the value and the rule; so is a --check count that is not positive, and a --tag
+that is not a plain name. Also the lr and momentum schedules."""
 import dataclasses
 import subprocess
 import sys
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from train_gpt import (FIELD_RULES, PRESETS, ConfigError, Hyperparameters, check_config, lr_factor, muon_momentum,
-                       parse_args)
+from train_gpt import (FIELD_RULES, PRESETS, ConfigError, Hyperparameters, _convert, check_config, check_launch,
+                       lr_factor, muon_momentum, parse_args)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -86,6 +87,17 @@ def test_a_value_that_breaks_its_rule_is_one_error(arg, error):
 def test_plain_tags_are_taken():
     for tag in ("smoke", "2025-01-16_run.v2", "A1"):
         assert parse_args([f"--tag={tag}"]).tag == tag
+
+
+@pytest.mark.parametrize("text, error", [
+    ("0", "--check=0: must be a positive integer (the number of processes)"),
+    ("-1", "--check=-1: must be a positive integer (the number of processes)"),
+    ("x", "--check takes int values, not 'x'"),
+])
+def test_check_takes_a_positive_process_count(text, error):
+    with pytest.raises(ConfigError) as raised:
+        check_launch([], _convert("check", text, int))  # as the __main__ block reads --check=text
+    assert str(raised.value) == error
 
 
 def test_inconsistent_configuration():
