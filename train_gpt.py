@@ -747,7 +747,7 @@ class Logger:
     def __init__(self, args: Hyperparameters, rank: int, run_id: str):
         self.path = None
         if rank == 0:
-            self.path = Path("records") / (args.tag or f"{date.today():%Y-%m-%d}_run") / f"{run_id}.txt"
+            self.path = log_folder(args) / f"{run_id}.txt"
             self.path.parent.mkdir(parents=True, exist_ok=True)
             print(f"log: {self.path}", flush=True)
 
@@ -1014,9 +1014,23 @@ def _alternatives(numbers: list[int]) -> str:
     return f"{', '.join(rest)} or {last}" if rest else last
 
 
+def log_folder(args: Hyperparameters) -> Path:
+    return Path("records") / (args.tag or f"{date.today():%Y-%m-%d}_run")
+
+
+def _unwritable(folder: Path) -> str:
+    """Why the folder can't be made or written to ('' when it can), from the nearest part of it that exists."""
+    existing = folder
+    while not (existing.exists() or existing.is_symlink()):
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    return "" if os.access(existing, os.W_OK | os.X_OK) else f"{existing} is not writable"
+
+
 def check_config(args: Hyperparameters, world_size: int):
-    """Catch the configurations that would otherwise fail minutes later, or compute something else: the fields
-    that must agree with each other and with the world size."""
+    """Catch the configurations that would otherwise fail later, or compute something else: the fields that must
+    agree with each other and the world size, and the folders the run writes to."""
     problems = []
     counts = process_counts(args)
     use = f": use {_alternatives(counts)} process{'es' * (counts != [1])}" if counts else ""
@@ -1029,6 +1043,12 @@ def check_config(args: Hyperparameters, world_size: int):
     if args.model_dim % (4 * args.num_heads):
         problems.append(f"model_dim={args.model_dim} must be a multiple of 4 x num_heads = {4 * args.num_heads}: "
                         f"the rotary embedding works on quarters of a head")
+    folders = {"the log": log_folder(args)}
+    if args.checkpoint_every:
+        folders["checkpoints"] = Path(args.checkpoint_dir)
+    for what, folder in folders.items():
+        if why := _unwritable(folder):
+            problems.append(f"can't write {what} into {folder}: {why}")
     if problems:
         raise ConfigError("; ".join(problems))
 

@@ -1,8 +1,8 @@
 """Hyperparameters from the command line: --name=value sets any field with its type, --preset=smoke applies a
 preset that later arguments override, and unknown names, bad values and malformed arguments give clear errors
 (and a non-zero exit before anything starts). Every field but the switches has a rule, and a value that breaks it
-is one error naming the field, the value and the rule; so is a --check count that is not positive, and a --tag
-that is not a plain name. Also the lr and momentum schedules."""
+is one error naming the field, the value and the rule; so is a --check count that is not positive, a --tag that
+is not a plain name, and a log or checkpoint folder that can't be written. Also the lr and momentum schedules."""
 import dataclasses
 import subprocess
 import sys
@@ -106,6 +106,22 @@ def test_inconsistent_configuration():
         check_config(Hyperparameters(), world_size=3)
     with pytest.raises(ConfigError, match="model_dim=36 must be a multiple of 4 x num_heads = 24"):
         check_config(parse_args(["--preset=smoke", "--model_dim=36", "--num_heads=6"]), world_size=1)
+
+
+def test_folders_that_cant_be_written(tmp_path, monkeypatch):
+    """A file in the way (chmod can't make a folder read-only to root, whom the tests may run as)."""
+    monkeypatch.chdir(tmp_path)
+    smoke = parse_args(["--preset=smoke"])
+    check_config(smoke, world_size=2)
+    assert not (tmp_path / "records").exists()  # checked, not made
+    (tmp_path / "records").write_text("")
+    with pytest.raises(ConfigError, match="^can't write the log into records/smoke: records is not a folder$"):
+        check_config(smoke, world_size=2)
+    (tmp_path / "records").unlink()
+    (tmp_path / "ckpt").write_text("")
+    check_config(parse_args(["--preset=smoke", "--checkpoint_dir=ckpt/run"]), world_size=2)  # checkpoints off
+    with pytest.raises(ConfigError, match="^can't write checkpoints into ckpt/run: ckpt is not a folder$"):
+        check_config(parse_args(["--preset=smoke", "--checkpoint_dir=ckpt/run", "--checkpoint_every=5"]), 2)
 
 
 def test_command_line_error_exits_before_training(tmp_path):
