@@ -2,7 +2,8 @@
 preset that later arguments override, and unknown names, bad values and malformed arguments give clear errors
 (and a non-zero exit before anything starts). Every field but the switches has a rule, and a value that breaks it
 is one error naming the field, the value and the rule; so is a --check count that is not positive, a --tag that
-is not a plain name, and a log or checkpoint folder that can't be written. Also the lr and momentum schedules."""
+is not a plain name, and a log or checkpoint folder that can't be written. Also the lr and momentum schedules and
+the line said before the warm-up."""
 import dataclasses
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from train_gpt import (FIELD_RULES, PRESETS, ConfigError, Hyperparameters, _convert, check_config, check_launch,
-                       lr_factor, muon_momentum, parse_args)
+                       lr_factor, muon_momentum, parse_args, warm_up_note)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -138,6 +139,14 @@ def test_schedules():
     assert lr_factor(1393, args) == pytest.approx(0.1) and lr_factor(1100, args) < 1.0
     assert muon_momentum(0, args) == 0.85 and muon_momentum(150, args) == pytest.approx(0.90)
     assert muon_momentum(300, args) == muon_momentum(1000, args) == 0.95
+
+
+def test_the_warm_up_says_what_it_does():
+    assert warm_up_note(Hyperparameters()).startswith("warming up: compiling the model and running 2 untimed steps "
+                                                      "(a cold compile takes about 1 minute")
+    assert warm_up_note(Hyperparameters(compile=False, warmup_steps=1)) == (
+        "warming up: running 1 untimed step, without compiling (--compile=0)")
+    assert "first timed steps compile" in warm_up_note(Hyperparameters(warmup_steps=0))
 
 
 def test_help_lists_the_hyperparameters(tmp_path):
