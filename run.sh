@@ -11,8 +11,16 @@ for arg in "$@"; do
     case $arg in -h | --help) exec python3 train_gpt.py --help ;; esac
 done
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # torchrun's value for several processes, set here to spare its notice
+if [[ -n ${NPROC:-} && ! $NPROC =~ ^[1-9][0-9]*$ ]]; then
+    echo "error: NPROC=$NPROC: must be a positive integer (the number of processes)" >&2
+    exit 2
+fi
 
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
+if [ "$gpus" != 0 ] && [ "${NPROC:-$gpus}" -gt "$gpus" ]; then
+    echo "error: NPROC=$NPROC: must be at most the number of CUDA GPUs here, $gpus" >&2
+    exit 2
+fi
 if [ "$gpus" = 0 ]; then
     set -- --preset=smoke "$@"
     NPROC=${NPROC:-2}

@@ -1,6 +1,8 @@
 """The launch path users take, on the CPU: ./run.sh and torchrun with bad input or --help.
 - A configuration or data error reaches the user once, as the first line of output and without a traceback from
   our code; ./run.sh exits with code 2 before torchrun starts; under a direct torchrun only rank 0 prints it.
+- ./run.sh refuses an NPROC that is not a positive integer before anything runs, and a records/ it can't write
+  into at its check, each with one line.
 - The process-count message names the counts that work for the run's batch_seqs, and brings no second error.
 - --help prints before torch is imported, and once, also through ./run.sh and torchrun.
 - The smoke preset makes data only in its own folder, and only there when the folder is missing or holds only
@@ -46,11 +48,20 @@ def write_shard(path: Path, tokens: int, count: int | None = None):
     (["--num_iteration=5"], {}, "error: unknown hyperparameter --num_iteration (did you mean --num_iterations?)"),
     ([], {"NPROC": "3"}, "error: batch_seqs=2 sequences can't be shared out evenly over 3 ranks: use 1 or 2 "
                          "processes"),
+    ([], {"NPROC": "0"}, "error: NPROC=0: must be a positive integer (the number of processes)"),
+    ([], {"NPROC": "abc"}, "error: NPROC=abc: must be a positive integer (the number of processes)"),
 ])
 def test_run_sh_errors_are_one_line_and_exit_2(checkout, args, env, error):
     code, lines = output_of(["./run.sh", *args], checkout, {**CPU_ENV, **env})
     assert (code, lines) == (2, [error])
     assert not (checkout / "records").exists()
+
+
+def test_run_sh_records_it_cant_write_into(checkout):
+    """A file named records (as root, which the tests may run as, chmod can't make a folder read-only)."""
+    (checkout / "records").write_text("")
+    code, lines = output_of(["./run.sh"], checkout)
+    assert (code, lines) == (2, ["error: can't write the log into records/smoke: records is not a folder"])
 
 
 def test_run_sh_bad_user_shard_with_the_smoke_preset(checkout):

@@ -1,6 +1,6 @@
 """End to end on the CPU with the smoke preset, under torchrun on gloo:
-- the run trains (the loss falls) and its log parses, also for tools/summarize.py; --profile_at writes a
-  profile that tools/profile_summary.py reads;
+- the run trains (the loss falls), says what its warm-up does before it, and its log parses, also for
+  tools/summarize.py; --profile_at writes a profile that tools/profile_summary.py reads;
 - on 1 and 2 ranks it prints the losses pinned in SMOKE_LOSSES, within CPU_ROUNDING;
 - 1 process accumulating 2 sequences ends with the same weights as 2 processes with 1 each;
 - 8 processes, the main command's count, print 1 process's losses (batch_seqs=8);
@@ -86,6 +86,7 @@ def test_smoke_run_trains(tmp_path):
     assert log.parent.name == "smoke" and log.read_text().startswith('"""GPT-2 small')  # opens with the code
     text = log.read_text()
     assert "PyTorch" in text and "num_iterations = 20" in text and "fp8_head: off" in text
+    assert "\nwarming up: running 1 untimed step, without compiling (--compile=0)\nwarmup_time:" in text
     losses = step_lines(log)
     assert_pinned(losses)
     assert [s for s, kind in losses if kind == "train_loss"] == list(range(1, 21))
