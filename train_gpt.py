@@ -792,8 +792,8 @@ def build_model(args: Hyperparameters, device: torch.device) -> nn.Module:
 
 
 def warm_up_note(args: Hyperparameters) -> str:
-    """Said before the warm-up, which prints nothing until it ends. The times are warmup_time in records/: 40-60 s
-    on one H200 with an empty compile cache, 85-130 s on 2 and 4 GPUs (10 warm-up steps), 20 s with a warm cache."""
+    """Said before the warm-up, which prints nothing until it ends; its times are those of the warmup_time lines of
+    the logs in records/."""
     steps = f"{args.warmup_steps} untimed step" + "s" * (args.warmup_steps != 1)
     if not args.compile:
         return f"warming up: running {steps}, without compiling (--compile=0)"
