@@ -163,7 +163,8 @@ def test_two_nodes_on_loopback_match_one_node(tmp_path, free_port, smoke_data):
 
 
 def test_nonfinite_loss_stops_the_run(tmp_path, smoke_data):
-    args = (*smoke_data, "--num_iterations=6", "--head_lr=inf", "--checkpoint_every=100")
+    args = (*smoke_data, "--num_iterations=6", "--head_lr=1e30", "--embed_lr=1e30",
+            "--checkpoint_every=100")
     result = torchrun(tmp_path, *args, check=False)
     assert result.returncode != 0
     match = re.search(r"step (\d+): the train loss is (nan|inf); stopping", result.stdout)
