@@ -26,8 +26,10 @@ import dataclasses
 import difflib
 import glob
 import hashlib
+import importlib.util
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -127,7 +129,15 @@ class Hyperparameters:
     preset: str = ""  # "smoke": a tiny configuration for a 2-core CPU that makes its own data (see PRESETS)
 
 
-SMOKE_DATA = Path("data/synthetic_smoke")  # the smoke preset's own data folder, under the working directory
+# The smoke preset's own data, under the working directory: made once by data/synthetic.py's generator (ids below
+# 1024, 1023 the end of text, seed 0) and never changed; the folder is named for its content, so other content is
+# another folder. Its first two train shards and its val shard are the 20-step run's; three larger ones feed longer
+# runs (about 370 steps of 8 x 1024 tokens).
+SMOKE_VOCAB, SMOKE_SEED = 1024, 0
+SMOKE_SHARDS = {"fineweb_train_000001.bin": 24_576, "fineweb_train_000002.bin": 24_576,  # name -> tokens
+                **{f"fineweb_train_00000{i}.bin": 1_000_000 for i in (3, 4, 5)}, "fineweb_val_000000.bin": 24_576}
+SMOKE_DATA = Path(f"data/synthetic_smoke_vocab{SMOKE_VOCAB}_eot{SMOKE_VOCAB - 1}_seed{SMOKE_SEED}_"
+                  f"{sum(SMOKE_SHARDS.values())}tokens")
 PRESETS = {
     "smoke": dict(
         train_files=f"{SMOKE_DATA}/fineweb_train_*.bin", val_files=f"{SMOKE_DATA}/fineweb_val_*.bin",
@@ -999,8 +1009,9 @@ def _checked_header(path: str, hint: str) -> int:
         raise DataError(f"{e}; delete it and get it again: {hint}") from None
 
 
-def check_data(args: Hyperparameters) -> tuple[list[str], str]:
-    """Check, before anything is compiled, that the shards exist, are whole and hold enough tokens."""
+def check_data(args: Hyperparameters, fixed: str = "") -> tuple[list[str], str]:
+    """Check, before anything is compiled, that the shards exist, are whole and hold enough tokens. `fixed`, for
+    data that can't grow (the smoke preset's), says what to do instead of getting more."""
     batch_tokens = args.batch_seqs * args.seq_len
     shards_needed = math.ceil(args.num_iterations / batches_in_shard(100_000_000, batch_tokens))
     hint = DOWNLOAD_HINT.format(n=shards_needed)
@@ -1015,35 +1026,27 @@ def check_data(args: Hyperparameters) -> tuple[list[str], str]:
         steps += batches_in_shard(_checked_header(file, hint), batch_tokens)
     if steps < args.num_iterations:
         raise DataError(f"the {len(train_files)} shards matching {args.train_files} feed {steps} steps of "
-                        f"{batch_tokens:,} tokens, and num_iterations={args.num_iterations}: get more: {hint}")
+                        f"{batch_tokens:,} tokens, and num_iterations={args.num_iterations}: "
+                        f"{fixed or f'get more: {hint}'}")
     val_files = sorted(glob.glob(args.val_files))
     if not val_files:
         raise DataError(f"no val shard matches {args.val_files} in {Path.cwd()}; get the data: {hint}")
     if _checked_header(val_files[0], hint) < args.val_tokens + 1:
         raise DataError(f"{val_files[0]} holds fewer than val_tokens + 1 = {args.val_tokens + 1:,} tokens; "
-                        f"get the full val shard ({hint}) or lower --val_tokens")
+                        f"{fixed or f'get the full val shard ({hint}) or lower --val_tokens'}")
     return train_files, val_files[0]
 
 
 def prepare_data(args: Hyperparameters) -> tuple[list[str], str, str]:
     """Every rank checks the shards, before anything is compiled. The smoke preset, reading its own folder, first
-    makes its data there (one process a node) when that folder is missing, or holds only what the preset made
-    there and no longer fits the run; it never writes over files it did not make. Returns the train files, the
-    val file and a line for the log about the smoke data."""
-    note = ""
-    if args.preset == "smoke" and {Path(args.train_files).parent, Path(args.val_files).parent} == {SMOKE_DATA}:
-        note = f"smoke data: the preset's own, in {SMOKE_DATA}"
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-            try:
-                check_data(args)
-            except DataError:
-                if SMOKE_DATA.exists() and not made_by_smoke_preset(SMOKE_DATA):
-                    raise  # not the preset's files: the same error as without it
-                make_smoke_data(args)
-                note = f"smoke data: made by data/synthetic.py into {SMOKE_DATA}"
+    makes it there (one process a node) if it is missing (ready_smoke_data). Returns the train files, the val file
+    and a line for the log about the smoke data."""
+    smoke, note = reads_smoke_data(args), ""
+    if smoke and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        note = ready_smoke_data(args)
     if dist.is_initialized():
         dist.barrier()
-    return *check_data(args), note
+    return *check_data(args, fixed=SMOKE_FIXED if smoke else ""), note
 
 
 def check_launch(argv: list[str], world_size: int):
@@ -1058,34 +1061,73 @@ def check_launch(argv: list[str], world_size: int):
         print(note)
 
 
-SMOKE_MADE = "made_by_smoke_preset.txt"  # in the smoke data folder: "sha256  name" of each file the preset made
+SMOKE_MADE = "made_by_smoke_preset.txt"  # in the smoke data folder: "sha256  name" of each shard (sha256sum -c)
+SMOKE_FIXED = ("the smoke preset's data is fixed: lower --num_iterations, --batch_seqs or --val_tokens, or train on "
+               "other shards (--train_files, --val_files)")
 
 
-def make_smoke_data(args: Hyperparameters):
-    """The smoke preset's synthetic shards, sized for the run, into the folder of args.train_files: two train
-    shards, so that a run crosses a shard boundary; token ids below vocab_size, the last of them the end of text.
-    A list of what was made goes beside them."""
-    folder = Path(args.train_files).parent
-    tokens = (args.num_iterations // 2 + 2) * args.batch_seqs * args.seq_len
-    eot = str(args.vocab_size - 1)
-    val_tokens = str(max(tokens, args.val_tokens + 1))
-    subprocess.run([sys.executable, str(REPO / "data/synthetic.py"), "--out", str(folder), "--train_shards", "2",
-                    "--tokens", str(tokens), "--val_tokens", val_tokens, "--vocab", eot, "--eot", eot, "--seed", "0"],
-                   check=True)
-    made = sorted(f for f in folder.iterdir() if f.name != SMOKE_MADE)
-    (folder / SMOKE_MADE).write_text("".join(f"{_sha256(f)}  {f.name}\n" for f in made))
+def reads_smoke_data(args: Hyperparameters) -> bool:
+    return args.preset == "smoke" and {Path(args.train_files).parent, Path(args.val_files).parent} == {SMOKE_DATA}
+
+
+def ready_smoke_data(args: Hyperparameters) -> str:
+    """The smoke preset's folder, SMOKE_DATA: made when missing, refused when not as made; never written over.
+    Returns a line for the log."""
+    if args.vocab_size != SMOKE_VOCAB:
+        raise DataError(f"the smoke preset's data in {SMOKE_DATA} is for vocab_size={SMOKE_VOCAB}, not "
+                        f"{args.vocab_size}: drop --vocab_size, or train on other shards (--train_files, --val_files)")
+    if not SMOKE_DATA.exists():
+        make_smoke_data(SMOKE_DATA)
+        return f"smoke data: made by data/synthetic.py into {SMOKE_DATA}"
+    altered = altered_smoke_file(SMOKE_DATA)
+    if altered:
+        raise DataError(f"{SMOKE_DATA} is not as the smoke preset made it ({altered}); delete it, and the next run "
+                        f"makes it anew: rm -r {SMOKE_DATA}")
+    return f"smoke data: the preset's own, in {SMOKE_DATA}"
+
+
+def make_smoke_data(folder: Path):
+    """SMOKE_SHARDS, each one piece of data/synthetic.py's generator, and the list of what was made, into a
+    temporary folder renamed to `folder` when complete: an interrupted make leaves nothing under that name. Where
+    another process made the folder first, theirs is kept."""
+    spec = importlib.util.spec_from_file_location("synthetic", REPO / "data/synthetic.py")
+    synthetic = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(synthetic)
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    tmp.mkdir(parents=True)
+    try:
+        for name, count in SMOKE_SHARDS.items():
+            header = np.zeros(HEADER_INTS, dtype="<i4")
+            header[:3] = SHARD_MAGIC, SHARD_VERSION, count
+            tokens = synthetic.chunk_tokens(SMOKE_SEED, name, 0, count, SMOKE_VOCAB - 1, SMOKE_VOCAB - 1)
+            (tmp / name).write_bytes(header.tobytes() + tokens.tobytes())
+        (tmp / SMOKE_MADE).write_text("".join(f"{_sha256(tmp / name)}  {name}\n" for name in SMOKE_SHARDS))
+        try:
+            tmp.rename(folder)
+        except OSError:
+            if not folder.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def made_by_smoke_preset(folder: Path) -> bool:
-    """Whether every file in the folder is one the smoke preset made there, unchanged since."""
+def altered_smoke_file(folder: Path) -> str:
+    """The first file of the smoke folder that is not as the preset made it, and how; "" when all are."""
     if not (folder / SMOKE_MADE).is_file():
-        return False
-    made = {name: sha for sha, name in (line.split("  ", 1) for line in (folder / SMOKE_MADE).read_text().splitlines())}
-    return all(f.name == SMOKE_MADE or made.get(f.name) == _sha256(f) for f in folder.iterdir())
+        return f"{SMOKE_MADE} is missing"
+    lines = (folder / SMOKE_MADE).read_text(errors="replace").splitlines()
+    made = {name: sha for sha, _, name in (line.partition("  ") for line in lines)}
+    for name in SMOKE_SHARDS:
+        if not (folder / name).is_file():
+            return f"{name} is missing"
+        if made.get(name) != _sha256(folder / name):
+            return f"{name} has changed"
+    extra = sorted(f.name for f in folder.iterdir() if f.name not in {*SMOKE_SHARDS, SMOKE_MADE})
+    return f"{extra[0]} was not made by it" if extra else ""
 
 
 # Fields that only say how a run is carried out: a checkpoint may be resumed with other values for them.

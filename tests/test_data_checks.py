@@ -1,8 +1,10 @@
 """The data checks that run before anything is compiled: every bad input (missing folder, no matching files,
 bad magic, bad version, a truncated body, a header promising more tokens than the file has, too few tokens for
-the run, a short val file) stops the run with its own message naming the file and the fix; and the loader's
-batches (rank slices, shard switches with background reads) are the record's, with targets in a tensor of their
-own, as the warm-up's dummy batches have them."""
+the run, a short val file) stops the run with its own message naming the file and the fix; the smoke preset's
+folder is made once and refused, not rewritten, once altered; and the loader's batches (rank slices, shard
+switches with background reads) are the record's, with targets in a tensor of their own, as the warm-up's dummy
+batches have them."""
+import hashlib
 import re
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import train_gpt
 from train_gpt import (HEADER_INTS, SHARD_MAGIC, DataError, Hyperparameters, TrainLoader, batch_to_device,
                        batches_in_shard, check_data, read_shard_header, val_batches)
 
@@ -105,6 +108,38 @@ def test_bad_data_stops_before_training(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "error:" in result.stderr and "fineweb_train_000002.bin: magic number 1" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "records").exists()
+
+
+def test_the_smoke_folder_is_made_once_and_refused_once_altered(tmp_path, monkeypatch):
+    """Made complete or not at all, never written over: an altered folder is refused with a line that says to
+    delete it. The first two train shards and the val shard are those the 20-step smoke run has always had."""
+    monkeypatch.chdir(tmp_path)
+    args = train_gpt.parse_args(["--preset=smoke"])
+    assert train_gpt.ready_smoke_data(args).startswith("smoke data: made")
+    folder = tmp_path / train_gpt.SMOKE_DATA
+    made = {f.name: f.read_bytes() for f in folder.iterdir()}
+    assert sorted(made) == sorted([*train_gpt.SMOKE_SHARDS, train_gpt.SMOKE_MADE])
+    assert [f.name for f in tmp_path.joinpath("data").iterdir()] == [folder.name]  # no temporary folder left
+    kept = ["fineweb_train_000001.bin", "fineweb_train_000002.bin", "fineweb_val_000000.bin"]  # SMOKE_LOSSES' data
+    assert [hashlib.sha256(made[name]).hexdigest()[:12] for name in kept] == ["e0a86463f746", "e4a40b35335c",
+                                                                              "cc6bf1cf2ac2"]
+    assert train_gpt.ready_smoke_data(args) == f"smoke data: the preset's own, in {train_gpt.SMOKE_DATA}"
+    train, val = check_data(args)
+    assert [Path(path).name for path in [*train, val]] == list(train_gpt.SMOKE_SHARDS)
+
+    changed = made["fineweb_train_000003.bin"][:-2] + b"\x01\x00"  # one valid token id changed
+    for name, content, problem in [("fineweb_train_000003.bin", changed, "has changed"),
+                                   ("fineweb_train_000004.bin", None, "is missing"),
+                                   ("fineweb_train_000009.bin", made["fineweb_train_000003.bin"], "was not made by it"),
+                                   (train_gpt.SMOKE_MADE, None, "is missing")]:
+        (folder / name).unlink() if content is None else (folder / name).write_bytes(content)
+        files = {f.name: f.read_bytes() for f in folder.iterdir()}
+        with pytest.raises(DataError) as error:
+            train_gpt.ready_smoke_data(args)
+        assert str(error.value) == (f"{train_gpt.SMOKE_DATA} is not as the smoke preset made it ({name} {problem}); "
+                                    f"delete it, and the next run makes it anew: rm -r {train_gpt.SMOKE_DATA}")
+        assert {f.name: f.read_bytes() for f in folder.iterdir()} == files  # refused, not rewritten
+        (folder / name).write_bytes(made[name]) if name in made else (folder / name).unlink()
 
 
 def test_batches_in_shard_matches_the_record():

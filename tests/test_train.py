@@ -41,11 +41,10 @@ SMOKE_LOSSES = {(0, "val_loss"): 6.9315, (10, "val_loss"): 4.6977, (20, "val_los
 
 @pytest.fixture(scope="session")
 def smoke_data(tmp_path_factory) -> tuple[str, str]:
-    """--train_files and --val_files of shards made once, as the smoke preset makes them for its 20 steps."""
-    folder = tmp_path_factory.mktemp("smoke_data")
-    files = (f"--train_files={folder}/fineweb_train_*.bin", f"--val_files={folder}/fineweb_val_*.bin")
-    train_gpt.make_smoke_data(train_gpt.parse_args(["--preset=smoke", *files]))
-    return files
+    """--train_files and --val_files of the smoke preset's shards, made once."""
+    folder = tmp_path_factory.mktemp("smoke_data") / "shards"
+    train_gpt.make_smoke_data(folder)
+    return f"--train_files={folder}/fineweb_train_*.bin", f"--val_files={folder}/fineweb_val_*.bin"
 
 
 def torchrun(cwd: Path, *args: str, nproc: int = 2, launcher: tuple = ("--standalone",), check: bool = True,
