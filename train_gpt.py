@@ -637,11 +637,13 @@ def batch_to_device(tokens: Tensor, device: torch.device) -> tuple[Tensor, Tenso
 class TrainLoader:
     """Feeds each step's tokens to this rank. A step takes the next batch_tokens (+1 for the targets) of the
     current shard; rank r gets the r-th of world_size contiguous slices. The next shard is read in a
-    background thread while the current one is used, so a shard change does not stall a step."""
+    background thread while the current one is used, so a shard change does not stall a step. `fingerprint` is
+    the data's (check_data's), which checkpoints record beside the loader's place in it."""
 
     def __init__(self, files: list[str], batch_tokens: int, rank: int, world_size: int, device: torch.device,
-                 shard: int = 0, pos: int = 0):
+                 shard: int = 0, pos: int = 0, fingerprint: list[tuple] | None = None):
         self.files, self.batch_tokens, self.device = files, batch_tokens, device
+        self.fingerprint = fingerprint
         self.local_tokens = batch_tokens // world_size
         self.offset = rank * self.local_tokens
         self.pin = device.type == "cuda"
@@ -899,6 +901,7 @@ def main(argv: list[str]):
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume, args)
+        check_resumed_data(ckpt, fingerprint)
         kept = {name: ckpt["args"][name] for name in RESUMED_FIELDS if name not in given_names(argv)}
         args = dataclasses.replace(args, **kept)
     run_id = uuid.uuid4().hex[:12]
@@ -927,7 +930,8 @@ def main(argv: list[str]):
     steps = f"{args.warmup_steps} untimed step" + "s" * (args.warmup_steps != 1)
     log(f"warmup_time:{time.perf_counter() - t0:.1f}s ({'compile and ' * args.compile}{steps})")
 
-    loader = TrainLoader(train_files, args.batch_seqs * args.seq_len, rank, world_size, device, **loader_state)
+    loader = TrainLoader(train_files, args.batch_seqs * args.seq_len, rank, world_size, device, **loader_state,
+                         fingerprint=fingerprint)
     val_tokens = load_shard(val_file, pin=device.type == "cuda", max_tokens=args.val_tokens + 1)
     train(model, raw_model, adam, muon, loader, val_tokens, args, rank, world_size, device, log,
           Path(args.checkpoint_dir) / run_id, start_step, train_time_ms)
@@ -1099,9 +1103,10 @@ def check_launch(argv: list[str], world_size: int):
     world_size processes, the data (the smoke preset makes its own first) and the checkpoint to resume."""
     args = parse_args(argv)
     check_config(args, world_size)
-    *_, note = prepare_data(args)
+    *_, fingerprint, note = prepare_data(args)
     if args.resume:
-        load_checkpoint(args.resume, args)
+        ckpt = load_checkpoint(args.resume, args)
+        check_resumed_data(ckpt, fingerprint)
     if note.startswith("smoke data: made"):
         print(note)
 
@@ -1205,6 +1210,7 @@ def save_checkpoint(path: Path, args: Hyperparameters, step: int, train_time_ms:
                      model=model.state_dict(), adam=adam.state_dict(), muon=muon.state_dict(),
                      loader=loader.state(), rng=torch.get_rng_state(),
                      cuda_rng=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+        state["data_fingerprint"] = loader.fingerprint  # the shards it trained on, which --resume compares
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         torch.save(state, tmp)
@@ -1280,6 +1286,16 @@ def data_difference(before: list[tuple], now: list[tuple]) -> str:
             return f"{path}: other content (same size, another sha256)"
     extra = [path for path, _, _ in now if path not in {path for path, _, _ in before}]
     return f"{extra[0]}: a shard more" if extra else ""
+
+
+def check_resumed_data(ckpt: dict, fingerprint: list[tuple]):
+    """Refuse to resume a checkpoint on other data than it trained on."""
+    if "data_fingerprint" not in ckpt:
+        raise DataError(f"--resume={ckpt['path']} records no fingerprint of its data (an older train_gpt.py made it), "
+                        f"so the data it would resume on can't be checked")
+    difference = data_difference(ckpt["data_fingerprint"], fingerprint)
+    if difference:
+        raise DataError(f"--resume={ckpt['path']} trained on other data: {difference}; resume it on its own data")
 
 
 PROFILED_STEPS = 3

@@ -1,9 +1,10 @@
 """The data checks that run before anything is compiled: every bad input (missing folder, no matching files,
 bad magic, bad version, a truncated body, a header promising more tokens than the file has, too few tokens for
 the run, a short val file, a token id outside the vocabulary) stops the run with its own message naming the file
-and the fix; the data's fingerprint changes with any byte of a shard; the smoke preset's folder is made once and
-refused, not rewritten, once altered; and the loader's batches (rank slices, shard switches with background
-reads) are the record's, with targets in a tensor of their own, as the warm-up's dummy batches have them."""
+and the fix; the data's fingerprint changes with any byte of a shard, and a checkpoint is refused on data other
+than its own, naming the shard; the smoke preset's folder is made once and refused, not rewritten, once altered;
+and the loader's batches (rank slices, shard switches with background reads) are the record's, with targets in a
+tensor of their own, as the warm-up's dummy batches have them."""
 import dataclasses
 import hashlib
 import re
@@ -17,7 +18,8 @@ import torch
 
 import train_gpt
 from train_gpt import (HEADER_INTS, SHARD_MAGIC, DataError, Hyperparameters, TrainLoader, batch_to_device,
-                       batches_in_shard, check_data, data_difference, read_shard_header, val_batches)
+                       batches_in_shard, check_data, check_resumed_data, data_difference, read_shard_header,
+                       val_batches)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -146,6 +148,22 @@ def test_the_fingerprint_changes_with_any_byte_of_a_shard(tmp_path):
     *_, fewer = check_data(dataclasses.replace(args, num_iterations=2))
     assert data_difference(before, fewer) == f"{second}: missing"
     assert data_difference(fewer, before) == f"{second}: a shard more"
+
+
+def test_resume_is_refused_on_other_data(tmp_path):
+    """cp shard 1 over shard 2: a valid shard of the same size, and refused, naming shard 2."""
+    good_data(tmp_path)
+    *_, fingerprint = check_data(small_args(tmp_path))
+    ckpt = dict(path="step_000004.pt", data_fingerprint=fingerprint)
+    check_resumed_data(ckpt, fingerprint)
+    first, second = tmp_path / "fineweb_train_000001.bin", tmp_path / "fineweb_train_000002.bin"
+    second.write_bytes(first.read_bytes())
+    with pytest.raises(DataError) as error:
+        check_resumed_data(ckpt, check_data(small_args(tmp_path))[2])
+    assert str(error.value) == (f"--resume=step_000004.pt trained on other data: {second}: other content (same size, "
+                                f"another sha256); resume it on its own data")
+    with pytest.raises(DataError, match="records no fingerprint of its data"):
+        check_resumed_data(dict(path="old.pt"), fingerprint)
 
 
 def test_the_smoke_folder_is_made_once_and_refused_once_altered(tmp_path, monkeypatch):
