@@ -1064,7 +1064,7 @@ def check_data(args: Hyperparameters, fixed: str = "") -> tuple[list[str], str, 
         scans = list(pool.map(scan_shard, files))
     for file, (_, largest, _) in zip(files, scans):
         if largest >= args.vocab_size:
-            raise DataError(f"{file}: token id {largest}, and vocab_size={args.vocab_size}: a shard of another "
+            raise DataError(f"{file}: token ids up to {largest}, and vocab_size={args.vocab_size}: a shard of another "
                             f"tokenizer, or the wrong --vocab_size")
     return train_files, val_files[0], [(file, size, digest) for file, (size, _, digest) in zip(files, scans)]
 

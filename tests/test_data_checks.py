@@ -127,7 +127,7 @@ def test_token_ids_outside_the_vocabulary_are_refused(tmp_path, name):
     check_data(small_args(tmp_path, vocab_size=1031))
     with pytest.raises(DataError) as error:
         check_data(small_args(tmp_path, vocab_size=1030))
-    assert str(error.value) == (f"{tmp_path / name}: token id 1030, and vocab_size=1030: a shard of another "
+    assert str(error.value) == (f"{tmp_path / name}: token ids up to 1030, and vocab_size=1030: a shard of another "
                                 f"tokenizer, or the wrong --vocab_size")
 
 
