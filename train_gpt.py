@@ -26,8 +26,10 @@ import dataclasses
 import difflib
 import glob
 import hashlib
+import importlib.util
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -127,7 +129,15 @@ class Hyperparameters:
     preset: str = ""  # "smoke": a tiny configuration for a 2-core CPU that makes its own data (see PRESETS)
 
 
-SMOKE_DATA = Path("data/synthetic_smoke")  # the smoke preset's own data folder, under the working directory
+# The smoke preset's own data, under the working directory: made once by data/synthetic.py's generator (ids below
+# 1024, 1023 the end of text, seed 0) and never changed; the folder is named for its content, so other content is
+# another folder. Its first two train shards and its val shard are the 20-step run's; three larger ones feed longer
+# runs (about 370 steps of 8 x 1024 tokens).
+SMOKE_VOCAB, SMOKE_SEED = 1024, 0
+SMOKE_SHARDS = {"fineweb_train_000001.bin": 24_576, "fineweb_train_000002.bin": 24_576,  # name -> tokens
+                **{f"fineweb_train_00000{i}.bin": 1_000_000 for i in (3, 4, 5)}, "fineweb_val_000000.bin": 24_576}
+SMOKE_DATA = Path(f"data/synthetic_smoke_vocab{SMOKE_VOCAB}_eot{SMOKE_VOCAB - 1}_seed{SMOKE_SEED}_"
+                  f"{sum(SMOKE_SHARDS.values())}tokens")
 PRESETS = {
     "smoke": dict(
         train_files=f"{SMOKE_DATA}/fineweb_train_*.bin", val_files=f"{SMOKE_DATA}/fineweb_val_*.bin",
@@ -591,6 +601,25 @@ def load_shard(path, pin: bool, max_tokens: int | None = None) -> Tensor:
     return tokens
 
 
+SCAN_BYTES = 1 << 20  # scan_shard reads a shard in pieces of this size (which stay in the cache)
+
+
+def scan_shard(path) -> tuple[int, int, str]:
+    """(size in bytes, largest token id, sha256 of the file) of a shard whose header checked out, in one pass over
+    its bytes. hashlib and numpy release the GIL, so threads scan shards in parallel (~1.5 GB/s each)."""
+    size, largest, digest = 0, 0, hashlib.sha256()
+    buffer = memoryview(bytearray(SCAN_BYTES))
+    with open(path, "rb", buffering=0) as f:
+        header = f.read(HEADER_INTS * 4)
+        size += len(header)
+        digest.update(header)
+        while n := f.readinto(buffer):
+            size += n
+            digest.update(buffer[:n])
+            largest = max(largest, int(np.frombuffer(buffer[:n], dtype="<u2").max()))
+    return size, largest, digest.hexdigest()
+
+
 def batches_in_shard(num_tokens: int, batch_tokens: int) -> int:
     """Steps a shard feeds: a batch needs batch_tokens + 1 tokens, and the tail of a shard is dropped."""
     return max(0, (num_tokens - batch_tokens - 2) // batch_tokens + 1)
@@ -608,11 +637,13 @@ def batch_to_device(tokens: Tensor, device: torch.device) -> tuple[Tensor, Tenso
 class TrainLoader:
     """Feeds each step's tokens to this rank. A step takes the next batch_tokens (+1 for the targets) of the
     current shard; rank r gets the r-th of world_size contiguous slices. The next shard is read in a
-    background thread while the current one is used, so a shard change does not stall a step."""
+    background thread while the current one is used, so a shard change does not stall a step. `fingerprint` is
+    the data's (check_data's), which checkpoints record beside the loader's place in it."""
 
     def __init__(self, files: list[str], batch_tokens: int, rank: int, world_size: int, device: torch.device,
-                 shard: int = 0, pos: int = 0):
+                 shard: int = 0, pos: int = 0, fingerprint: list[tuple] | None = None):
         self.files, self.batch_tokens, self.device = files, batch_tokens, device
+        self.fingerprint = fingerprint
         self.local_tokens = batch_tokens // world_size
         self.offset = rank * self.local_tokens
         self.pin = device.type == "cuda"
@@ -878,10 +909,11 @@ def main(argv: list[str]):
     args = parse_args(argv)
     rank, world_size, device = setup_distributed()
     check_config(args, world_size)
-    train_files, val_file, smoke_note = prepare_data(args)
+    train_files, val_file, fingerprint, smoke_note = prepare_data(args)
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume, args)
+        check_resumed_data(ckpt, fingerprint)
         kept = {name: ckpt["args"][name] for name in RESUMED_FIELDS if name not in given_names(argv)}
         args = dataclasses.replace(args, **kept)
     run_id = uuid.uuid4().hex[:12]
@@ -911,7 +943,8 @@ def main(argv: list[str]):
     steps = f"{args.warmup_steps} untimed step" + "s" * (args.warmup_steps != 1)
     log(f"warmup_time:{time.perf_counter() - t0:.1f}s ({'compile and ' * args.compile}{steps})")
 
-    loader = TrainLoader(train_files, args.batch_seqs * args.seq_len, rank, world_size, device, **loader_state)
+    loader = TrainLoader(train_files, args.batch_seqs * args.seq_len, rank, world_size, device, **loader_state,
+                         fingerprint=fingerprint)
     val_tokens = load_shard(val_file, pin=device.type == "cuda", max_tokens=args.val_tokens + 1)
     train(model, raw_model, adam, muon, loader, val_tokens, args, rank, world_size, device, log,
           Path(args.checkpoint_dir) / run_id, start_step, train_time_ms)
@@ -1076,8 +1109,11 @@ def _checked_header(path: str, hint: str) -> int:
         raise DataError(f"{e}; delete it and get it again: {hint}") from None
 
 
-def check_data(args: Hyperparameters) -> tuple[list[str], str]:
-    """Check, before anything is compiled, that the shards exist, are whole and hold enough tokens."""
+def check_data(args: Hyperparameters, fixed: str = "") -> tuple[list[str], str, list[tuple]]:
+    """Check, before anything is compiled, that the shards exist, are whole, hold enough tokens and no token id
+    outside the vocabulary. Returns the train files, the val file and the data's fingerprint: (path, size, sha256)
+    of each of them, which checkpoints record and --resume compares. `fixed`, for data that can't grow (the smoke
+    preset's), says what to do instead of getting more."""
     batch_tokens = args.batch_seqs * args.seq_len
     shards_needed = math.ceil(args.num_iterations / batches_in_shard(100_000_000, batch_tokens))
     hint = DOWNLOAD_HINT.format(n=shards_needed)
@@ -1092,35 +1128,51 @@ def check_data(args: Hyperparameters) -> tuple[list[str], str]:
         steps += batches_in_shard(_checked_header(file, hint), batch_tokens)
     if steps < args.num_iterations:
         raise DataError(f"the {len(train_files)} shards matching {args.train_files} feed {steps} steps of "
-                        f"{batch_tokens:,} tokens, and num_iterations={args.num_iterations}: get more: {hint}")
+                        f"{batch_tokens:,} tokens, and num_iterations={args.num_iterations}: "
+                        f"{fixed or f'get more: {hint}'}")
     val_files = sorted(glob.glob(args.val_files))
     if not val_files:
         raise DataError(f"no val shard matches {args.val_files} in {Path.cwd()}; get the data: {hint}")
     if _checked_header(val_files[0], hint) < args.val_tokens + 1:
         raise DataError(f"{val_files[0]} holds fewer than val_tokens + 1 = {args.val_tokens + 1:,} tokens; "
-                        f"get the full val shard ({hint}) or lower --val_tokens")
-    return train_files, val_files[0]
+                        f"{fixed or f'get the full val shard ({hint}) or lower --val_tokens'}")
+    files = [*train_files, val_files[0]]
+    with ThreadPoolExecutor(min(len(files), len(os.sched_getaffinity(0)))) as pool:
+        scans = list(pool.map(scan_shard, files))
+    for file, (_, largest, _) in zip(files, scans):
+        if largest >= args.vocab_size:
+            raise DataError(f"{file}: token ids up to {largest}, and vocab_size={args.vocab_size}: a shard of another "
+                            f"tokenizer, or the wrong --vocab_size")
+    return train_files, val_files[0], [(file, size, digest) for file, (size, _, digest) in zip(files, scans)]
 
 
-def prepare_data(args: Hyperparameters) -> tuple[list[str], str, str]:
-    """Every rank checks the shards, before anything is compiled. The smoke preset, reading its own folder, first
-    makes its data there (one process a node) when that folder is missing, or holds only what the preset made
-    there and no longer fits the run; it never writes over files it did not make. Returns the train files, the
-    val file and a line for the log about the smoke data."""
-    note = ""
-    if args.preset == "smoke" and {Path(args.train_files).parent, Path(args.val_files).parent} == {SMOKE_DATA}:
-        note = f"smoke data: the preset's own, in {SMOKE_DATA}"
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-            try:
-                check_data(args)
-            except DataError:
-                if SMOKE_DATA.exists() and not made_by_smoke_preset(SMOKE_DATA):
-                    raise  # not the preset's files: the same error as without it
-                make_smoke_data(args)
-                note = f"smoke data: made by data/synthetic.py into {SMOKE_DATA}"
+def prepare_data(args: Hyperparameters) -> tuple[list[str], str, list[tuple], str]:
+    """Check the data before anything is compiled, once a node: its LOCAL_RANK 0 reads the shards while the others
+    wait, and every rank refuses when any node does, or when the nodes' data differ. The smoke preset, reading its
+    own folder, first makes it there if it is missing (ready_smoke_data). Returns the train files, the val file,
+    the data's fingerprint and a line for the log about the smoke data."""
+    error, found, note = "", None, ""
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        try:
+            smoke = reads_smoke_data(args)
+            note = ready_smoke_data(args) if smoke else ""
+            found = check_data(args, fixed=SMOKE_FIXED if smoke else "")
+        except DataError as e:
+            error = str(e)
     if dist.is_initialized():
-        dist.barrier()
-    return *check_data(args), note
+        # every node's outcome to every rank: this collective is also where a node's other ranks wait
+        outcomes = [None] * dist.get_world_size()
+        dist.all_gather_object(outcomes, (error, found, note))
+        errors = [e for e, _, _ in outcomes if e]
+        if not errors:  # each node read its own copy of the data: they must be the same
+            nodes = {r: theirs[2] for r, (_, theirs, _) in enumerate(outcomes) if theirs}
+            errors = [f"the data of rank {r}'s node differs from rank 0's: {data_difference(nodes[0], fingerprint)}"
+                      for r, fingerprint in nodes.items() if fingerprint != nodes[0]]
+        error = errors[0] if errors else ""
+        _, found, note = outcomes[dist.get_rank() - int(os.environ["LOCAL_RANK"])]  # from this node's first rank
+    if error:
+        raise DataError(error)
+    return *found, note
 
 
 def check_launch(argv: list[str], world_size: int):
@@ -1130,41 +1182,81 @@ def check_launch(argv: list[str], world_size: int):
         raise ConfigError(f"--check={world_size}: must be a positive integer (the number of processes)")
     args = parse_args(argv)
     check_config(args, world_size)
-    *_, note = prepare_data(args)
+    *_, fingerprint, note = prepare_data(args)
     if args.resume:
-        load_checkpoint(args.resume, args)
+        ckpt = load_checkpoint(args.resume, args)
+        check_resumed_data(ckpt, fingerprint)
     if note.startswith("smoke data: made"):
         print(note)
 
 
-SMOKE_MADE = "made_by_smoke_preset.txt"  # in the smoke data folder: "sha256  name" of each file the preset made
+SMOKE_MADE = "made_by_smoke_preset.txt"  # in the smoke data folder: "sha256  name" of each shard (sha256sum -c)
+SMOKE_FIXED = ("the smoke preset's data is fixed: lower --num_iterations, --batch_seqs or --val_tokens, or train on "
+               "other shards (--train_files, --val_files)")
 
 
-def make_smoke_data(args: Hyperparameters):
-    """The smoke preset's synthetic shards, sized for the run, into the folder of args.train_files: two train
-    shards, so that a run crosses a shard boundary; token ids below vocab_size, the last of them the end of text.
-    A list of what was made goes beside them."""
-    folder = Path(args.train_files).parent
-    tokens = (args.num_iterations // 2 + 2) * args.batch_seqs * args.seq_len
-    eot = str(args.vocab_size - 1)
-    val_tokens = str(max(tokens, args.val_tokens + 1))
-    subprocess.run([sys.executable, str(REPO / "data/synthetic.py"), "--out", str(folder), "--train_shards", "2",
-                    "--tokens", str(tokens), "--val_tokens", val_tokens, "--vocab", eot, "--eot", eot, "--seed", "0"],
-                   check=True)
-    made = sorted(f for f in folder.iterdir() if f.name != SMOKE_MADE)
-    (folder / SMOKE_MADE).write_text("".join(f"{_sha256(f)}  {f.name}\n" for f in made))
+def reads_smoke_data(args: Hyperparameters) -> bool:
+    return args.preset == "smoke" and {Path(args.train_files).parent, Path(args.val_files).parent} == {SMOKE_DATA}
+
+
+def ready_smoke_data(args: Hyperparameters) -> str:
+    """The smoke preset's folder, SMOKE_DATA: made when missing, refused when not as made; never written over.
+    Returns a line for the log."""
+    if args.vocab_size != SMOKE_VOCAB:
+        raise DataError(f"the smoke preset's data in {SMOKE_DATA} is for vocab_size={SMOKE_VOCAB}, not "
+                        f"{args.vocab_size}: drop --vocab_size, or train on other shards (--train_files, --val_files)")
+    if not SMOKE_DATA.exists():
+        make_smoke_data(SMOKE_DATA)
+        return f"smoke data: made by data/synthetic.py into {SMOKE_DATA}"
+    altered = altered_smoke_file(SMOKE_DATA)
+    if altered:
+        raise DataError(f"{SMOKE_DATA} is not as the smoke preset made it ({altered}); delete it, and the next run "
+                        f"makes it anew: rm -r {SMOKE_DATA}")
+    return f"smoke data: the preset's own, in {SMOKE_DATA}"
+
+
+def make_smoke_data(folder: Path):
+    """SMOKE_SHARDS, each one piece of data/synthetic.py's generator, and the list of what was made, into a
+    temporary folder renamed to `folder` when complete: an interrupted make leaves nothing under that name. Where
+    another process made the folder first, theirs is kept."""
+    spec = importlib.util.spec_from_file_location("synthetic", REPO / "data/synthetic.py")
+    synthetic = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(synthetic)
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    tmp.mkdir(parents=True)
+    try:
+        for name, count in SMOKE_SHARDS.items():
+            header = np.zeros(HEADER_INTS, dtype="<i4")
+            header[:3] = SHARD_MAGIC, SHARD_VERSION, count
+            tokens = synthetic.chunk_tokens(SMOKE_SEED, name, 0, count, SMOKE_VOCAB - 1, SMOKE_VOCAB - 1)
+            (tmp / name).write_bytes(header.tobytes() + tokens.tobytes())
+        (tmp / SMOKE_MADE).write_text("".join(f"{_sha256(tmp / name)}  {name}\n" for name in SMOKE_SHARDS))
+        try:
+            tmp.rename(folder)
+        except OSError:
+            if not folder.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def made_by_smoke_preset(folder: Path) -> bool:
-    """Whether every file in the folder is one the smoke preset made there, unchanged since."""
+def altered_smoke_file(folder: Path) -> str:
+    """The first file of the smoke folder that is not as the preset made it, and how; "" when all are."""
     if not (folder / SMOKE_MADE).is_file():
-        return False
-    made = {name: sha for sha, name in (line.split("  ", 1) for line in (folder / SMOKE_MADE).read_text().splitlines())}
-    return all(f.name == SMOKE_MADE or made.get(f.name) == _sha256(f) for f in folder.iterdir())
+        return f"{SMOKE_MADE} is missing"
+    lines = (folder / SMOKE_MADE).read_text(errors="replace").splitlines()
+    made = {name: sha for sha, _, name in (line.partition("  ") for line in lines)}
+    for name in SMOKE_SHARDS:
+        if not (folder / name).is_file():
+            return f"{name} is missing"
+        if made.get(name) != _sha256(folder / name):
+            return f"{name} has changed"
+    extra = sorted(f.name for f in folder.iterdir() if f.name not in {*SMOKE_SHARDS, SMOKE_MADE})
+    return f"{extra[0]} was not made by it" if extra else ""
 
 
 # Fields that only say how a run is carried out: a checkpoint may be resumed with other values for them.
@@ -1197,6 +1289,7 @@ def save_checkpoint(path: Path, args: Hyperparameters, step: int, train_time_ms:
                      model=model.state_dict(), adam=adam.state_dict(), muon=muon.state_dict(),
                      loader=loader.state(), rng=torch.get_rng_state(),
                      cuda_rng=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+        state["data_fingerprint"] = loader.fingerprint  # the shards it trained on, which --resume compares
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         torch.save(state, tmp)
@@ -1258,6 +1351,30 @@ def restore_checkpoint(ckpt: dict, model: nn.Module, adam: torch.optim.Adam, muo
     torch.set_rng_state(ckpt["rng"])
     if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(ckpt["cuda_rng"])
+
+
+def data_difference(before: list[tuple], now: list[tuple]) -> str:
+    """The first shard in which two fingerprints (check_data's) differ, and how; "" when they are the same."""
+    current = {path: (size, digest) for path, size, digest in now}
+    for path, size, digest in before:
+        if path not in current:
+            return f"{path}: missing"
+        if current[path][0] != size:
+            return f"{path}: {current[path][0]:,} bytes, not {size:,}"
+        if current[path][1] != digest:
+            return f"{path}: other content (same size, another sha256)"
+    extra = [path for path, _, _ in now if path not in {path for path, _, _ in before}]
+    return f"{extra[0]}: a shard more" if extra else ""
+
+
+def check_resumed_data(ckpt: dict, fingerprint: list[tuple]):
+    """Refuse to resume a checkpoint on other data than it trained on."""
+    if "data_fingerprint" not in ckpt:
+        raise DataError(f"--resume={ckpt['path']} records no fingerprint of its data (an older train_gpt.py made it), "
+                        f"so the data it would resume on can't be checked")
+    difference = data_difference(ckpt["data_fingerprint"], fingerprint)
+    if difference:
+        raise DataError(f"--resume={ckpt['path']} trained on other data: {difference}; resume it on its own data")
 
 
 PROFILED_STEPS = 3

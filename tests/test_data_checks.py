@@ -1,8 +1,12 @@
 """The data checks that run before anything is compiled: every bad input (missing folder, no matching files,
 bad magic, bad version, a truncated body, a header promising more tokens than the file has, too few tokens for
-the run, a short val file) stops the run with its own message naming the file and the fix; and the loader's
-batches (rank slices, shard switches with background reads) are the record's, with targets in a tensor of their
-own, as the warm-up's dummy batches have them."""
+the run, a short val file, a token id outside the vocabulary) stops the run with its own message naming the file
+and the fix; the data's fingerprint changes with any byte of a shard, and a checkpoint is refused on data other
+than its own, naming the shard; the smoke preset's folder is made once and refused, not rewritten, once altered;
+and the loader's batches (rank slices, shard switches with background reads) are the record's, with targets in a
+tensor of their own, as the warm-up's dummy batches have them."""
+import dataclasses
+import hashlib
 import re
 import subprocess
 import sys
@@ -12,8 +16,10 @@ import numpy as np
 import pytest
 import torch
 
+import train_gpt
 from train_gpt import (HEADER_INTS, SHARD_MAGIC, DataError, Hyperparameters, TrainLoader, batch_to_device,
-                       batches_in_shard, check_data, read_shard_header, val_batches)
+                       batches_in_shard, check_data, check_resumed_data, data_difference, read_shard_header,
+                       val_batches)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,9 +47,10 @@ def good_data(folder: Path):
 
 def test_good_data_passes(tmp_path):
     good_data(tmp_path)
-    train, val = check_data(small_args(tmp_path))
+    train, val, fingerprint = check_data(small_args(tmp_path))
     assert [Path(f).name for f in train] == ["fineweb_train_000001.bin", "fineweb_train_000002.bin"]
     assert Path(val).name == "fineweb_val_000000.bin"
+    assert [(path, size) for path, size, _ in fingerprint] == [(f, 1024 + 1200) for f in train] + [(val, 1024 + 600)]
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -105,6 +112,90 @@ def test_bad_data_stops_before_training(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "error:" in result.stderr and "fineweb_train_000002.bin: magic number 1" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "records").exists()
+
+
+@pytest.mark.parametrize("name", ["fineweb_train_000002.bin", "fineweb_val_000000.bin"])
+def test_token_ids_outside_the_vocabulary_are_refused(tmp_path, name):
+    """Another tokenizer's shard (or a wrong --vocab_size) is refused at launch, naming the file and its largest id,
+    not mid-run by an IndexError (on a GPU, a device-side assert)."""
+    rng = np.random.default_rng(1)
+    for shard, count in [("fineweb_train_000001.bin", 600), ("fineweb_train_000002.bin", 600),
+                         ("fineweb_val_000000.bin", 300)]:
+        tokens = rng.integers(0, 1030, count)
+        tokens[count // 2] = 1030 if shard == name else 0
+        write_shard(tmp_path / shard, tokens)
+    check_data(small_args(tmp_path, vocab_size=1031))
+    with pytest.raises(DataError) as error:
+        check_data(small_args(tmp_path, vocab_size=1030))
+    assert str(error.value) == (f"{tmp_path / name}: token ids up to 1030, and vocab_size=1030: a shard of another "
+                                f"tokenizer, or the wrong --vocab_size")
+
+
+def test_the_fingerprint_changes_with_any_byte_of_a_shard(tmp_path):
+    good_data(tmp_path)
+    args = small_args(tmp_path)
+    *_, before = check_data(args)
+    second = tmp_path / "fineweb_train_000002.bin"
+    flipped = bytearray(second.read_bytes())
+    flipped[HEADER_INTS * 4 + 701] ^= 0x01  # the high byte of token 350: still a valid id
+    second.write_bytes(flipped)
+    *_, now = check_data(args)
+    assert [entry != old for entry, old in zip(now, before)] == [False, True, False]
+    assert data_difference(before, now) == f"{second}: other content (same size, another sha256)"
+    write_shard(second, np.arange(700))
+    assert data_difference(before, check_data(args)[2]) == f"{second}: 2,424 bytes, not 2,224"
+    second.unlink()
+    *_, fewer = check_data(dataclasses.replace(args, num_iterations=2))
+    assert data_difference(before, fewer) == f"{second}: missing"
+    assert data_difference(fewer, before) == f"{second}: a shard more"
+
+
+def test_resume_is_refused_on_other_data(tmp_path):
+    """cp shard 1 over shard 2: a valid shard of the same size, and refused, naming shard 2."""
+    good_data(tmp_path)
+    *_, fingerprint = check_data(small_args(tmp_path))
+    ckpt = dict(path="step_000004.pt", data_fingerprint=fingerprint)
+    check_resumed_data(ckpt, fingerprint)
+    first, second = tmp_path / "fineweb_train_000001.bin", tmp_path / "fineweb_train_000002.bin"
+    second.write_bytes(first.read_bytes())
+    with pytest.raises(DataError) as error:
+        check_resumed_data(ckpt, check_data(small_args(tmp_path))[2])
+    assert str(error.value) == (f"--resume=step_000004.pt trained on other data: {second}: other content (same size, "
+                                f"another sha256); resume it on its own data")
+    with pytest.raises(DataError, match="records no fingerprint of its data"):
+        check_resumed_data(dict(path="old.pt"), fingerprint)
+
+
+def test_the_smoke_folder_is_made_once_and_refused_once_altered(tmp_path, monkeypatch):
+    """Made complete or not at all, never written over: an altered folder is refused with a line that says to
+    delete it. The first two train shards and the val shard are those the 20-step smoke run has always had."""
+    monkeypatch.chdir(tmp_path)
+    args = train_gpt.parse_args(["--preset=smoke"])
+    assert train_gpt.ready_smoke_data(args).startswith("smoke data: made")
+    folder = tmp_path / train_gpt.SMOKE_DATA
+    made = {f.name: f.read_bytes() for f in folder.iterdir()}
+    assert sorted(made) == sorted([*train_gpt.SMOKE_SHARDS, train_gpt.SMOKE_MADE])
+    assert [f.name for f in tmp_path.joinpath("data").iterdir()] == [folder.name]  # no temporary folder left
+    kept = ["fineweb_train_000001.bin", "fineweb_train_000002.bin", "fineweb_val_000000.bin"]  # SMOKE_LOSSES' data
+    assert [hashlib.sha256(made[name]).hexdigest()[:12] for name in kept] == ["e0a86463f746", "e4a40b35335c",
+                                                                              "cc6bf1cf2ac2"]
+    assert train_gpt.ready_smoke_data(args) == f"smoke data: the preset's own, in {train_gpt.SMOKE_DATA}"
+    *_, fingerprint = check_data(args)  # holds the default run's data, with ids below the preset's vocab_size
+    assert [Path(path).name for path, _, _ in fingerprint] == list(train_gpt.SMOKE_SHARDS)
+
+    changed = made["fineweb_train_000003.bin"][:-2] + b"\x01\x00"  # one valid token id changed
+    for name, content, problem in [("fineweb_train_000003.bin", changed, "has changed"),
+                                   ("fineweb_train_000004.bin", None, "is missing"),
+                                   ("fineweb_train_000009.bin", made["fineweb_train_000003.bin"], "was not made by it"),
+                                   (train_gpt.SMOKE_MADE, None, "is missing")]:
+        (folder / name).unlink() if content is None else (folder / name).write_bytes(content)
+        files = {f.name: f.read_bytes() for f in folder.iterdir()}
+        with pytest.raises(DataError) as error:
+            train_gpt.ready_smoke_data(args)
+        assert str(error.value) == (f"{train_gpt.SMOKE_DATA} is not as the smoke preset made it ({name} {problem}); "
+                                    f"delete it, and the next run makes it anew: rm -r {train_gpt.SMOKE_DATA}")
+        assert {f.name: f.read_bytes() for f in folder.iterdir()} == files  # refused, not rewritten
+        (folder / name).write_bytes(made[name]) if name in made else (folder / name).unlink()
 
 
 def test_batches_in_shard_matches_the_record():

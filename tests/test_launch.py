@@ -5,9 +5,11 @@
   into at its check, each with one line.
 - The process-count message names the counts that work for the run's batch_seqs, and brings no second error.
 - --help prints before torch is imported, and once, also through ./run.sh and torchrun.
-- The smoke preset makes data only in its own folder, and only there when the folder is missing or holds only
-  what the preset made; a user's shards get the error they get without the preset, and stay as they were.
+- The smoke preset makes data only in its own folder, and only once, when the folder is missing: a command that
+  needs more than it holds is refused and changes no file under data/; a user's shards get the error they get
+  without the preset, and stay as they were.
 Each test works in a copy of the scripts in a temporary folder: run.sh writes next to itself."""
+import hashlib
 import os
 import shutil
 import subprocess
@@ -76,23 +78,22 @@ def test_run_sh_bad_user_shard_with_the_smoke_preset(checkout):
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"error: {user}/fineweb_train_000002.bin: holds 30,000 of the 40,000 tokens")
     assert {p.name: p.read_bytes() for p in user.iterdir()} == before
-    assert not (checkout / "data/synthetic_smoke").exists()
+    assert not list(checkout.glob("data/synthetic_smoke*"))
 
 
-def test_the_smoke_folder_is_refilled_only_when_the_preset_made_it(checkout):
+def test_the_smoke_folder_is_made_once_and_a_refused_command_changes_nothing(checkout):
     check = [sys.executable, "train_gpt.py", "--check=2", "--preset=smoke"]
     code, lines = output_of(check, checkout)  # missing: made
-    assert code == 0 and lines[-1] == "smoke data: made by data/synthetic.py into data/synthetic_smoke", lines
-    assert output_of(check, checkout) == (0, [])  # there and fitting: used as it is
-    code, lines = output_of([*check, "--num_iterations=40"], checkout)  # the preset's, too small: made again
-    assert code == 0 and lines[-1].startswith("smoke data: made"), lines
-
-    folder = checkout / "data/synthetic_smoke"
-    write_shard(folder / "fineweb_train_000003.bin", 100)  # a file the preset did not make
-    before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    code, lines = output_of([*check, "--num_iterations=80"], checkout)
-    assert code == 2 and len(lines) == 1 and "feed" in lines[0] and "num_iterations=80" in lines[0], lines
-    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    (folder,) = checkout.glob("data/synthetic_smoke*")
+    assert code == 0 and lines == [f"smoke data: made by data/synthetic.py into data/{folder.name}"], lines
+    md5 = {p: hashlib.md5(p.read_bytes()).hexdigest() for p in checkout.glob("data/**/*") if p.is_file()}
+    code, lines = output_of([*check, "--num_iterations=100000"], checkout)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: the 5 shards matching data/{folder.name}/fineweb_train_*.bin feed 1486 steps")
+    assert lines[0].endswith("num_iterations=100000: the smoke preset's data is fixed: lower --num_iterations, "
+                             "--batch_seqs or --val_tokens, or train on other shards (--train_files, --val_files)")
+    assert output_of(check, checkout) == (0, [])  # there and intact: used as it is
+    assert {p: hashlib.md5(p.read_bytes()).hexdigest() for p in checkout.glob("data/**/*") if p.is_file()} == md5
 
 
 def test_torchrun_prints_an_error_once_first(checkout):

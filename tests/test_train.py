@@ -5,12 +5,14 @@
 - 1 process accumulating 2 sequences ends with the same weights as 2 processes with 1 each;
 - 8 processes, the main command's count, print 1 process's losses (batch_seqs=8);
 - a resumed run repeats the uninterrupted run's losses bit for bit, also on another world size, and a
-  checkpoint of another configuration is refused; a folder resumes from its newest checkpoint, and the run
-  keeps the checkpoint's interval; a damaged checkpoint gets one line that lists the ones beside it;
+  checkpoint of another configuration, or on other data (a train shard replaced by another), is refused; a
+  folder resumes from its newest checkpoint, and the run keeps the checkpoint's interval; a damaged checkpoint
+  gets one line that lists the ones beside it;
 - 2 nodes x 1 process (two launchers on loopback) give the losses of 1 node x 2 processes;
 - a non-finite loss stops the run, naming the step."""
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,11 +43,10 @@ SMOKE_LOSSES = {(0, "val_loss"): 6.9315, (10, "val_loss"): 4.6977, (20, "val_los
 
 @pytest.fixture(scope="session")
 def smoke_data(tmp_path_factory) -> tuple[str, str]:
-    """--train_files and --val_files of shards made once, as the smoke preset makes them for its 20 steps."""
-    folder = tmp_path_factory.mktemp("smoke_data")
-    files = (f"--train_files={folder}/fineweb_train_*.bin", f"--val_files={folder}/fineweb_val_*.bin")
-    train_gpt.make_smoke_data(train_gpt.parse_args(["--preset=smoke", *files]))
-    return files
+    """--train_files and --val_files of the smoke preset's shards, made once."""
+    folder = tmp_path_factory.mktemp("smoke_data") / "shards"
+    train_gpt.make_smoke_data(folder)
+    return f"--train_files={folder}/fineweb_train_*.bin", f"--val_files={folder}/fineweb_val_*.bin"
 
 
 def torchrun(cwd: Path, *args: str, nproc: int = 2, launcher: tuple = ("--standalone",), check: bool = True,
@@ -126,7 +127,10 @@ def test_eight_ranks_print_the_losses_of_one(tmp_path, smoke_data):
 
 
 def test_resume_repeats_the_run_exactly(tmp_path, smoke_data):
-    args = (*smoke_data, "--num_iterations=8", "--val_every=2", "--checkpoint_every=4")
+    data = tmp_path / "data"  # a copy of its own, to replace a shard in at the end
+    shutil.copytree(Path(smoke_data[0].partition("=")[2]).parent, data)
+    args = (f"--train_files={data}/fineweb_train_*.bin", f"--val_files={data}/fineweb_val_*.bin",
+            "--num_iterations=8", "--val_every=2", "--checkpoint_every=4")
     full = step_lines(log_of(torchrun(tmp_path, *args), tmp_path))
     checkpoint = sorted(tmp_path.glob("checkpoints/*/step_000004.pt"))[0]
     resumed_run = torchrun(tmp_path, *args, f"--resume={checkpoint}")
@@ -144,6 +148,13 @@ def test_resume_repeats_the_run_exactly(tmp_path, smoke_data):
     assert refused.returncode != 0
     assert "was made with other hyperparameters" in refused.stderr
     assert "model_dim: checkpoint 64, now 32" in refused.stderr
+
+    shutil.copy(data / "fineweb_train_000001.bin", data / "fineweb_train_000002.bin")  # valid, same size
+    refused = torchrun(tmp_path, *args, f"--resume={checkpoint}", check=False)
+    assert refused.returncode != 0
+    assert [line for line in refused.stderr.splitlines() if "trained on other data" in line] == [
+        f"error: --resume={checkpoint} trained on other data: {data}/fineweb_train_000002.bin: other content "
+        f"(same size, another sha256); resume it on its own data"]
 
 
 def test_two_nodes_on_loopback_match_one_node(tmp_path, free_port, smoke_data):
