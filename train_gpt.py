@@ -1102,11 +1102,38 @@ def muon_owners(muon: Muon):
             yield p, muon.owner(i)
 
 
+CHECKSUMMED = ("args", "step", "train_time_ms", "model", "adam", "muon", "loader", "rng", "cuda_rng")
+
+
+def state_digest(state: dict) -> str:
+    """sha256 of a checkpoint's CHECKSUMMED parts, in that order: every tensor's dtype, shape and bytes, every other
+    value's repr. torch.load does not check the zip's CRCs: a flipped byte in a tensor would load."""
+    digest = hashlib.sha256()
+
+    def add(value):
+        if isinstance(value, Tensor):
+            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                digest.update(repr(key).encode())
+                add(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                add(item)
+        else:
+            digest.update(repr(value).encode())
+
+    for key in CHECKSUMMED:
+        add(state[key])
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: Path, args: Hyperparameters, step: int, train_time_ms: float, model: nn.Module,
                     adam: torch.optim.Adam, muon: Muon, loader: TrainLoader, rank: int):
-    """Rank 0 writes the full state atomically (temporary file, then rename). Muon's momentum buffers live
-    on their owner rank, so they are first broadcast to all: a checkpoint does not depend on the world size.
-    Collective: every rank must call it."""
+    """Rank 0 writes the full state and its checksum atomically (temporary file, then rename). Muon's momentum
+    buffers live on their owner rank, so they are first broadcast to all: a checkpoint does not depend on the world
+    size. Collective: every rank must call it."""
     for p, owner in muon_owners(muon):
         state = muon.state[p]
         if "momentum_buffer" not in state:
@@ -1118,6 +1145,7 @@ def save_checkpoint(path: Path, args: Hyperparameters, step: int, train_time_ms:
                      model=model.state_dict(), adam=adam.state_dict(), muon=muon.state_dict(),
                      loader=loader.state(), rng=torch.get_rng_state(),
                      cuda_rng=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+        state["sha256"] = state_digest(state)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         torch.save(state, tmp)
@@ -1161,6 +1189,9 @@ def load_checkpoint(path: str, args: Hyperparameters) -> dict:
     except Exception as e:  # a damaged file fails in many ways: the zip reader, the unpickler, a missing key
         raise ConfigError(f"--resume={path}: {file} is not a readable checkpoint ({type(e).__name__}: "
                           f"{(str(e).splitlines() or [''])[0]}); {checkpoints_beside(file)}") from None
+    if "sha256" not in ckpt or not set(CHECKSUMMED) <= ckpt.keys() or ckpt["sha256"] != state_digest(ckpt):
+        damage = "its content fails its checksum" if "sha256" in ckpt else "no checksum: an older train_gpt.py saved it"
+        raise ConfigError(f"--resume={path}: {file} is damaged ({damage}); {checkpoints_beside(file)}")
     ckpt["path"] = file
     ours = dataclasses.asdict(args)
     diff = [f"{k}: checkpoint {v!r}, now {ours.get(k)!r}" for k, v in ckpt["args"].items()
