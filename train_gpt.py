@@ -28,6 +28,7 @@ import glob
 import hashlib
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -37,6 +38,18 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Callable, NamedTuple
+
+if __name__ == "__main__":
+    # A SIGINT or SIGTERM during the imports below, which take seconds, exits without their traceback; main() then
+    # installs the run's own handlers (Stops). A signal the process was started ignoring stays ignored.
+    def exit_before_start(signum: int, frame):
+        if os.environ.get("RANK", "0") == "0":
+            print("interrupted before the run started", flush=True)
+        sys.exit(128 + signum)
+
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(stop_signal) is not signal.SIG_IGN:
+            signal.signal(stop_signal, exit_before_start)
 
 if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
     # Answered before the imports below, which take seconds: the launch lines above and the Hyperparameters
@@ -759,6 +772,54 @@ class Logger:
                 print(text, flush=True)
 
 
+class Interrupted(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM: rank 0 says at which step and which checkpoint is the last; exit code 128 + the
+    signal's number, as a shell reports a process the signal ended (130, 143). Like KeyboardInterrupt, no
+    `except Exception` on its way takes it for an error of what it interrupted."""
+
+
+class Stops:
+    """How a run ends early: in one line from rank 0, without a traceback, with an exit code that says why.
+    The first SIGINT or SIGTERM raises Interrupted at once, or, inside the training loop (wait_for_step), at the
+    start of the next step (check()): there every rank stops after the same step and no checkpoint is half written,
+    where a rank that left mid-step would leave the others waiting in a collective. Later signals are only noted:
+    torchrun forwards to its workers the Ctrl-C they already got from the terminal. step and checkpoint say where
+    the run is, for the line; log writes it (rank 0's Logger, once there is one)."""
+
+    def __init__(self, rank: int):
+        self.rank, self.signum, self.wait_for_step = rank, 0, False
+        self.step, self.checkpoint, self.log = 0, None, print
+
+    def install(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) is not signal.SIG_IGN:  # as a background job started ignoring Ctrl-C
+                signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame):
+        first, self.signum = not self.signum, self.signum or signum
+        if first and not self.wait_for_step:
+            raise Interrupted()
+
+    def check(self):
+        if self.signum:
+            raise Interrupted()
+
+    def where(self) -> str:
+        return f"at step {self.step}; last checkpoint: {self.checkpoint or 'none'}"
+
+    def exit_code(self, error: BaseException) -> int | None:
+        """Say in one line (rank 0) why an exception ends the run, and return its exit code; None for an exception
+        that is a bug, whose traceback the caller shows."""
+        self.wait_for_step = True  # the process is on its way out: a signal now is only noted
+        if self.signum:  # also a collective that failed because another rank stopped first
+            line, code = f"interrupted {self.where()}", 128 + self.signum
+        else:
+            return None
+        if self.rank == 0:
+            self.log(line)
+        return code
+
+
 def environment_report(args: Hyperparameters, world_size: int, device: torch.device) -> str:
     lines = [f"Python {sys.version}", f"PyTorch {torch.__version__}, CUDA {torch.version.cuda}",
              f"world_size {world_size}, device {device.type}"]
@@ -817,12 +878,15 @@ def warm_up(model: nn.Module, raw_model: nn.Module, adam: torch.optim.Adam, muon
 
 def train(model: nn.Module, raw_model: nn.Module, adam: torch.optim.Adam, muon: Muon, loader: TrainLoader,
           val_tokens: Tensor, args: Hyperparameters, rank: int, world_size: int, device: torch.device, log: Logger,
-          checkpoint_dir: Path, start_step: int, train_time_ms: float):
+          checkpoint_dir: Path, start_step: int, train_time_ms: float, stops: Stops):
     """The timed loop: evaluate every val_every steps and at the end, time every training step with the GPU
-    synchronised (the loss's .item() waits for it), stop on a non-finite loss, save checkpoints."""
+    synchronised (the loss's .item() waits for it), stop on a non-finite loss, save checkpoints. A SIGINT or
+    SIGTERM stops it at the start of a step (Stops)."""
     num_steps = args.num_iterations
     profiler = None
+    stops.wait_for_step = True
     for step in range(start_step, num_steps + 1):
+        stops.check()
         window = window_tensor(step, args, device)
         if step == num_steps or (args.val_every and step % args.val_every == 0):
             val_loss = evaluate(model, val_tokens, window, args, rank, world_size, device)
@@ -839,6 +903,7 @@ def train(model: nn.Module, raw_model: nn.Module, adam: torch.optim.Adam, muon: 
         inputs, targets = loader.next_batch()
         loss = train_step(model, inputs, targets, window, args.seq_len, adam, muon).item()
         train_time_ms += 1000 * (time.perf_counter() - t0)
+        stops.step = step + 1
         log(f"step:{step + 1}/{num_steps} train_loss:{loss:.4f} train_time:{train_time_ms:.0f}ms "
             f"step_avg:{train_time_ms / (step + 1):.2f}ms")
         if not math.isfinite(loss):
@@ -859,10 +924,16 @@ def train(model: nn.Module, raw_model: nn.Module, adam: torch.optim.Adam, muon: 
         if args.checkpoint_every and ((step + 1) % args.checkpoint_every == 0 or step + 1 == num_steps):
             path = checkpoint_dir / f"step_{step + 1:06d}.pt"
             save_checkpoint(path, args, step + 1, train_time_ms, raw_model, adam, muon, loader, rank)
+            stops.checkpoint = path
             log(f"checkpoint: {path}")
+    stops.wait_for_step = False
+    stops.check()
 
 
-def main(argv: list[str]):
+def main(argv: list[str], stops: Stops):
+    """The run. stops gets its SIGINT and SIGTERM handlers here, and keeps where the run is, for the line that
+    stops.exit_code writes if it ends early."""
+    stops.install()
     args = parse_args(argv)
     rank, world_size, device = setup_distributed()
     check_config(args, world_size)
@@ -870,10 +941,12 @@ def main(argv: list[str]):
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume, args)
+        stops.step, stops.checkpoint = ckpt["step"], ckpt["path"]
         kept = {name: ckpt["args"][name] for name in RESUMED_FIELDS if name not in given_names(argv)}
         args = dataclasses.replace(args, **kept)
     run_id = uuid.uuid4().hex[:12]
     log = start_log(args, rank, world_size, device, run_id)
+    stops.log = log
     for line in [smoke_note, *bind_ops(args, device)]:
         if line:
             log(line)
@@ -901,7 +974,7 @@ def main(argv: list[str]):
     loader = TrainLoader(train_files, args.batch_seqs * args.seq_len, rank, world_size, device, **loader_state)
     val_tokens = load_shard(val_file, pin=device.type == "cuda", max_tokens=args.val_tokens + 1)
     train(model, raw_model, adam, muon, loader, val_tokens, args, rank, world_size, device, log,
-          Path(args.checkpoint_dir) / run_id, start_step, train_time_ms)
+          Path(args.checkpoint_dir) / run_id, start_step, train_time_ms, stops)
     if device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
@@ -2178,13 +2251,19 @@ if __name__ == "__main__":
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     checks = [arg for arg in sys.argv[1:] if arg.startswith("--check=")]
     argv = [arg for arg in sys.argv[1:] if arg not in checks]
+    stops = Stops(rank=int(os.environ.get("RANK", 0)))
     try:
         if checks:
             check_launch(argv, _convert("check", checks[-1].partition("=")[2], int))
         else:
-            main(argv)
+            main(argv, stops)
     except (ConfigError, DataError) as e:
         # under torchrun every rank of a node finds the same error: one a node says it (so, on one node, rank 0)
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (Exception, Interrupted) as e:
+        code = stops.exit_code(e)  # a signal: one line; else a bug's traceback
+        if code is None:
+            raise
+        sys.exit(code)
