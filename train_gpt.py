@@ -766,10 +766,20 @@ class Logger:
 
     def __call__(self, text: str, console: bool = True):
         if self.path is not None:
-            with self.path.open("a") as f:
-                print(text, file=f)
+            end = self.path.stat().st_size if self.path.exists() else 0
+            try:
+                with self.path.open("a") as f:
+                    print(text, file=f)
+            except OSError as e:  # a full disk: the log keeps its last whole line, and the run stops
+                if self.path.exists():
+                    os.truncate(self.path, end)
+                raise RunError(f"could not write the log {self.path}: {e.strerror or e}") from None
             if console:
                 print(text, flush=True)
+
+
+class RunError(Exception):
+    """The run cannot go on: a checkpoint or the log it cannot write. Rank 0 says why in one line; exit code 1."""
 
 
 class Interrupted(BaseException):
@@ -813,10 +823,18 @@ class Stops:
         self.wait_for_step = True  # the process is on its way out: a signal now is only noted
         if self.signum:  # also a collective that failed because another rank stopped first
             line, code = f"interrupted {self.where()}", 128 + self.signum
+        elif isinstance(error, RunError):
+            line, code = f"error: {error}", 1
         else:
             return None
         if self.rank == 0:
-            self.log(line)
+            if line.startswith("error: "):
+                print(line, file=sys.stderr, flush=True)
+            else:
+                try:
+                    self.log(line)
+                except RunError:  # the log can't take it: the console still does
+                    print(line, flush=True)
         return code
 
 
@@ -1204,26 +1222,57 @@ def state_digest(state: dict) -> str:
 
 def save_checkpoint(path: Path, args: Hyperparameters, step: int, train_time_ms: float, model: nn.Module,
                     adam: torch.optim.Adam, muon: Muon, loader: TrainLoader, rank: int):
-    """Rank 0 writes the full state and its checksum atomically (temporary file, then rename). Muon's momentum
-    buffers live on their owner rank, so they are first broadcast to all: a checkpoint does not depend on the world
-    size. Collective: every rank must call it."""
+    """Rank 0 writes the full state and its checksum atomically and durably: a temporary file, synced, renamed,
+    then the folder synced. A write that fails (a full disk) removes the temporary file, and every rank raises
+    RunError, which names the path. Muon's momentum buffers live on their owner rank, so they are first broadcast
+    to all: a checkpoint does not depend on the world size. Collective: every rank must call it."""
     for p, owner in muon_owners(muon):
         state = muon.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p)
         if dist.is_initialized():
             dist.broadcast(state["momentum_buffer"], src=owner)
+    failure = None
     if rank == 0:
         state = dict(args=dataclasses.asdict(args), step=step, train_time_ms=train_time_ms,
                      model=model.state_dict(), adam=adam.state_dict(), muon=muon.state_dict(),
                      loader=loader.state(), rng=torch.get_rng_state(),
                      cuda_rng=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
         state["sha256"] = state_digest(state)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            folder = os.open(path.parent, os.O_RDONLY)  # the rename lasts once the folder is synced
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+        except BaseException as e:  # also a signal's exception: no .tmp is left behind
+            tmp.unlink(missing_ok=True)
+            if not isinstance(e, (OSError, RuntimeError)):
+                raise
+            failure = f"could not write checkpoint {path}: {write_error_reason(e)}"
+    if dist.is_initialized():  # the others learn whether rank 0 wrote it, so that every rank stops if not
+        failed = torch.tensor(failure is not None, dtype=torch.int32, device=model.lm_head.weight.device)
+        dist.broadcast(failed, 0)
+        failure = failure or (f"rank 0 could not write checkpoint {path}" if failed.item() else None)
+    if failure:
+        raise RunError(failure)
     drop_others_muon_state(muon, rank)
+
+
+def write_error_reason(error: BaseException) -> str:
+    """Why a write failed: the OSError's reason ("No space left on device"), also where torch's zip writer reports
+    it as "unexpected pos", with the OSError as the context; else the error's first line."""
+    cause = error
+    while not isinstance(cause, OSError) and cause.__context__ is not None:
+        cause = cause.__context__
+    return cause.strerror if isinstance(cause, OSError) and cause.strerror else str(error).splitlines()[0]
 
 
 def drop_others_muon_state(muon: Muon, rank: int):
@@ -2263,7 +2312,7 @@ if __name__ == "__main__":
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except (Exception, Interrupted) as e:
-        code = stops.exit_code(e)  # a signal: one line; else a bug's traceback
+        code = stops.exit_code(e)  # a signal, a write that failed: one line; else a bug's traceback
         if code is None:
             raise
         sys.exit(code)
