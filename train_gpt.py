@@ -929,8 +929,12 @@ def train(model: nn.Module, raw_model: nn.Module, adam: torch.optim.Adam, muon: 
             if args.checkpoint_every:
                 path = checkpoint_dir / f"step_{step + 1:06d}_nonfinite.pt"
                 save_checkpoint(path, args, step + 1, train_time_ms, raw_model, adam, muon, loader, rank)
-                message += f" (state after the step saved to {path}; resume from an earlier checkpoint)"
-            log(message)
+                message += f" (state after the step saved to {path})"
+            log(message + (f"; resume from the last good checkpoint, {stops.checkpoint}" if stops.checkpoint
+                           else "; there is no earlier checkpoint to resume from"))
+            if dist.is_initialized():
+                dist.barrier()  # every rank exits together, once rank 0 has written the checkpoint and the line
+                dist.destroy_process_group()
             raise SystemExit(1)
         if profiler is not None and step + 1 in (args.profile_at + PROFILED_STEPS, num_steps):
             profiler.stop()
