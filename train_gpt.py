@@ -22,6 +22,7 @@ relu2_mlp, head_loss); bind_ops() binds each, once a run, to its implementation,
 what the CPU runs and what the tests compare the kernels with.
 """
 import copy
+import ctypes
 import dataclasses
 import difflib
 import glob
@@ -35,7 +36,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -131,6 +132,7 @@ class Hyperparameters:
     coordinate_descent_tuning: bool = False  # inductor's tuning of its kernels, as the record had: a longer compile
     warmup_steps: int = 2  # untimed steps on dummy data that compile everything; then the state is restored
     seed: int = 0  # for the initial weights and the dummy warm-up data
+    collective_timeout: int = 1800  # seconds a rank waits for the others in a collective before the run stops
     # logging and checkpoints
     tag: str = ""  # the log goes to records/<tag>/; default <date>_run
     checkpoint_every: int = 0  # steps between checkpoints, plus one at the end; 0: none (timing untouched)
@@ -739,9 +741,13 @@ def evaluate(model: nn.Module, val_tokens: Tensor, window: Tensor, args: Hyperpa
 # main: the steps of a run
 
 
-def setup_distributed() -> tuple[int, int, torch.device]:
+def setup_distributed(collective_timeout: int) -> tuple[int, int, torch.device]:
     """torchrun's RANK / WORLD_SIZE / LOCAL_RANK -> (rank, world_size, device); NCCL on CUDA, gloo on the CPU.
-    A plain `python train_gpt.py` runs as one process without a process group."""
+    A plain `python train_gpt.py` runs as one process without a process group. A collective that waits longer
+    than collective_timeout seconds fails: gloo raises (Stops.exit_code says so in one line), NCCL's watchdog
+    takes the process down with its own report. A worker of torchrun stops when torchrun dies."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        stop_with_launcher()
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -750,8 +756,20 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         device = torch.device("cpu")
     if "RANK" in os.environ:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None,
+                                timeout=timedelta(seconds=collective_timeout))
     return rank, world_size, device
+
+
+def stop_with_launcher():
+    """SIGTERM to this process when its parent, torchrun, dies, by SIGKILL too (which torchrun cannot forward), so
+    that no worker trains on alone; the handler then stops the run as for any SIGTERM. Linux only (prctl)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: workers outlive a killed torchrun, as before
+        return
+    if os.getppid() == 1:  # torchrun died before the prctl: this process was handed to init
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Logger:
@@ -825,6 +843,12 @@ class Stops:
             line, code = f"interrupted {self.where()}", 128 + self.signum
         elif isinstance(error, RunError):
             line, code = f"error: {error}", 1
+        elif isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "gloo" in str(error)):
+            reason = str(error).splitlines()[0].split("] ", 1)[-1].split(". ")[0]  # gloo's, without its source line
+            line = (f"error: rank {self.rank} waited longer than --collective_timeout for the others in a collective "
+                    f"({reason}): one of them stopped or hangs" if "timed out" in reason.lower() else
+                    f"error: a collective failed ({reason}): another rank stopped or died")
+            line, code = f"{line}; the run stops {self.where()}", 1
         else:
             return None
         if self.rank == 0:
@@ -957,7 +981,7 @@ def main(argv: list[str], stops: Stops):
     stops.exit_code writes if it ends early."""
     stops.install()
     args = parse_args(argv)
-    rank, world_size, device = setup_distributed()
+    rank, world_size, device = setup_distributed(args.collective_timeout)
     check_config(args, world_size)
     train_files, val_file, smoke_note = prepare_data(args)
     ckpt = None
@@ -1185,7 +1209,7 @@ def made_by_smoke_preset(folder: Path) -> bool:
 
 # Fields that only say how a run is carried out: a checkpoint may be resumed with other values for them.
 RUN_FIELDS = {"fused_mlp", "fused_qkv", "fused_attention", "compile", "coordinate_descent_tuning", "warmup_steps",
-              "tag", "checkpoint_every", "checkpoint_dir", "resume", "profile_at", "preset"}
+              "tag", "checkpoint_every", "checkpoint_dir", "resume", "profile_at", "preset", "collective_timeout"}
 # Of those, what a resumed run takes from its checkpoint unless the command line sets it: it goes on as it was.
 RESUMED_FIELDS = ("checkpoint_every", "checkpoint_dir", "tag")
 
@@ -2316,7 +2340,7 @@ if __name__ == "__main__":
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except (Exception, Interrupted) as e:
-        code = stops.exit_code(e)  # a signal, a write that failed: one line; else a bug's traceback
+        code = stops.exit_code(e)  # a signal, a write that failed, a collective: one line; else a bug's traceback
         if code is None:
             raise
         sys.exit(code)
