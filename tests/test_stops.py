@@ -3,6 +3,8 @@ intact and no worker left behind.
 - A checkpoint holds a checksum of its content: a byte flipped in a tensor's data is refused in one line that names
   the file and lists the checkpoints beside it.
 - A checkpoint that can't be written (a full disk) leaves no .tmp file and says which path and why.
+- A collective that timed out on gloo is one line on stderr and exit code 1; an exception that is a bug keeps its
+  traceback.
 - A non-finite loss stops every rank together, after rank 0 has written its checkpoint and line, also when that write
   is slow (other ranks that left first had torchrun kill rank 0 mid-write); the line says there is no earlier
   checkpoint to resume from.
@@ -92,6 +94,20 @@ def test_a_save_that_fails_leaves_no_tmp_and_names_the_path(tmp_path, monkeypatc
     path = tmp_path / "checkpoints" / "step_000001.pt"
     assert str(failed.value) == f"could not write checkpoint {path}: No space left on device"
     assert list(path.parent.iterdir()) == []
+
+
+def test_a_timed_out_collective_is_one_line(capsys):
+    stops = train_gpt.Stops(rank=0)
+    stops.step, stops.checkpoint = 7, Path("checkpoints/run/step_000006.pt")
+    gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
+                        "5000ms for recv operation to complete")
+    assert stops.exit_code(gloo) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err == (
+        "error: rank 0 waited longer than --collective_timeout for the others in a collective (Timed out waiting "
+        "5000ms for recv operation to complete): one of them stopped or hangs; the run stops at step 7; last "
+        "checkpoint: checkpoints/run/step_000006.pt\n")
+    assert stops.exit_code(ValueError("a bug")) is None
 
 
 SLOW_SAVE = """import atexit, os, runpy, sys, time
