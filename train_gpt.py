@@ -22,6 +22,7 @@ relu2_mlp, head_loss); bind_ops() binds each, once a run, to its implementation,
 what the CPU runs and what the tests compare the kernels with.
 """
 import copy
+import ctypes
 import dataclasses
 import difflib
 import glob
@@ -30,15 +31,28 @@ import importlib.util
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Callable, NamedTuple
+
+if __name__ == "__main__":
+    # A SIGINT or SIGTERM during the imports below, which take seconds, exits without their traceback; main() then
+    # installs the run's own handlers (Stops). A signal the process was started ignoring stays ignored.
+    def exit_before_start(signum: int, frame):
+        if os.environ.get("RANK", "0") == "0":
+            print("interrupted before the run started", flush=True)
+        sys.exit(128 + signum)
+
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(stop_signal) is not signal.SIG_IGN:
+            signal.signal(stop_signal, exit_before_start)
 
 if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
     # Answered before the imports below, which take seconds: the launch lines above and the Hyperparameters
@@ -120,6 +134,7 @@ class Hyperparameters:
     coordinate_descent_tuning: bool = False  # inductor's tuning of its kernels, as the record had: a longer compile
     warmup_steps: int = 2  # untimed steps on dummy data that compile everything; then the state is restored
     seed: int = 0  # for the initial weights and the dummy warm-up data
+    collective_timeout: int = 1800  # seconds a rank waits for the others in a collective before the run stops
     # logging and checkpoints
     tag: str = ""  # the log goes to records/<tag>/; default <date>_run
     checkpoint_every: int = 0  # steps between checkpoints, plus one at the end; 0: none (timing untouched)
@@ -757,9 +772,13 @@ def evaluate(model: nn.Module, val_tokens: Tensor, window: Tensor, args: Hyperpa
 # main: the steps of a run
 
 
-def setup_distributed() -> tuple[int, int, torch.device]:
+def setup_distributed(collective_timeout: int) -> tuple[int, int, torch.device]:
     """torchrun's RANK / WORLD_SIZE / LOCAL_RANK -> (rank, world_size, device); NCCL on CUDA, gloo on the CPU.
-    A plain `python train_gpt.py` runs as one process without a process group."""
+    A plain `python train_gpt.py` runs as one process without a process group. A collective that waits longer
+    than collective_timeout seconds fails: gloo raises (Stops.exit_code says so in one line), NCCL's watchdog
+    takes the process down with its own report. A worker of torchrun stops when torchrun dies."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        stop_with_launcher()
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -768,8 +787,20 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         device = torch.device("cpu")
     if "RANK" in os.environ:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None,
+                                timeout=timedelta(seconds=collective_timeout))
     return rank, world_size, device
+
+
+def stop_with_launcher():
+    """SIGTERM to this process when its parent, torchrun, dies, by SIGKILL too (which torchrun cannot forward), so
+    that no worker trains on alone; the handler then stops the run as for any SIGTERM. Linux only (prctl)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: workers outlive a killed torchrun, as before
+        return
+    if os.getppid() == 1:  # torchrun died before the prctl: this process was handed to init
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Logger:
@@ -784,10 +815,82 @@ class Logger:
 
     def __call__(self, text: str, console: bool = True):
         if self.path is not None:
-            with self.path.open("a") as f:
-                print(text, file=f)
+            end = self.path.stat().st_size if self.path.exists() else 0
+            try:
+                with self.path.open("a") as f:
+                    print(text, file=f)
+            except OSError as e:  # a full disk: the log keeps its last whole line, and the run stops
+                if self.path.exists():
+                    os.truncate(self.path, end)
+                raise RunError(f"could not write the log {self.path}: {e.strerror or e}") from None
             if console:
                 print(text, flush=True)
+
+
+class RunError(Exception):
+    """The run cannot go on: a checkpoint or the log it cannot write. Rank 0 says why in one line; exit code 1."""
+
+
+class Interrupted(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM: rank 0 says at which step and which checkpoint is the last; exit code 128 + the
+    signal's number, as a shell reports a process the signal ended (130, 143). Like KeyboardInterrupt, no
+    `except Exception` on its way takes it for an error of what it interrupted."""
+
+
+class Stops:
+    """How a run ends early: in one line from rank 0, without a traceback, with an exit code that says why.
+    The first SIGINT or SIGTERM raises Interrupted at once, or, inside the training loop (wait_for_step), at the
+    start of the next step (check()): there every rank stops after the same step and no checkpoint is half written,
+    where a rank that left mid-step would leave the others waiting in a collective. Later signals are only noted:
+    torchrun forwards to its workers the Ctrl-C they already got from the terminal. step and checkpoint say where
+    the run is, for the line; log writes it (rank 0's Logger, once there is one)."""
+
+    def __init__(self, rank: int):
+        self.rank, self.signum, self.wait_for_step = rank, 0, False
+        self.step, self.checkpoint, self.log = 0, None, print
+
+    def install(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) is not signal.SIG_IGN:  # as a background job started ignoring Ctrl-C
+                signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame):
+        first, self.signum = not self.signum, self.signum or signum
+        if first and not self.wait_for_step:
+            raise Interrupted()
+
+    def check(self):
+        if self.signum:
+            raise Interrupted()
+
+    def where(self) -> str:
+        return f"at step {self.step}; last checkpoint: {self.checkpoint or 'none'}"
+
+    def exit_code(self, error: BaseException) -> int | None:
+        """Say in one line (rank 0) why an exception ends the run, and return its exit code; None for an exception
+        that is a bug, whose traceback the caller shows."""
+        self.wait_for_step = True  # the process is on its way out: a signal now is only noted
+        if self.signum:  # also a collective that failed because another rank stopped first
+            line, code = f"interrupted {self.where()}", 128 + self.signum
+        elif isinstance(error, RunError):
+            line, code = f"error: {error}", 1
+        elif isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "gloo" in str(error)):
+            reason = str(error).splitlines()[0].split("] ", 1)[-1].split(". ")[0]  # gloo's, without its source line
+            line = (f"error: rank {self.rank} waited longer than --collective_timeout for the others in a collective "
+                    f"({reason}): one of them stopped or hangs" if "timed out" in reason.lower() else
+                    f"error: a collective failed ({reason}): another rank stopped or died")
+            line, code = f"{line}; the run stops {self.where()}", 1
+        else:
+            return None
+        if self.rank == 0:
+            if line.startswith("error: "):
+                print(line, file=sys.stderr, flush=True)
+            else:
+                try:
+                    self.log(line)
+                except RunError:  # the log can't take it: the console still does
+                    print(line, flush=True)
+        return code
 
 
 def environment_report(args: Hyperparameters, world_size: int, device: torch.device) -> str:
@@ -860,12 +963,15 @@ def warm_up(model: nn.Module, raw_model: nn.Module, adam: torch.optim.Adam, muon
 
 def train(model: nn.Module, raw_model: nn.Module, adam: torch.optim.Adam, muon: Muon, loader: TrainLoader,
           val_tokens: Tensor, args: Hyperparameters, rank: int, world_size: int, device: torch.device, log: Logger,
-          checkpoint_dir: Path, start_step: int, train_time_ms: float):
+          checkpoint_dir: Path, start_step: int, train_time_ms: float, stops: Stops):
     """The timed loop: evaluate every val_every steps and at the end, time every training step with the GPU
-    synchronised (the loss's .item() waits for it), stop on a non-finite loss, save checkpoints."""
+    synchronised (the loss's .item() waits for it), stop on a non-finite loss, save checkpoints. A SIGINT or
+    SIGTERM stops it at the start of a step (Stops)."""
     num_steps = args.num_iterations
     profiler = None
+    stops.wait_for_step = True
     for step in range(start_step, num_steps + 1):
+        stops.check()
         window = window_tensor(step, args, device)
         if step == num_steps or (args.val_every and step % args.val_every == 0):
             val_loss = evaluate(model, val_tokens, window, args, rank, world_size, device)
@@ -882,6 +988,7 @@ def train(model: nn.Module, raw_model: nn.Module, adam: torch.optim.Adam, muon: 
         inputs, targets = loader.next_batch()
         loss = train_step(model, inputs, targets, window, args.seq_len, adam, muon).item()
         train_time_ms += 1000 * (time.perf_counter() - t0)
+        stops.step = step + 1
         log(f"step:{step + 1}/{num_steps} train_loss:{loss:.4f} train_time:{train_time_ms:.0f}ms "
             f"step_avg:{train_time_ms / (step + 1):.2f}ms")
         if not math.isfinite(loss):
@@ -889,8 +996,12 @@ def train(model: nn.Module, raw_model: nn.Module, adam: torch.optim.Adam, muon: 
             if args.checkpoint_every:
                 path = checkpoint_dir / f"step_{step + 1:06d}_nonfinite.pt"
                 save_checkpoint(path, args, step + 1, train_time_ms, raw_model, adam, muon, loader, rank)
-                message += f" (state after the step saved to {path}; resume from an earlier checkpoint)"
-            log(message)
+                message += f" (state after the step saved to {path})"
+            log(message + (f"; resume from the last good checkpoint, {stops.checkpoint}" if stops.checkpoint
+                           else "; there is no earlier checkpoint to resume from"))
+            if dist.is_initialized():
+                dist.barrier()  # every rank exits together, once rank 0 has written the checkpoint and the line
+                dist.destroy_process_group()
             raise SystemExit(1)
         if profiler is not None and step + 1 in (args.profile_at + PROFILED_STEPS, num_steps):
             profiler.stop()
@@ -902,22 +1013,30 @@ def train(model: nn.Module, raw_model: nn.Module, adam: torch.optim.Adam, muon: 
         if args.checkpoint_every and ((step + 1) % args.checkpoint_every == 0 or step + 1 == num_steps):
             path = checkpoint_dir / f"step_{step + 1:06d}.pt"
             save_checkpoint(path, args, step + 1, train_time_ms, raw_model, adam, muon, loader, rank)
+            stops.checkpoint = path
             log(f"checkpoint: {path}")
+    stops.wait_for_step = False
+    stops.check()
 
 
-def main(argv: list[str]):
+def main(argv: list[str], stops: Stops):
+    """The run. stops gets its SIGINT and SIGTERM handlers here, and keeps where the run is, for the line that
+    stops.exit_code writes if it ends early."""
+    stops.install()
     args = parse_args(argv)
-    rank, world_size, device = setup_distributed()
+    rank, world_size, device = setup_distributed(args.collective_timeout)
     check_config(args, world_size)
     train_files, val_file, fingerprint, smoke_note = prepare_data(args)
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume, args)
         check_resumed_data(ckpt, fingerprint)
+        stops.step, stops.checkpoint = ckpt["step"], ckpt["path"]
         kept = {name: ckpt["args"][name] for name in RESUMED_FIELDS if name not in given_names(argv)}
         args = dataclasses.replace(args, **kept)
     run_id = uuid.uuid4().hex[:12]
     log = start_log(args, rank, world_size, device, run_id)
+    stops.log = log
     for line in [smoke_note, *bind_ops(args, device)]:
         if line:
             log(line)
@@ -947,7 +1066,7 @@ def main(argv: list[str]):
                          fingerprint=fingerprint)
     val_tokens = load_shard(val_file, pin=device.type == "cuda", max_tokens=args.val_tokens + 1)
     train(model, raw_model, adam, muon, loader, val_tokens, args, rank, world_size, device, log,
-          Path(args.checkpoint_dir) / run_id, start_step, train_time_ms)
+          Path(args.checkpoint_dir) / run_id, start_step, train_time_ms, stops)
     if device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
@@ -1261,7 +1380,7 @@ def altered_smoke_file(folder: Path) -> str:
 
 # Fields that only say how a run is carried out: a checkpoint may be resumed with other values for them.
 RUN_FIELDS = {"fused_mlp", "fused_qkv", "fused_attention", "compile", "coordinate_descent_tuning", "warmup_steps",
-              "tag", "checkpoint_every", "checkpoint_dir", "resume", "profile_at", "preset"}
+              "tag", "checkpoint_every", "checkpoint_dir", "resume", "profile_at", "preset", "collective_timeout"}
 # Of those, what a resumed run takes from its checkpoint unless the command line sets it: it goes on as it was.
 RESUMED_FIELDS = ("checkpoint_every", "checkpoint_dir", "tag")
 
@@ -1273,28 +1392,88 @@ def muon_owners(muon: Muon):
             yield p, muon.owner(i)
 
 
+CHECKSUMMED = ("args", "step", "train_time_ms", "model", "adam", "muon", "loader", "rng", "cuda_rng",
+               "data_fingerprint")
+
+
+def state_digest(state: dict) -> str:
+    """sha256 of a checkpoint's CHECKSUMMED parts, in that order: every tensor's dtype, shape and bytes, every other
+    value's repr. torch.load does not check the zip's CRCs: a flipped byte in a tensor would load."""
+    digest = hashlib.sha256()
+
+    def add(value):
+        if isinstance(value, Tensor):
+            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                digest.update(repr(key).encode())
+                add(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                add(item)
+        else:
+            digest.update(repr(value).encode())
+
+    for key in CHECKSUMMED:
+        add(state[key])
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: Path, args: Hyperparameters, step: int, train_time_ms: float, model: nn.Module,
                     adam: torch.optim.Adam, muon: Muon, loader: TrainLoader, rank: int):
-    """Rank 0 writes the full state atomically (temporary file, then rename). Muon's momentum buffers live
-    on their owner rank, so they are first broadcast to all: a checkpoint does not depend on the world size.
-    Collective: every rank must call it."""
+    """Rank 0 writes the full state and its checksum atomically and durably: a temporary file, synced, renamed,
+    then the folder synced. A write that fails (a full disk) removes the temporary file, and every rank raises
+    RunError, which names the path. Muon's momentum buffers live on their owner rank, so they are first broadcast
+    to all: a checkpoint does not depend on the world size. Collective: every rank must call it."""
     for p, owner in muon_owners(muon):
         state = muon.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p)
         if dist.is_initialized():
             dist.broadcast(state["momentum_buffer"], src=owner)
+    failure = None
     if rank == 0:
         state = dict(args=dataclasses.asdict(args), step=step, train_time_ms=train_time_ms,
                      model=model.state_dict(), adam=adam.state_dict(), muon=muon.state_dict(),
                      loader=loader.state(), rng=torch.get_rng_state(),
                      cuda_rng=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
         state["data_fingerprint"] = loader.fingerprint  # the shards it trained on, which --resume compares
-        path.parent.mkdir(parents=True, exist_ok=True)
+        state["sha256"] = state_digest(state)
         tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            folder = os.open(path.parent, os.O_RDONLY)  # the rename lasts once the folder is synced
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+        except BaseException as e:  # also a signal's exception: no .tmp is left behind
+            tmp.unlink(missing_ok=True)
+            if not isinstance(e, (OSError, RuntimeError)):
+                raise
+            failure = f"could not write checkpoint {path}: {write_error_reason(e)}"
+    if dist.is_initialized():  # the others learn whether rank 0 wrote it, so that every rank stops if not
+        failed = torch.tensor(failure is not None, dtype=torch.int32, device=model.lm_head.weight.device)
+        dist.broadcast(failed, 0)
+        failure = failure or (f"rank 0 could not write checkpoint {path}" if failed.item() else None)
+    if failure:
+        raise RunError(failure)
     drop_others_muon_state(muon, rank)
+
+
+def write_error_reason(error: BaseException) -> str:
+    """Why a write failed: the OSError's reason ("No space left on device"), also where torch's zip writer reports
+    it as "unexpected pos", with the OSError as the context; else the error's first line."""
+    cause = error
+    while not isinstance(cause, OSError) and cause.__context__ is not None:
+        cause = cause.__context__
+    return cause.strerror if isinstance(cause, OSError) and cause.strerror else str(error).splitlines()[0]
 
 
 def drop_others_muon_state(muon: Muon, rank: int):
@@ -1333,6 +1512,9 @@ def load_checkpoint(path: str, args: Hyperparameters) -> dict:
     except Exception as e:  # a damaged file fails in many ways: the zip reader, the unpickler, a missing key
         raise ConfigError(f"--resume={path}: {file} is not a readable checkpoint ({type(e).__name__}: "
                           f"{(str(e).splitlines() or [''])[0]}); {checkpoints_beside(file)}") from None
+    if "sha256" not in ckpt or not set(CHECKSUMMED) <= ckpt.keys() or ckpt["sha256"] != state_digest(ckpt):
+        damage = "its content fails its checksum" if "sha256" in ckpt else "no checksum: an older train_gpt.py saved it"
+        raise ConfigError(f"--resume={path}: {file} is damaged ({damage}); {checkpoints_beside(file)}")
     ckpt["path"] = file
     ours = dataclasses.asdict(args)
     diff = [f"{k}: checkpoint {v!r}, now {ours.get(k)!r}" for k, v in ckpt["args"].items()
@@ -2343,13 +2525,19 @@ if __name__ == "__main__":
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     checks = [arg for arg in sys.argv[1:] if arg.startswith("--check=")]
     argv = [arg for arg in sys.argv[1:] if arg not in checks]
+    stops = Stops(rank=int(os.environ.get("RANK", 0)))
     try:
         if checks:
             check_launch(argv, _convert("check", checks[-1].partition("=")[2], int))
         else:
-            main(argv)
+            main(argv, stops)
     except (ConfigError, DataError) as e:
         # under torchrun every rank of a node finds the same error: one a node says it (so, on one node, rank 0)
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (Exception, Interrupted) as e:
+        code = stops.exit_code(e)  # a signal, a write that failed, a collective: one line; else a bug's traceback
+        if code is None:
+            raise
+        sys.exit(code)
