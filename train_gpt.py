@@ -1002,6 +1002,7 @@ def train(model: nn.Module, raw_model: nn.Module, adam: torch.optim.Adam, muon: 
             if dist.is_initialized():
                 dist.barrier()  # every rank exits together, once rank 0 has written the checkpoint and the line
                 dist.destroy_process_group()
+            stops.wait_for_step = True  # torchrun ends the slower ranks once one exits: that signal is only noted
             raise SystemExit(1)
         if profiler is not None and step + 1 in (args.profile_at + PROFILED_STEPS, num_steps):
             profiler.stop()
@@ -1127,7 +1128,7 @@ FIELD_RULES = dict(
     warmup_steps=NON_NEGATIVE, seed=Rule(lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)"),
     tag=Rule(lambda v: v == "" or _plain_name(v), "a plain name: letters, digits, '.', '_' and '-', not '.' or '..' "
                                                   "(the log goes to records/<tag>/)"),
-    checkpoint_every=NON_NEGATIVE, checkpoint_dir=NOT_EMPTY,
+    checkpoint_every=NON_NEGATIVE, checkpoint_dir=NOT_EMPTY, collective_timeout=POSITIVE,
     resume=Rule(lambda v: True, "a checkpoint or a folder of them"),  # load_checkpoint checks it
     profile_at=NON_NEGATIVE,
     preset=Rule(lambda v: v in ("", *PRESETS), f"one of: {', '.join(PRESETS)}"),
@@ -1229,10 +1230,10 @@ def _checked_header(path: str, hint: str) -> int:
 
 
 def check_data(args: Hyperparameters, fixed: str = "") -> tuple[list[str], str, list[tuple]]:
-    """Check, before anything is compiled, that the shards exist, are whole, hold enough tokens and no token id
-    outside the vocabulary. Returns the train files, the val file and the data's fingerprint: (path, size, sha256)
-    of each of them, which checkpoints record and --resume compares. `fixed`, for data that can't grow (the smoke
-    preset's), says what to do instead of getting more."""
+    """Check, before anything is compiled, that the shards exist, are whole, hold enough tokens and, those the run
+    reads, no token id outside the vocabulary. Returns the train files, the val file and the data's fingerprint:
+    (path, size, sha256) of each shard the run reads, which checkpoints record and --resume compares. `fixed`, for
+    data that can't grow (the smoke preset's), says what to do instead of getting more."""
     batch_tokens = args.batch_seqs * args.seq_len
     shards_needed = math.ceil(args.num_iterations / batches_in_shard(100_000_000, batch_tokens))
     hint = DOWNLOAD_HINT.format(n=shards_needed)
@@ -1242,9 +1243,8 @@ def check_data(args: Hyperparameters, fixed: str = "") -> tuple[list[str], str, 
         raise DataError(f"no data folder {folder.resolve()} (train_files={args.train_files}); get the data: {hint}")
     if not train_files:
         raise DataError(f"no train shards match {args.train_files} in {Path.cwd()}; get the data: {hint}")
-    steps = 0
-    for file in train_files:
-        steps += batches_in_shard(_checked_header(file, hint), batch_tokens)
+    shard_steps = [batches_in_shard(_checked_header(file, hint), batch_tokens) for file in train_files]
+    steps = sum(shard_steps)
     if steps < args.num_iterations:
         raise DataError(f"the {len(train_files)} shards matching {args.train_files} feed {steps} steps of "
                         f"{batch_tokens:,} tokens, and num_iterations={args.num_iterations}: "
@@ -1255,7 +1255,11 @@ def check_data(args: Hyperparameters, fixed: str = "") -> tuple[list[str], str, 
     if _checked_header(val_files[0], hint) < args.val_tokens + 1:
         raise DataError(f"{val_files[0]} holds fewer than val_tokens + 1 = {args.val_tokens + 1:,} tokens; "
                         f"{fixed or f'get the full val shard ({hint}) or lower --val_tokens'}")
-    files = [*train_files, val_files[0]]
+    files, fed = [], 0  # the train shards the run reads, the first that feed num_iterations steps, and the val shard
+    for file, feeds in zip(train_files, shard_steps):
+        if fed < args.num_iterations:
+            files, fed = files + [file], fed + feeds
+    files.append(val_files[0])
     with ThreadPoolExecutor(min(len(files), len(os.sched_getaffinity(0)))) as pool:
         scans = list(pool.map(scan_shard, files))
     for file, (_, largest, _) in zip(files, scans):
