@@ -149,11 +149,12 @@ def test_resume_repeats_the_run_exactly(tmp_path, smoke_data):
     assert "was made with other hyperparameters" in refused.stderr
     assert "model_dim: checkpoint 64, now 32" in refused.stderr
 
-    shutil.copy(data / "fineweb_train_000001.bin", data / "fineweb_train_000002.bin")  # valid, same size
+    # 8 steps read shard 1 only: a shard 2 copied over it is another valid shard of the same size
+    shutil.copy(data / "fineweb_train_000002.bin", data / "fineweb_train_000001.bin")
     refused = torchrun(tmp_path, *args, f"--resume={checkpoint}", check=False)
     assert refused.returncode != 0
     assert [line for line in refused.stderr.splitlines() if "trained on other data" in line] == [
-        f"error: --resume={checkpoint} trained on other data: {data}/fineweb_train_000002.bin: other content "
+        f"error: --resume={checkpoint} trained on other data: {data}/fineweb_train_000001.bin: other content "
         f"(same size, another sha256); resume it on its own data"]
 
 
