@@ -792,17 +792,6 @@ def setup_distributed(collective_timeout: int) -> tuple[int, int, torch.device]:
     return rank, world_size, device
 
 
-def stop_with_launcher():
-    """SIGTERM to this process when its parent, torchrun, dies, by SIGKILL too (which torchrun cannot forward), so
-    that no worker trains on alone; the handler then stops the run as for any SIGTERM. Linux only (prctl)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: workers outlive a killed torchrun, as before
-        return
-    if os.getppid() == 1:  # torchrun died before the prctl: this process was handed to init
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 class Logger:
     """Rank 0 writes one log per run, records/<tag>/<run id>.txt; the other ranks write nothing."""
 
@@ -825,72 +814,6 @@ class Logger:
                 raise RunError(f"could not write the log {self.path}: {e.strerror or e}") from None
             if console:
                 print(text, flush=True)
-
-
-class RunError(Exception):
-    """The run cannot go on: a checkpoint or the log it cannot write. Rank 0 says why in one line; exit code 1."""
-
-
-class Interrupted(BaseException):
-    """SIGINT (Ctrl-C) or SIGTERM: rank 0 says at which step and which checkpoint is the last; exit code 128 + the
-    signal's number, as a shell reports a process the signal ended (130, 143). Like KeyboardInterrupt, no
-    `except Exception` on its way takes it for an error of what it interrupted."""
-
-
-class Stops:
-    """How a run ends early: in one line from rank 0, without a traceback, with an exit code that says why.
-    The first SIGINT or SIGTERM raises Interrupted at once, or, inside the training loop (wait_for_step), at the
-    start of the next step (check()): there every rank stops after the same step and no checkpoint is half written,
-    where a rank that left mid-step would leave the others waiting in a collective. Later signals are only noted:
-    torchrun forwards to its workers the Ctrl-C they already got from the terminal. step and checkpoint say where
-    the run is, for the line; log writes it (rank 0's Logger, once there is one)."""
-
-    def __init__(self, rank: int):
-        self.rank, self.signum, self.wait_for_step = rank, 0, False
-        self.step, self.checkpoint, self.log = 0, None, print
-
-    def install(self):
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(signum) is not signal.SIG_IGN:  # as a background job started ignoring Ctrl-C
-                signal.signal(signum, self._on_signal)
-
-    def _on_signal(self, signum: int, frame):
-        first, self.signum = not self.signum, self.signum or signum
-        if first and not self.wait_for_step:
-            raise Interrupted()
-
-    def check(self):
-        if self.signum:
-            raise Interrupted()
-
-    def where(self) -> str:
-        return f"at step {self.step}; last checkpoint: {self.checkpoint or 'none'}"
-
-    def exit_code(self, error: BaseException) -> int | None:
-        """Say in one line (rank 0) why an exception ends the run, and return its exit code; None for an exception
-        that is a bug, whose traceback the caller shows."""
-        self.wait_for_step = True  # the process is on its way out: a signal now is only noted
-        if self.signum:  # also a collective that failed because another rank stopped first
-            line, code = f"interrupted {self.where()}", 128 + self.signum
-        elif isinstance(error, RunError):
-            line, code = f"error: {error}", 1
-        elif isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "gloo" in str(error)):
-            reason = str(error).splitlines()[0].split("] ", 1)[-1].split(". ")[0]  # gloo's, without its source line
-            line = (f"error: rank {self.rank} waited longer than --collective_timeout for the others in a collective "
-                    f"({reason}): one of them stopped or hangs" if "timed out" in reason.lower() else
-                    f"error: a collective failed ({reason}): another rank stopped or died")
-            line, code = f"{line}; the run stops {self.where()}", 1
-        else:
-            return None
-        if self.rank == 0:
-            if line.startswith("error: "):
-                print(line, file=sys.stderr, flush=True)
-            else:
-                try:
-                    self.log(line)
-                except RunError:  # the log can't take it: the console still does
-                    print(line, flush=True)
-        return code
 
 
 def environment_report(args: Hyperparameters, world_size: int, device: torch.device) -> str:
@@ -963,7 +886,7 @@ def warm_up(model: nn.Module, raw_model: nn.Module, adam: torch.optim.Adam, muon
 
 def train(model: nn.Module, raw_model: nn.Module, adam: torch.optim.Adam, muon: Muon, loader: TrainLoader,
           val_tokens: Tensor, args: Hyperparameters, rank: int, world_size: int, device: torch.device, log: Logger,
-          checkpoint_dir: Path, start_step: int, train_time_ms: float, stops: Stops):
+          checkpoint_dir: Path, start_step: int, train_time_ms: float, stops: "Stops"):
     """The timed loop: evaluate every val_every steps and at the end, time every training step with the GPU
     synchronised (the loss's .item() waits for it), stop on a non-finite loss, save checkpoints. A SIGINT or
     SIGTERM stops it at the start of a step (Stops)."""
@@ -1020,7 +943,7 @@ def train(model: nn.Module, raw_model: nn.Module, adam: torch.optim.Adam, muon: 
     stops.check()
 
 
-def main(argv: list[str], stops: Stops):
+def main(argv: list[str], stops: "Stops"):
     """The run. stops gets its SIGINT and SIGTERM handlers here, and keeps where the run is, for the line that
     stops.exit_code writes if it ends early."""
     stops.install()
@@ -1077,7 +1000,7 @@ def main(argv: list[str], stops: Stops):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Around the run: the command line, launch checks, smoke data, checkpoints and profiles
+# Around the run: the command line, launch checks, smoke data, checkpoints, stops and profiles
 
 
 class ConfigError(ValueError):
@@ -1561,6 +1484,83 @@ def check_resumed_data(ckpt: dict, fingerprint: list[tuple]):
     difference = data_difference(ckpt["data_fingerprint"], fingerprint)
     if difference:
         raise DataError(f"--resume={ckpt['path']} trained on other data: {difference}; resume it on its own data")
+
+
+class RunError(Exception):
+    """The run cannot go on: a checkpoint or the log it cannot write. Rank 0 says why in one line; exit code 1."""
+
+
+class Interrupted(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM: rank 0 says at which step and which checkpoint is the last; exit code 128 + the
+    signal's number, as a shell reports a process the signal ended (130, 143). Like KeyboardInterrupt, no
+    `except Exception` on its way takes it for an error of what it interrupted."""
+
+
+class Stops:
+    """How a run ends early: in one line from rank 0, without a traceback, with an exit code that says why.
+    The first SIGINT or SIGTERM raises Interrupted at once, or, inside the training loop (wait_for_step), at the
+    start of the next step (check()): there every rank stops after the same step and no checkpoint is half written,
+    where a rank that left mid-step would leave the others waiting in a collective. Later signals are only noted:
+    torchrun forwards to its workers the Ctrl-C they already got from the terminal. step and checkpoint say where
+    the run is, for the line; log writes it (rank 0's Logger, once there is one)."""
+
+    def __init__(self, rank: int):
+        self.rank, self.signum, self.wait_for_step = rank, 0, False
+        self.step, self.checkpoint, self.log = 0, None, print
+
+    def install(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) is not signal.SIG_IGN:  # as a background job started ignoring Ctrl-C
+                signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame):
+        first, self.signum = not self.signum, self.signum or signum
+        if first and not self.wait_for_step:
+            raise Interrupted()
+
+    def check(self):
+        if self.signum:
+            raise Interrupted()
+
+    def where(self) -> str:
+        return f"at step {self.step}; last checkpoint: {self.checkpoint or 'none'}"
+
+    def exit_code(self, error: BaseException) -> int | None:
+        """Say in one line (rank 0) why an exception ends the run, and return its exit code; None for an exception
+        that is a bug, whose traceback the caller shows."""
+        self.wait_for_step = True  # the process is on its way out: a signal now is only noted
+        if self.signum:  # also a collective that failed because another rank stopped first
+            line, code = f"interrupted {self.where()}", 128 + self.signum
+        elif isinstance(error, RunError):
+            line, code = f"error: {error}", 1
+        elif isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "gloo" in str(error)):
+            reason = str(error).splitlines()[0].split("] ", 1)[-1].split(". ")[0]  # gloo's, without its source line
+            line = (f"error: rank {self.rank} waited longer than --collective_timeout for the others in a collective "
+                    f"({reason}): one of them stopped or hangs" if "timed out" in reason.lower() else
+                    f"error: a collective failed ({reason}): another rank stopped or died")
+            line, code = f"{line}; the run stops {self.where()}", 1
+        else:
+            return None
+        if self.rank == 0:
+            if line.startswith("error: "):
+                print(line, file=sys.stderr, flush=True)
+            else:
+                try:
+                    self.log(line)
+                except RunError:  # the log can't take it: the console still does
+                    print(line, flush=True)
+        return code
+
+
+def stop_with_launcher():
+    """SIGTERM to this process when its parent, torchrun, dies, by SIGKILL too (which torchrun cannot forward), so
+    that no worker trains on alone; the handler then stops the run as for any SIGTERM. Linux only (prctl)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: workers outlive a killed torchrun, as before
+        return
+    if os.getppid() == 1:  # torchrun died before the prctl: this process was handed to init
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 PROFILED_STEPS = 3

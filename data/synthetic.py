@@ -13,7 +13,7 @@ The format's constants and header check come from train_gpt.py, imported only by
 torch (~15 s on a GPU box), which the workers don't need.
 
     python data/synthetic.py --out data/synthetic --train_shards 9 --tokens 100000000
-    python data/synthetic.py --out data/synthetic_smoke --eot 1023 ...  # for a model with vocab_size=1024
+    python data/synthetic.py --out data/small --vocab 1023 --eot 1023 ...  # for a model with vocab_size=1024
 """
 import argparse
 import hashlib
