@@ -1637,9 +1637,7 @@ def bind_ops(args: Hyperparameters, device: torch.device) -> list[str]:
     if args.fused_attention and hopper:
         masks, attend = document_windows, attention_windows
     elif device.type == "cuda":
-        # Uncompiled, flex_attention falls back to a reference that applies mask_mod everywhere and ignores the block
-        # tables, losing the sliding windows: outside a compiled model it runs compiled on its own.
-        masks, attend = block_masks, attention_flex if args.compile else torch.compile(attention_flex, dynamic=False)
+        masks, attend = block_masks, attention_flex if args.compile else attention_flex_compiled
     else:
         masks, attend = block_masks, attention_dense  # FlexAttention has no backward on the CPU
     fused_qkv = args.fused_qkv and triton_here
@@ -1669,10 +1667,19 @@ def attention_windows(q: Tensor, k: Tensor, v: Tensor, mask: DocumentWindows) ->
     return WindowAttention.apply(q, k, v, *mask)
 
 
-def attention_flex(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask) -> Tensor:
-    """attention under a block mask by FlexAttention, which takes (B, H, T, head_dim)."""
+def attention_flex(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, attend=flex_attention) -> Tensor:
+    """attention under a block mask by FlexAttention, which takes (B, H, T, head_dim), in a compiled model."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    return flex_attention(q, k, v, block_mask=mask, scale=ATTENTION_SCALE).transpose(1, 2)
+    return attend(q, k, v, block_mask=mask, scale=ATTENTION_SCALE).transpose(1, 2)
+
+
+def attention_flex_compiled(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask) -> Tensor:
+    """attention_flex outside a compiled model. Uncompiled, flex_attention falls back to a reference that applies
+    mask_mod everywhere and ignores the block tables, losing the sliding windows: so it runs compiled on its own."""
+    return attention_flex(q, k, v, mask, attend=_flex_attention_compiled)
+
+
+_flex_attention_compiled = torch.compile(flex_attention, dynamic=False)
 
 
 def attention_dense(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask) -> Tensor:

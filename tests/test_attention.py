@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 import train_gpt
 from test_masks import EOT, random_tokens, schedule_windows
-from train_gpt import (ATTENTION_SCALE, attention_flex, attention_windows, block_masks, dense_mask, document_ids,
-                       document_windows, window_attention, window_attention_grad, window_dense_mask)
+from train_gpt import (ATTENTION_SCALE, attention_flex_compiled, attention_windows, block_masks, dense_mask,
+                       document_ids, document_windows, window_attention, window_attention_grad, window_dense_mask)
 
 CUDA = torch.cuda.is_available() and train_gpt.HAS_TRITON
 
@@ -108,7 +108,6 @@ def test_kernels_are_as_close_to_float64_as_flex_attention():
     T, H, head_dim = 16 * 128, 2, 128
     docs = document_ids(random_tokens(np.random.default_rng(7), num_blocks=T // 128), EOT).cuda()
     q, k, v, grad = qkv(T, H, head_dim, "cuda")
-    flex = torch.compile(attention_flex, dynamic=False)  # uncompiled, FlexAttention ignores the block tables
 
     def run(mask, dtype=torch.bfloat16):
         leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
@@ -116,7 +115,8 @@ def test_kernels_are_as_close_to_float64_as_flex_attention():
             attended = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in leaves), attn_mask=mask,
                                                       scale=ATTENTION_SCALE).transpose(1, 2)
         else:
-            attended = (attention_windows if isinstance(mask, train_gpt.DocumentWindows) else flex)(*leaves, mask)
+            attend = attention_windows if isinstance(mask, train_gpt.DocumentWindows) else attention_flex_compiled
+            attended = attend(*leaves, mask)
         attended.backward(grad.to(dtype))
         return [attended.detach()] + [t.grad for t in leaves]
 
