@@ -161,8 +161,14 @@ def test_resume_is_refused_on_other_data(tmp_path):
         check_resumed_data(ckpt, check_data(small_args(tmp_path))[2])
     assert str(error.value) == (f"--resume=step_000004.pt trained on other data: {second}: other content (same size, "
                                 f"another sha256); resume it on its own data")
-    with pytest.raises(DataError, match="records no fingerprint of its data"):
-        check_resumed_data(dict(path="old.pt"), fingerprint)
+
+
+def test_a_checkpoint_without_checksum_and_fingerprint_is_refused(tmp_path):
+    """As the code before checksums and fingerprints saved them: its data can't be checked, so it is refused."""
+    args = small_args(tmp_path)
+    torch.save(dict(args=dataclasses.asdict(args), model={}, step=4), tmp_path / "step_000004.pt")
+    with pytest.raises(train_gpt.ConfigError, match="is damaged \\(no checksum: an older train_gpt.py saved it\\)"):
+        train_gpt.load_checkpoint(str(tmp_path / "step_000004.pt"), args)
 
 
 def test_the_smoke_folder_is_made_once_and_refused_once_altered(tmp_path, monkeypatch):
