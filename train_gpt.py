@@ -81,13 +81,14 @@ except ImportError:  # CPU builds of torch come without Triton; only the GPU ker
 
     class _NoTriton:
         """Stands in for triton, triton.language and TensorDescriptor where Triton is missing, so that the kernels'
-        definitions (@triton.jit, tl.constexpr) still evaluate; bind_ops() binds no op that would launch them."""
+        definitions still evaluate: @triton.jit leaves a kernel a plain function, tl.constexpr(value) the value
+        (tests/kernel_emulator.py runs them so on the CPU); bind_ops() binds no op that would launch them."""
 
         def __getattr__(self, name: str):
             return self
 
         def __call__(self, *args, **kwargs):
-            return args[0] if len(args) == 1 and callable(args[0]) else self
+            return args[0] if len(args) == 1 and not kwargs else self
 
     triton = tl = TensorDescriptor = _NoTriton()
 
