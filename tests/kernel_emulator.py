@@ -511,6 +511,10 @@ def _range(*args, **_):
     return range(*(int(a) for a in args))
 
 
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
 def _static_assert(condition, message=""):
     assert _v(condition), message
 
@@ -533,7 +537,7 @@ lang = types.SimpleNamespace(
     exp=_unary(torch.exp), exp2=_unary(torch.exp2), log=_unary(torch.log), log2=_unary(torch.log2),
     sqrt=_unary(torch.sqrt), rsqrt=_unary(torch.rsqrt), abs=_unary(torch.abs),
     math=types.SimpleNamespace(exp2=_unary(torch.exp2), log2=_unary(torch.log2)),
-    fdiv=lambda a, b, **_: a / b, cdiv=lambda a, b: (a + b - 1) // b,
+    fdiv=lambda a, b, **_: a / b, cdiv=_cdiv,
     inline_asm_elementwise=inline_asm_elementwise, convert_layout=lambda x, layout, **_: x,
     static_assert=_static_assert, static_range=_range, range=_range, warp_specialize=warp_specialize,
     thread_barrier=lambda: None, barrier=lambda **_: None,  # a partition's warps run here as one thread
@@ -577,7 +581,7 @@ def emulate(module, sms: int = 3):
                 warpgroup_mma_wait=warpgroup_mma_wait, fence_async_shared=lambda *a, **k: None,
                 _tma_load=_tma_load, _tma_store=_tma_store, _cta_barrier=lang.barrier, TensorDescriptor=Descriptor,
                 GluonTensorDescriptor=Descriptor, HAS_TRITON=True, HAS_GLUON=True,
-                triton=types.SimpleNamespace(cdiv=lambda a, b: -(-a // b)))
+                triton=types.SimpleNamespace(cdiv=_cdiv))
     properties = torch.cuda.get_device_properties
     try:
         for name, value in saved.items():
