@@ -71,6 +71,19 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.profiler import record_function
 
+
+class _NoTriton:
+    """Stands in for triton, triton.language, Gluon and their names where they are missing, so that the kernels'
+    definitions (@triton.jit, tl.constexpr, @gluon.jit) still evaluate; bind_ops() binds no op that would launch
+    them."""
+
+    def __getattr__(self, name: str):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        return args[0] if len(args) == 1 and callable(args[0]) else self
+
+
 try:
     import triton
     import triton.language as tl
@@ -78,18 +91,19 @@ try:
     HAS_TRITON = True
 except ImportError:  # CPU builds of torch come without Triton; only the GPU kernels need it
     HAS_TRITON = False
-
-    class _NoTriton:
-        """Stands in for triton, triton.language and TensorDescriptor where Triton is missing, so that the kernels'
-        definitions (@triton.jit, tl.constexpr) still evaluate; bind_ops() binds no op that would launch them."""
-
-        def __getattr__(self, name: str):
-            return self
-
-        def __call__(self, *args, **kwargs):
-            return args[0] if len(args) == 1 and callable(args[0]) else self
-
     triton = tl = TensorDescriptor = _NoTriton()
+try:  # Gluon: Triton's language with explicit warps, shared memory and barriers, for the warp-specialised kernels
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
+    HAS_GLUON = True
+except ImportError:
+    HAS_GLUON = False
+    gluon = gl = fence_async_shared = mbarrier = tma = warpgroup_mma = warpgroup_mma_wait = _NoTriton()
+    GluonTensorDescriptor = _NoTriton()
+
 
 REPO = Path(__file__).resolve().parent
 
@@ -127,7 +141,7 @@ class Hyperparameters:
     scalar_lr: float = 0.04  # Adam, all scalars (lambdas, skip weights)
     # implementation
     fp8_head: bool = True  # FP8 lm_head matmul in training where the GPU has FP8 (compute capability >= 8.9)
-    fused_mlp: bool = True  # the MLP's matmuls as Triton kernels with ReLU^2 in them, on Hopper or newer; same bits
+    fused_mlp: bool = True  # the MLP's matmuls as a Gluon kernel with ReLU^2 in it, on Hopper or newer; same bits
     fused_qkv: bool = True  # QK norm, rotary and the value mix as one Triton kernel each way, on a CUDA GPU
     fused_attention: bool = True  # the windowed attention as Triton kernels on Hopper or newer; else FlexAttention
     compile: bool = True  # torch.compile the model and Newton-Schulz
@@ -1593,6 +1607,10 @@ class Tile(NamedTuple):
 
 LOG2E = math.log2(math.e)  # the kernels take exp2 of their arguments times log2(e)
 
+# The Gluon kernels' TMA copies, by their names before and after Triton 3.7 renamed them
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+
 
 def fp8_available(device: torch.device) -> tuple[bool, str]:
     """Whether the FP8 head can run here, and why not."""
@@ -1624,10 +1642,11 @@ def bind_ops(args: Hyperparameters, device: torch.device) -> list[str]:
     fp8, why_not_fp8 = fp8_available(device)
     hopper, why_not_hopper = triton_on_hopper(device)
     triton_here, why_not_triton = (True, "") if device.type == "cuda" and HAS_TRITON else (False, why_not_hopper)
+    gluon_here, why_not_gluon = hopper and HAS_GLUON, why_not_hopper or "this Triton has no Gluon"
     lines = []
     for switch, can, why_not, instead in [
             ("fp8_head", fp8, why_not_fp8, "the lm_head runs in bf16"),
-            ("fused_mlp", hopper, why_not_hopper, "its matmuls and ReLU^2 run as plain PyTorch"),
+            ("fused_mlp", gluon_here, why_not_gluon, "its matmuls and ReLU^2 run as plain PyTorch"),
             ("fused_qkv", triton_here, why_not_triton, "QK norm, rotary and the value mix run as plain PyTorch"),
             ("fused_attention", hopper, why_not_hopper, "FlexAttention or dense attention runs it")]:
         if getattr(args, switch) and not can:
@@ -1641,7 +1660,7 @@ def bind_ops(args: Hyperparameters, device: torch.device) -> list[str]:
     fused_qkv = args.fused_qkv and triton_here
     ops = dict(attention_masks=masks, attention=attend,
                attention_inputs=attention_inputs_fused if fused_qkv else attention_inputs_reference,
-               relu2_mlp=relu2_mlp_fused if args.fused_mlp and hopper else relu2_mlp_reference,
+               relu2_mlp=relu2_mlp_fused if args.fused_mlp and gluon_here else relu2_mlp_reference,
                head_loss=head_loss_fp8 if args.fp8_head and fp8 else head_loss_bf16)
     globals().update(ops)
     return lines + ["ops: " + ", ".join(f"{name}={op.__name__}" for name, op in ops.items())]
@@ -2102,7 +2121,7 @@ def _qkv_prep_grad_kernel(grad_q, grad_k, grad_v, gq_b, gq_t, gq_h, gk_b, gk_t, 
     tl.store(partial + 2 * tl.program_id(0) + 1, tl.sum(tl.sum(dot_ve, axis=1), axis=0))
 
 
-# --- relu2_mlp: the MLP's two matmuls that have elementwise work beside them, each one Triton matmul on Hopper
+# --- relu2_mlp: the MLP's two matmuls that have elementwise work beside them, each one Gluon matmul on Hopper
 # The up-projection stores h = relu(a)^2 for a = x @ w_fc.T in one pass, and the backward stores
 # grad_a = (grad_y @ w_proj) * 2 relu(a) in one pass; torch.compile makes each a cuBLAS matmul and an inductor kernel
 # that reads the matmul's output again. Rounding as compiled: the matmul to bf16, then the epilogue once, from
@@ -2110,15 +2129,13 @@ def _qkv_prep_grad_kernel(grad_q, grad_k, grad_v, gq_b, gq_t, gq_h, gk_b, gk_t, 
 # relu(a) is sqrt(h) rounded to bf16, exactly (see relu_of_square).
 
 
-# The matmul's (rows, columns, depth) tile, fixed rather than autotuned (which would time each shape at every
-# start): the fastest of the sweeps in the speed record's leads table (records/2026-12-05_speed_x1). MLP_GROUP row
-# blocks at a time share w's column blocks in L2.
-MLP_MATMUL = Tile((128, 256, 64), warps=8, stages=3)
-MLP_GROUP = 8
+# Each warpgroup's tile of the output, (rows, columns, depth), fixed rather than autotuned; its stages are the ring of
+# (x, w) tiles that the loading warp keeps full. Measured in the speed record's leads table.
+MLP_MATMUL = Tile((128, 128, 64), warps=4, stages=4)
 
 
 def relu2_mlp_fused(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
-    """relu2_mlp_reference with its up-projection and that one's backward as the Triton matmuls below."""
+    """relu2_mlp_reference with its up-projection and that one's backward as the Gluon matmul below."""
     return FusedReLU2MLP.apply(x.flatten(end_dim=-2), w_fc, w_proj).view_as(x)
 
 
@@ -2155,7 +2172,7 @@ def relu_of_square(h: Tensor) -> Tensor:
 
 @torch.library.custom_op("speedrun::matmul_relu2", mutates_args=())
 def matmul_relu2(x: Tensor, w: Tensor) -> Tensor:
-    """x (n, k) and w (m, k), bf16 -> relu(x @ w.T)^2, (n, m) bf16. This body is the reference; on CUDA the Triton
+    """x (n, k) and w (m, k), bf16 -> relu(x @ w.T)^2, (n, m) bf16. This body is the reference; on CUDA the Gluon
     kernel runs instead."""
     return F.relu(x @ w.T).square()
 
@@ -2168,7 +2185,7 @@ def _(x: Tensor, w: Tensor):
 @torch.library.custom_op("speedrun::matmul_relu2_grad", mutates_args=())
 def matmul_relu2_grad(grad_y: Tensor, w: Tensor, h: Tensor) -> Tensor:
     """grad_y (n, k), w (k, m), h = relu(a)^2 (n, m), bf16 -> (grad_y @ w) * 2 relu(a): the gradient of a, (n, m)
-    bf16. This body is the reference; on CUDA the Triton kernel runs instead."""
+    bf16. This body is the reference; on CUDA the Gluon kernel runs instead."""
     return (grad_y @ w) * 2 * relu_of_square(h)
 
 
@@ -2179,70 +2196,138 @@ def _(grad_y: Tensor, w: Tensor, h: Tensor):
 
 @matmul_relu2.register_kernel("cuda")
 def _matmul_relu2_cuda(x: Tensor, w: Tensor) -> Tensor:
-    return _matmul_relu2_triton(x.contiguous(), w.contiguous(), None, w_kn=False)
+    return _matmul_relu2_gluon(x.contiguous(), w.contiguous(), None, w_kn=False)
 
 
 @matmul_relu2_grad.register_kernel("cuda")
 def _matmul_relu2_grad_cuda(grad_y: Tensor, w: Tensor, h: Tensor) -> Tensor:
-    return _matmul_relu2_triton(grad_y.contiguous(), w.contiguous(), h.contiguous(), w_kn=True)
+    return _matmul_relu2_gluon(grad_y.contiguous(), w.contiguous(), h.contiguous(), w_kn=True)
 
 
-def _matmul_relu2_triton(x: Tensor, w: Tensor, h: Tensor | None, w_kn: bool) -> Tensor:
+def _matmul_relu2_gluon(x: Tensor, w: Tensor, h: Tensor | None, w_kn: bool) -> Tensor:
     """The forward without h, the backward with it."""
     M, K = x.shape
     N = w.size(1) if w_kn else w.size(0)
     (BM, BN, BK), warps, stages = MLP_MATMUL
     out = x.new_empty(M, N)
-    descs = [TensorDescriptor.from_tensor(x, [BM, BK]), TensorDescriptor.from_tensor(w, [BK, BN] if w_kn else [BN, BK])]
+    h = out if h is None else h
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     grid = (min(num_sms, triton.cdiv(M, BM) * triton.cdiv(N, BN)),)
-    backward = h is not None
-    _matmul_relu2_kernel[grid](*descs, h if backward else out, out, M, N, K, w_kn, backward, BM, BN, BK,
-                               GROUP=MLP_GROUP, NUM_SMS=grid[0], num_warps=warps, num_stages=stages)
+    _matmul_relu2_kernel[grid](_gluon_tiles(x, [BM, BK]), _gluon_tiles(w, [BK, BN] if w_kn else [BN, BK]),
+                               _gluon_tiles(h, [BM, BN]), _gluon_tiles(out, [BM, BN]), M, N, K, w_kn, h is not out,
+                               BM, BN, BK, stages, num_warps=warps, maxnreg=168)
     return out
 
 
-@triton.jit
-def _tile(tile, num_m, num_n, GROUP: tl.constexpr):
-    """A tile's (row, column) block: GROUP row blocks at a time share the column blocks of w in L2."""
-    first_m = tile // (GROUP * num_n) * GROUP
-    rows = min(num_m - first_m, GROUP)
-    return first_m + tile % (GROUP * num_n) % rows, tile % (GROUP * num_n) // rows
+def _gluon_tiles(t: Tensor, block: list[int]) -> "GluonTensorDescriptor":
+    """A descriptor of the 2-D bf16 tensor t for the TMA, in tiles of block, swizzled for the tensor cores."""
+    return GluonTensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16))
 
 
-@triton.jit
-def _matmul_relu2_kernel(x_desc, w_desc, h, out, M, N, K, W_KN: tl.constexpr, BACKWARD: tl.constexpr,
-                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
-                         NUM_SMS: tl.constexpr):
+# The matmul is warp-specialised and persistent, as CUTLASS's "ping-pong" kernels for Hopper are: a program an SM,
+# whose tiles alternate between two warpgroups, each with its own accumulator, fed by one warp that loads (x, w)
+# tiles through the TMA into a ring of stages; while one warpgroup runs its epilogue, the other's matmul keeps the
+# tensor cores busy. maxnreg=168 caps the 3 warpgroups' registers at the register file; the two consumers take 240
+# each and the loading warp's group 24.
+
+
+@gluon.jit
+def _matmul_relu2_kernel(x_desc, w_desc, h_desc, out_desc, M, N, K, W_KN: gl.constexpr, BACKWARD: gl.constexpr,
+                         BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr):
     # y = x @ w (w stored (K, N): W_KN) or x @ w.T (w stored (N, K)), rounded to bf16. Forward: stores relu(y)^2
-    # as out. Backward: stores y * 2 relu(a) as out, relu(a) from h as relu_of_square has it (tl.sqrt, the fast
-    # approximate one: its error is far inside that function's margin). Persistent: one program per SM walks the
-    # tiles.
-    # The epilogue stores from registers, not through shared memory and the TMA: the warps go on to the next
-    # tile's loads without waiting for the stores to land, and the shared memory is left to the pipeline.
-    num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-    tile_c = tl.program_id(0) - NUM_SMS  # the epilogue's tile, counted apart from the loads' as Triton's
-    # persistent-matmul tutorial does, for the flattened pipeline
-    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
-        pid_m, pid_n = _tile(tile, num_m, num_n, GROUP)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    # as out. Backward: stores y * 2 relu(a) as out, relu(a) from h as relu_of_square has it (gl.sqrt, the fast
+    # approximate one: its error is far inside that function's margin).
+    x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
+    w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    out_bufs = gl.allocate_shared_memory(out_desc.dtype, [2] + out_desc.block_type.shape, out_desc.layout)
+    h_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    for i in gl.static_range(2):
+        mbarrier.init(h_ready.index(i), count=1)
+        mbarrier.init(turn.index(i), count=1)
+    gl.warp_specialize([
+        (_matmul_relu2_consumer, (h_desc, out_desc, x_bufs, w_bufs, ready, empty, out_bufs, h_ready, turn, M, N, K,
+                                  W_KN, BACKWARD, BM, BN, BK, STAGES, 0)),
+        (_matmul_relu2_consumer, (h_desc, out_desc, x_bufs, w_bufs, ready, empty, out_bufs, h_ready, turn, M, N, K,
+                                  W_KN, BACKWARD, BM, BN, BK, STAGES, 1)),
+        (_matmul_relu2_loads, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, M, N, K, W_KN, BM, BN, BK, STAGES)),
+    ], [4, 1], [240, 24])
+
+
+@gluon.jit
+def _matmul_relu2_loads(x_desc, w_desc, x_bufs, w_bufs, ready, empty, M, N, K, W_KN: gl.constexpr,
+                        BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr):
+    # the loading warp: the program's tiles in order, each one's (x, w) tiles along K into the next free stage
+    num_n = (N + BN - 1) // BN
+    count = 0
+    for tile in range(gl.program_id(0), (M + BM - 1) // BM * num_n, gl.num_programs(0)):
+        off_m, off_n = tile // num_n * BM, tile % num_n * BN
         for k in range(0, K, BK):
+            stage = count % STAGES
+            mbarrier.wait(empty.index(stage), (count // STAGES & 1) ^ 1)  # a new barrier passes parity 1 at once
+            mbarrier.expect(ready.index(stage), x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+            _tma_load(x_desc, [off_m, k], ready.index(stage), x_bufs.index(stage))
             if W_KN:
-                acc = tl.dot(x_desc.load([pid_m * BM, k]), w_desc.load([k, pid_n * BN]), acc)
+                _tma_load(w_desc, [k, off_n], ready.index(stage), w_bufs.index(stage))
             else:
-                acc = tl.dot(x_desc.load([pid_m * BM, k]), w_desc.load([pid_n * BN, k]).T, acc)
-        tile_c += NUM_SMS
-        pid_m, pid_n = _tile(tile_c, num_m, num_n, GROUP)
-        rows, cols = pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN)
-        ok = (rows < M)[:, None] & (cols < N)[None, :]
-        at = rows.to(tl.int64)[:, None] * N + cols[None, :]
-        y = acc.to(tl.bfloat16)
+                _tma_load(w_desc, [off_n, k], ready.index(stage), w_bufs.index(stage))
+            count += 1
+
+
+@gluon.jit
+def _matmul_relu2_consumer(h_desc, out_desc, x_bufs, w_bufs, ready, empty, out_bufs, h_ready, turn, M, N, K,
+                           W_KN: gl.constexpr, BACKWARD: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                           BK: gl.constexpr, STAGES: gl.constexpr, WHICH: gl.constexpr):
+    # warpgroup WHICH: every other tile of the program's, its matmul by wgmma from the ring (one in flight while
+    # the next stage is awaited), then its epilogue through its own tile of shared memory and the TMA. In the
+    # backward, h's tile arrives there during the matmul. The two take turns at their matmuls (turn): a wait on a
+    # stage's barrier tells only the parity of its fills, so a warpgroup may wait for a stage's next fill only once
+    # the other has waited for the fill before it.
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
+    num_n = (N + BN - 1) // BN
+    k_steps = (K + BK - 1) // BK
+    count = WHICH * k_steps  # the ring's count at this warpgroup's first tile: the loading warp goes in tile order
+    out_tile, h_bar, phase = out_bufs.index(WHICH), h_ready.index(WHICH), 0
+    for tile in range(gl.program_id(0) + WHICH * gl.num_programs(0), (M + BM - 1) // BM * num_n,
+                      2 * gl.num_programs(0)):
+        off_m, off_n = tile // num_n * BM, tile % num_n * BN
+        tma.store_wait(0)  # the last tile's output has left out_tile
         if BACKWARD:
-            relu_a = tl.sqrt(tl.load(h + at, mask=ok).to(tl.float32)).to(tl.bfloat16).to(tl.float32)
-            tl.store(out + at, (y.to(tl.float32) * 2 * relu_a).to(tl.bfloat16), mask=ok)
+            mbarrier.expect(h_bar, h_desc.block_type.nbytes)
+            _tma_load(h_desc, [off_m, off_n], h_bar, out_tile)
+        acc = gl.zeros((BM, BN), dtype=gl.float32, layout=layout)
+        mbarrier.wait(turn.index(WHICH), phase ^ (1 - WHICH))  # warpgroup 0's first wait passes at once
+        for k in range(k_steps):
+            stage = count % STAGES
+            mbarrier.wait(ready.index(stage), count // STAGES & 1)
+            if W_KN:
+                acc = warpgroup_mma(x_bufs.index(stage), w_bufs.index(stage), acc, is_async=True)
+            else:
+                acc = warpgroup_mma(x_bufs.index(stage), w_bufs.index(stage).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            mbarrier.arrive(empty.index((count + STAGES - 1) % STAGES), count=1, pred=k > 0)  # the one before
+            count += 1
+        mbarrier.arrive(turn.index(1 - WHICH), count=1)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index((count + STAGES - 1) % STAGES), count=1)
+        count += k_steps  # past the other warpgroup's tile
+        y = acc.to(gl.bfloat16).to(gl.float32)
+        if BACKWARD:
+            mbarrier.wait(h_bar, phase)
+            relu_a = gl.sqrt(out_tile.load(layout).to(gl.float32)).to(gl.bfloat16).to(gl.float32)
+            out_tile.store((y * 2 * relu_a).to(gl.bfloat16))
         else:
-            relu_y = tl.maximum(y.to(tl.float32), 0.0)
-            tl.store(out + at, (relu_y * relu_y).to(tl.bfloat16), mask=ok)
+            relu_y = gl.maximum(y, 0.0)
+            out_tile.store((relu_y * relu_y).to(gl.bfloat16))
+        fence_async_shared()
+        _tma_store(out_desc, [off_m, off_n], out_tile)
+        phase ^= 1
+    tma.store_wait(0)
 
 
 # --- head_loss: the lm_head's training loss, fused and in chunks of tokens

@@ -5,7 +5,7 @@ autograd:
 - the backward's relu(a), which it takes from h = relu(a)^2 (relu_of_square), is relu(a) itself for every bf16 a in
   the range the function claims;
 - the MLP's output and the gradients of x and both weights are the plain path's, bit for bit: on the CPU the ops
-  run their reference bodies; on a Hopper GPU their Triton matmuls round as the plain path does (the matmul
+  run their reference bodies; on a Hopper GPU their Gluon matmul rounds as the plain path does (the matmul
   to bf16, the elementwise step once);
 - a GPT with the fused MLP gives the plain GPT's loss and gradients."""
 import pytest
@@ -17,7 +17,7 @@ from train_gpt import (MLP, matmul_relu2, matmul_relu2_grad, relu2_mlp_fused, re
 
 
 def devices() -> list[str]:
-    cuda = torch.cuda.is_available() and triton_on_hopper(torch.device("cuda"))[0]
+    cuda = torch.cuda.is_available() and triton_on_hopper(torch.device("cuda"))[0] and train_gpt.HAS_GLUON
     return ["cpu"] + ["cuda"] * cuda
 
 
@@ -95,3 +95,11 @@ def test_fused_mlp_is_off_without_hopper(restore_ops):
     lines = train_gpt.bind_ops(train_gpt.Hyperparameters(), torch.device("cpu"))
     assert train_gpt.relu2_mlp is relu2_mlp_reference
     assert "fused_mlp: off (no Triton on cpu); its matmuls and ReLU^2 run as plain PyTorch" in lines
+
+
+def test_fused_mlp_is_off_without_gluon(restore_ops, monkeypatch):
+    monkeypatch.setattr(train_gpt, "triton_on_hopper", lambda device: (True, ""))
+    monkeypatch.setattr(train_gpt, "HAS_GLUON", False)
+    lines = train_gpt.bind_ops(train_gpt.Hyperparameters(), torch.device("cpu"))
+    assert train_gpt.relu2_mlp is relu2_mlp_reference
+    assert "fused_mlp: off (this Triton has no Gluon); its matmuls and ReLU^2 run as plain PyTorch" in lines
