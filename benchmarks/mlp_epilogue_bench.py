@@ -12,7 +12,7 @@ Each time is the median over 10 rounds of 20 calls queued back to back, per call
 CPU runs ahead of the GPU (a lone call would count its launch latency in).
 
 With --tiles= (tiles as rows x columns x depth x stages, comma separated), the fused ops also at each of those
-MLP_MATMUL settings, with how many values differ from the committed tile's.
+MLP_MATMUL settings, with how many values differ from the compiled path's.
 
 Usage: python benchmarks/mlp_epilogue_bench.py [--tiles=64x256x64x4,128x128x64x5]
 """

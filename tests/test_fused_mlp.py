@@ -7,6 +7,8 @@ autograd:
 - the MLP's output and the gradients of x and both weights are the plain path's, bit for bit: on the CPU the ops
   run their reference bodies; on a Hopper GPU their Gluon matmul rounds as the plain path does (the matmul
   to bf16, the elementwise step once);
+- on a Hopper GPU, at a shape where the two warpgroups of the Gluon matmul share its ring, the ops agree with
+  float64 matmuls rounded as they round;
 - a GPT with the fused MLP gives the plain GPT's loss and gradients."""
 import pytest
 import torch
