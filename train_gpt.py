@@ -1486,7 +1486,8 @@ def data_difference(before: list[tuple], now: list[tuple]) -> str:
             return f"{path}: {current[path][0]:,} bytes, not {size:,}"
         if current[path][1] != digest:
             return f"{path}: other content (same size, another sha256)"
-    extra = [path for path, _, _ in now if path not in {path for path, _, _ in before}]
+    known = {path for path, _, _ in before}
+    extra = [path for path, _, _ in now if path not in known]
     return f"{extra[0]}: a shard more" if extra else ""
 
 
