@@ -1662,7 +1662,8 @@ def bind_ops(args: Hyperparameters, device: torch.device) -> list[str]:
     ops = dict(attention_masks=masks, attention=attend,
                attention_inputs=attention_inputs_fused if fused_qkv else attention_inputs_reference,
                relu2_mlp=relu2_mlp_fused if args.fused_mlp and gluon_here else relu2_mlp_reference,
-               head_loss=head_loss_fp8 if args.fp8_head and fp8 else head_loss_bf16)
+               head_loss=(head_loss_fp8_hopper if gluon_here else head_loss_fp8) if args.fp8_head and fp8
+               else head_loss_bf16)
     globals().update(ops)
     return lines + ["ops: " + ", ".join(f"{name}={op.__name__}" for name, op in ops.items())]
 
@@ -2221,8 +2222,10 @@ def _matmul_relu2_gluon(x: Tensor, w: Tensor, h: Tensor | None, w_kn: bool) -> T
 
 
 def _gluon_tiles(t: Tensor, block: list[int]) -> "GluonTensorDescriptor":
-    """A descriptor of the 2-D bf16 tensor t for the TMA, in tiles of block, swizzled for the tensor cores."""
-    return GluonTensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16))
+    """A descriptor of the 2-D bf16 or float8_e4m3fn tensor t for the TMA, in tiles of block, swizzled for the
+    tensor cores."""
+    dtype = gl.float8e4nv if t.dtype == torch.float8_e4m3fn else gl.bfloat16
+    return GluonTensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
 
 
 # The matmul is warp-specialised and persistent, as CUTLASS's "ping-pong" kernels for Hopper are: a program an SM,
@@ -2256,18 +2259,30 @@ def _matmul_relu2_kernel(x_desc, w_desc, h_desc, out_desc, M, N, K, W_KN: gl.con
                                   W_KN, BACKWARD, BM, BN, BK, STAGES, 0)),
         (_matmul_relu2_consumer, (h_desc, out_desc, x_bufs, w_bufs, ready, empty, out_bufs, h_ready, turn, M, N, K,
                                   W_KN, BACKWARD, BM, BN, BK, STAGES, 1)),
-        (_matmul_relu2_loads, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, M, N, K, W_KN, BM, BN, BK, STAGES)),
+        (_matmul_loads, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, M, N, K, W_KN, False, BM, BN, BK, STAGES)),
     ], [4, 1], [240, 24])
 
 
 @gluon.jit
-def _matmul_relu2_loads(x_desc, w_desc, x_bufs, w_bufs, ready, empty, M, N, K, W_KN: gl.constexpr,
-                        BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr):
-    # the loading warp: the program's tiles in order, each one's (x, w) tiles along K into the next free stage
-    num_n = (N + BN - 1) // BN
-    count = 0
-    for tile in range(gl.program_id(0), (M + BM - 1) // BM * num_n, gl.num_programs(0)):
+def _tile_at(tile, M, N, BM: gl.constexpr, BN: gl.constexpr, N_MAJOR: gl.constexpr):
+    """The row and column where the program's tile `tile` starts: tiles go along the rows of out (x's row blocks,
+    each against all of w's), or with N_MAJOR down its columns (w's row blocks, each against all of x's)."""
+    if N_MAJOR:
+        num_m = (M + BM - 1) // BM
+        off_m, off_n = tile % num_m * BM, tile // num_m * BN
+    else:
+        num_n = (N + BN - 1) // BN
         off_m, off_n = tile // num_n * BM, tile % num_n * BN
+    return off_m, off_n
+
+
+@gluon.jit
+def _matmul_loads(x_desc, w_desc, x_bufs, w_bufs, ready, empty, M, N, K, W_KN: gl.constexpr, N_MAJOR: gl.constexpr,
+                  BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr):
+    # the loading warp: the program's tiles in order, each one's (x, w) tiles along K into the next free stage
+    count = 0
+    for tile in range(gl.program_id(0), (M + BM - 1) // BM * ((N + BN - 1) // BN), gl.num_programs(0)):
+        off_m, off_n = _tile_at(tile, M, N, BM, BN, N_MAJOR)
         for k in range(0, K, BK):
             stage = count % STAGES
             mbarrier.wait(empty.index(stage), (count // STAGES & 1) ^ 1)  # a new barrier passes parity 1 at once
@@ -2281,42 +2296,49 @@ def _matmul_relu2_loads(x_desc, w_desc, x_bufs, w_bufs, ready, empty, M, N, K, W
 
 
 @gluon.jit
+def _matmul_tile(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layout: gl.constexpr,
+                 W_KN: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr, WHICH: gl.constexpr):
+    """A consumer warpgroup's matmul of one tile by wgmma from the ring (one in flight while the next stage is
+    awaited) -> the float32 accumulator and the ring's count past the other warpgroup's next tile. The two take
+    turns at their matmuls (turn): a wait on a stage's barrier tells only the parity of its fills, so a warpgroup
+    may wait for a stage's next fill only once the other has waited for the fill before it."""
+    acc = gl.zeros((BM, BN), dtype=gl.float32, layout=layout)
+    mbarrier.wait(turn.index(WHICH), phase ^ (1 - WHICH))  # warpgroup 0's first wait passes at once
+    for k in range(k_steps):
+        stage = count % STAGES
+        mbarrier.wait(ready.index(stage), count // STAGES & 1)
+        if W_KN:
+            acc = warpgroup_mma(x_bufs.index(stage), w_bufs.index(stage), acc, is_async=True)
+        else:
+            acc = warpgroup_mma(x_bufs.index(stage), w_bufs.index(stage).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        mbarrier.arrive(empty.index((count + STAGES - 1) % STAGES), count=1, pred=k > 0)  # the one before
+        count += 1
+    mbarrier.arrive(turn.index(1 - WHICH), count=1)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    mbarrier.arrive(empty.index((count + STAGES - 1) % STAGES), count=1)
+    return acc, count + k_steps
+
+
+@gluon.jit
 def _matmul_relu2_consumer(h_desc, out_desc, x_bufs, w_bufs, ready, empty, out_bufs, h_ready, turn, M, N, K,
                            W_KN: gl.constexpr, BACKWARD: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                            BK: gl.constexpr, STAGES: gl.constexpr, WHICH: gl.constexpr):
-    # warpgroup WHICH: every other tile of the program's, its matmul by wgmma from the ring (one in flight while
-    # the next stage is awaited), then its epilogue through its own tile of shared memory and the TMA. In the
-    # backward, h's tile arrives there during the matmul. The two take turns at their matmuls (turn): a wait on a
-    # stage's barrier tells only the parity of its fills, so a warpgroup may wait for a stage's next fill only once
-    # the other has waited for the fill before it.
+    # warpgroup WHICH: every other tile of the program's, its matmul, then its epilogue through its own tile of
+    # shared memory and the TMA. In the backward, h's tile arrives there during the matmul.
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
-    num_n = (N + BN - 1) // BN
     k_steps = (K + BK - 1) // BK
     count = WHICH * k_steps  # the ring's count at this warpgroup's first tile: the loading warp goes in tile order
     out_tile, h_bar, phase = out_bufs.index(WHICH), h_ready.index(WHICH), 0
-    for tile in range(gl.program_id(0) + WHICH * gl.num_programs(0), (M + BM - 1) // BM * num_n,
+    for tile in range(gl.program_id(0) + WHICH * gl.num_programs(0), (M + BM - 1) // BM * ((N + BN - 1) // BN),
                       2 * gl.num_programs(0)):
-        off_m, off_n = tile // num_n * BM, tile % num_n * BN
+        off_m, off_n = _tile_at(tile, M, N, BM, BN, False)
         tma.store_wait(0)  # the last tile's output has left out_tile
         if BACKWARD:
             mbarrier.expect(h_bar, h_desc.block_type.nbytes)
             _tma_load(h_desc, [off_m, off_n], h_bar, out_tile)
-        acc = gl.zeros((BM, BN), dtype=gl.float32, layout=layout)
-        mbarrier.wait(turn.index(WHICH), phase ^ (1 - WHICH))  # warpgroup 0's first wait passes at once
-        for k in range(k_steps):
-            stage = count % STAGES
-            mbarrier.wait(ready.index(stage), count // STAGES & 1)
-            if W_KN:
-                acc = warpgroup_mma(x_bufs.index(stage), w_bufs.index(stage), acc, is_async=True)
-            else:
-                acc = warpgroup_mma(x_bufs.index(stage), w_bufs.index(stage).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-            mbarrier.arrive(empty.index((count + STAGES - 1) % STAGES), count=1, pred=k > 0)  # the one before
-            count += 1
-        mbarrier.arrive(turn.index(1 - WHICH), count=1)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        mbarrier.arrive(empty.index((count + STAGES - 1) % STAGES), count=1)
-        count += k_steps  # past the other warpgroup's tile
+        acc, count = _matmul_tile(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layout, W_KN, BM, BN,
+                                  STAGES, WHICH)
         y = acc.to(gl.bfloat16).to(gl.float32)
         if BACKWARD:
             mbarrier.wait(h_bar, phase)
@@ -2339,7 +2361,9 @@ def _matmul_relu2_consumer(h_desc, out_desc, x_bufs, w_bufs, ready, empty, out_b
 # scales. A chunk's logits become the loss and their gradient in _loss_and_logit_grad: on the GPU two Triton
 # kernels, each reading the logits once, the second storing the gradient in both layouts that the FP8 matmuls need.
 # In FP8 the gradient for w is one matmul over a span of GRAD_W_CHUNKS chunks, whose transposed gradients the
-# kernel stores side by side: fewer float32 (V, D) partial products to add into grad_w.
+# kernel stores side by side: fewer float32 (V, D) partial products to add into grad_w. On Hopper the FP8 logits'
+# matmul is a Gluon kernel whose epilogue also sums exp(z) over each tile's row, while the other warpgroup's matmul
+# runs: the row sums' own pass over the logits is then a small kernel over those partial sums.
 
 FP8_X_SCALE, FP8_W_SCALE = 2.0, 32.0
 # The mean over the tokens makes each logit's gradient about 1/tokens: grad_s = 2^13 * tokens brings it into
@@ -2353,6 +2377,10 @@ GRAD_W_CHUNKS = 2  # chunks a span: each one more holds another chunk's FP8 grad
 # compares them
 HEAD_LSE = Tile((1, 2048), warps=4, stages=3)
 HEAD_GRAD = Tile((32, 64), warps=4, stages=3)
+# On Hopper: the logits' FP8 matmul (rows, columns, depth) as the MLP's, and the rows and partial sums of a program
+# of the kernel that adds those sums up
+HEAD_MATMUL = Tile((128, 128, 128), warps=4, stages=4)
+HEAD_SUMS = Tile((32, 64), warps=4, stages=2)
 
 
 def head_loss_bf16(x: Tensor, w: Tensor, targets: Tensor) -> Tensor:
@@ -2366,8 +2394,14 @@ def head_loss_fp8(x: Tensor, w: Tensor, targets: Tensor) -> Tensor:
     return fused_head_loss(x, w, targets, True)[0]
 
 
+def head_loss_fp8_hopper(x: Tensor, w: Tensor, targets: Tensor) -> Tensor:
+    """head_loss_fp8 with the logits' row sums in the logits' matmul (Hopper, Gluon)."""
+    return fused_head_loss(x, w, targets, True, True)[0]
+
+
 class HeadSteps(NamedTuple):
     """The steps of the head loss's chunk loop that the GPU runs otherwise than the reference."""
+    logits: Callable  # a chunk's inputs and w -> its logits, and their row sums of exp(z) by column block or None
     loss_and_logit_grad: Callable  # a chunk's logits -> its loss and the logits' gradient
     e4m3_both: Callable  # w -> its FP8 copies
     grad_x: Callable  # the logits' gradient -> the gradient for x
@@ -2393,8 +2427,10 @@ def _head_loss_chunks(x: Tensor, w: Tensor, targets: Tensor, fp8: bool,
         for chunk in range(0, len(x_q), HEAD_CHUNK):
             rows = slice(chunk, chunk + HEAD_CHUNK)
             g = None  # the last chunk's gradient goes before this chunk's logits are allocated
-            chunk_loss, g = steps.loss_and_logit_grad(_logits(x_q[rows], w_q), targets[tokens][rows], 1 / len(x),
-                                                      grad_s, g_t[:, rows] if fp8 else None)[:2]
+            logits, sums = steps.logits(x_q[rows], w_q)
+            chunk_loss, g = steps.loss_and_logit_grad(logits, targets[tokens][rows], 1 / len(x), grad_s,
+                                                      g_t[:, rows] if fp8 else None, sums)[:2]
+            del logits, sums
             grad_x[tokens][rows] = steps.grad_x(g, w_q_t, grad_s)
             loss += chunk_loss
         grad_w = steps.add_grad_w(grad_w, g_t if fp8 else g.T, x_q, grad_s)  # in bf16 a span is a chunk: g.T is g_t
@@ -2403,16 +2439,20 @@ def _head_loss_chunks(x: Tensor, w: Tensor, targets: Tensor, fp8: bool,
 
 
 @torch.library.custom_op("speedrun::head_loss", mutates_args=())
-def fused_head_loss(x: Tensor, w: Tensor, targets: Tensor, fp8: bool) -> tuple[Tensor, Tensor, Tensor]:
+def fused_head_loss(x: Tensor, w: Tensor, targets: Tensor, fp8: bool,
+                    sums_in_matmul: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """The mean cross entropy of softcap(x @ w.T) against targets, and its gradients.
     x (T, D) bf16, w (V, D) float32, targets (T,) int64 -> loss () float32, grad_x (T, D) bf16, grad_w (V, D)
-    float32. fp8: the matmuls in FP8 (compute capability >= 8.9, or a recent CPU build), else in bf16. This body
-    is the reference; on CUDA _fused_head_loss_cuda runs the same loop with Triton kernels and compiled steps."""
-    return _head_loss_chunks(x, w, targets, fp8, HeadSteps(_loss_and_logit_grad, _e4m3_both, _grad_x, _add_grad_w))
+    float32. fp8: the matmuls in FP8 (compute capability >= 8.9, or a recent CPU build), else in bf16.
+    sums_in_matmul (with fp8, on Hopper): the logits' matmul is the Gluon kernel that also sums their rows. This
+    body is the reference; on CUDA _fused_head_loss_cuda runs the same loop with Triton kernels and compiled
+    steps."""
+    steps = HeadSteps(_logits, _loss_and_logit_grad, _e4m3_both, _grad_x, _add_grad_w)
+    return _head_loss_chunks(x, w, targets, fp8, steps)
 
 
 @fused_head_loss.register_fake
-def _(x: Tensor, w: Tensor, targets: Tensor, fp8: bool):
+def _(x: Tensor, w: Tensor, targets: Tensor, fp8: bool, sums_in_matmul: bool = False):
     assert x.ndim == w.ndim == 2 and x.shape[1] == w.shape[1] and targets.shape == x.shape[:1]
     return x.new_empty((), dtype=torch.float32), torch.empty_like(x), torch.empty_like(w, dtype=torch.float32)
 
@@ -2424,7 +2464,7 @@ def _head_loss_setup_context(ctx, inputs, output):
 
 def _head_loss_backward(ctx, grad_loss: Tensor, _grad_x, _grad_w):
     grad_x, grad_w = ctx.saved_tensors
-    return grad_x * grad_loss, grad_w * grad_loss, None, None
+    return grad_x * grad_loss, grad_w * grad_loss, None, None, None
 
 
 fused_head_loss.register_autograd(_head_loss_backward, setup_context=_head_loss_setup_context)
@@ -2441,20 +2481,22 @@ def _e4m3_both(t: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     return t_q, t_q.T.contiguous()
 
 
-def _logits(x_q: Tensor, w_q: Tensor) -> Tensor:
-    """x_q (n, D) and w_q (V, D), both bf16 or both float8_e4m3fn (scaled) -> the logits (n, V) in bf16."""
+def _logits(x_q: Tensor, w_q: Tensor) -> tuple[Tensor, None]:
+    """x_q (n, D) and w_q (V, D), both bf16 or both float8_e4m3fn (scaled) -> the logits (n, V) in bf16, and no
+    row sums."""
     if w_q.dtype != torch.float8_e4m3fn:
-        return x_q @ w_q.T
+        return x_q @ w_q.T, None
     one = torch.ones((), dtype=torch.float32, device=x_q.device)
     return torch._scaled_mm(x_q, w_q.T, out_dtype=torch.bfloat16, scale_a=one / FP8_X_SCALE,
-                            scale_b=one / FP8_W_SCALE, use_fast_accum=True)
+                            scale_b=one / FP8_W_SCALE, use_fast_accum=True), None
 
 
 def _loss_and_logit_grad(logits: Tensor, targets: Tensor, inv_tokens: float, grad_s: float | None,
-                         g_t: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+                         g_t: Tensor | None = None, sums: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """The reference of the Triton kernels below. The logits (n, V) bf16 -> (the summed cross entropy of
     softcap(logits), the gradient g of inv_tokens * that sum for the logits, rounded to bf16; with grad_s (FP8):
-    g * grad_s in float8_e5m2, and a copy transposed, written into g_t (V, n) if given)."""
+    g * grad_s in float8_e5m2, and a copy transposed, written into g_t (V, n) if given). The reference sums the
+    rows itself, whatever sums the matmul made."""
     s = torch.sigmoid(logits.float() / SOFTCAP_TEMPERATURE)
     z = SOFTCAP * s  # = softcap(logits)
     # z < 30, so the sum of exp(z) over the 50304 logits stays below 6e17: no max needs subtracting first
@@ -2503,18 +2545,22 @@ _add_grad_w_compiled = torch.compile(_add_grad_w, **HEAD_COMPILE)
 
 
 @fused_head_loss.register_kernel("cuda")
-def _fused_head_loss_cuda(x: Tensor, w: Tensor, targets: Tensor, fp8: bool) -> tuple[Tensor, Tensor, Tensor]:
-    steps = HeadSteps(_loss_and_logit_grad_triton, _e4m3_both_compiled, _grad_x_compiled, _add_grad_w_compiled)
+def _fused_head_loss_cuda(x: Tensor, w: Tensor, targets: Tensor, fp8: bool,
+                          sums_in_matmul: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    steps = HeadSteps(_logits_gluon if fp8 and sums_in_matmul else _logits, _loss_and_logit_grad_triton,
+                      _e4m3_both_compiled, _grad_x_compiled, _add_grad_w_compiled)
     return _head_loss_chunks(x, w, targets, fp8, steps)
 
 
 def _loss_and_logit_grad_triton(logits: Tensor, targets: Tensor, inv_tokens: float, grad_s: float | None,
-                                g_t: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """_loss_and_logit_grad on the GPU: the row sums of exp(z), then g tile by tile."""
+                                g_t: Tensor | None = None,
+                                sums: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """_loss_and_logit_grad on the GPU: the row sums of exp(z) (from the matmul's sums, where it made them),
+    then g tile by tile."""
     if not HAS_TRITON:
         raise RuntimeError("the GPU head loss needs Triton, as torch.compile does: pip install triton")
     n, V = logits.shape
-    lse, losses = _row_lse_triton(logits, targets)
+    lse, losses = _row_lse_triton(logits, targets) if sums is None else _lse_of_sums_triton(sums, logits, targets)
     fp8 = grad_s is not None
     g = torch.empty_like(logits, dtype=torch.float8_e5m2 if fp8 else torch.bfloat16)
     if fp8 and g_t is None:
@@ -2535,6 +2581,33 @@ def _row_lse_triton(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     _lse_kernel[(triton.cdiv(n, rows),)](logits, targets, lse, losses, n, V, SOFTCAP, SOFTCAP_TEMPERATURE, rows, cols,
                                          num_warps=warps, num_stages=stages)
     return lse, losses
+
+
+def _lse_of_sums_triton(sums: Tensor, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """_row_lse_triton from the logits' matmul's partial row sums of exp(z), sums (V / BN, n) float32."""
+    n = logits.size(0)
+    lse, losses = logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+    (rows, parts), warps, stages = HEAD_SUMS
+    _lse_of_sums_kernel[(triton.cdiv(n, rows),)](sums, logits, targets, lse, losses, n, logits.size(1), len(sums),
+                                                 SOFTCAP, SOFTCAP_TEMPERATURE, rows, parts, num_warps=warps,
+                                                 num_stages=stages)
+    return lse, losses
+
+
+def _logits_gluon(x_q: Tensor, w_q: Tensor) -> tuple[Tensor, Tensor]:
+    """_logits in FP8 by the Gluon kernel below -> the logits (n, V) bf16 and, for each of w's blocks of BN rows,
+    each row's sum of exp(z) over its columns, (V / BN, n) float32. V is a multiple of BN (the lm_head's rows are
+    padded to a multiple of 128)."""
+    (BM, BN, BK), warps, stages = HEAD_MATMUL
+    n, V = len(x_q), len(w_q)
+    logits = x_q.new_empty((n, V), dtype=torch.bfloat16)
+    sums = x_q.new_empty((V // BN, n), dtype=torch.float32)
+    num_sms = torch.cuda.get_device_properties(x_q.device).multi_processor_count
+    grid = (min(num_sms, triton.cdiv(n, BM) * (V // BN)),)
+    _logits_kernel[grid](_gluon_tiles(x_q.contiguous(), [BM, BK]), _gluon_tiles(w_q, [BN, BK]),
+                         _gluon_tiles(logits, [BM, BN]), sums, n, V, x_q.size(1), 1 / (FP8_X_SCALE * FP8_W_SCALE),
+                         SOFTCAP, SOFTCAP_TEMPERATURE, BM, BN, BK, stages, num_warps=warps, maxnreg=168)
+    return logits, sums
 
 
 # The head loss's exponentials and reciprocals as the special-function unit's instructions alone: tl.exp and
@@ -2591,6 +2664,24 @@ def _lse_kernel(logits, targets, lse, losses, n, V, CAP: tl.constexpr, TEMPERATU
 
 
 @triton.jit
+def _lse_of_sums_kernel(sums, logits, targets, lse, losses, n, V, PARTS, CAP: tl.constexpr,
+                        TEMPERATURE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    # _lse_kernel's results from sums (PARTS, n), each row's sums of exp(z) over blocks of its columns
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n
+    total = tl.zeros((ROWS,), dtype=tl.float32)
+    for start in range(0, PARTS, BLOCK):
+        parts = start + tl.arange(0, BLOCK)
+        ok = (parts < PARTS)[:, None] & row_ok[None, :]
+        total += tl.sum(tl.load(sums + parts[:, None] * n + rows[None, :], mask=ok, other=0.0), axis=0)
+    row_lse = tl.log(total)
+    z_target = CAP * _sigmoid_kernel(tl.load(logits + rows.to(tl.int64) * V + tl.load(targets + rows, mask=row_ok),
+                                             mask=row_ok).to(tl.float32), TEMPERATURE)
+    tl.store(lse + rows, row_lse, mask=row_ok)
+    tl.store(losses + rows, row_lse - z_target, mask=row_ok)
+
+
+@triton.jit
 def _logit_grad_kernel(logits, targets, lse, g, g_t, n, V, t_stride, inv_tokens, grad_s, FP8: tl.constexpr,
                        CAP: tl.constexpr, TEMPERATURE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
     # A (ROWS, COLS) tile of the logits -> the same tile of g, as _loss_and_logit_grad computes it; in FP8 also
@@ -2608,6 +2699,64 @@ def _logit_grad_kernel(logits, targets, lse, g, g_t, n, V, t_stride, inv_tokens,
         t_offsets = cols.to(tl.int64)[:, None] * t_stride + rows[None, :]
         tl.store(g_t + t_offsets, tl.trans(grad), mask=tl.trans(ok))
     tl.store(g + offsets, grad, mask=ok)
+
+
+# The logits' FP8 matmul on Hopper: the MLP's ping-pong kernel (its loading warp and matmul loop), with tiles taken
+# down the columns (w's row blocks in turn, each against every row block of the chunk's x, which stays in L2), and an
+# epilogue that stores the logits and the tile's row sums of exp(z) as _lse_kernel computes them.
+
+
+@gluon.jit
+def _logits_kernel(x_desc, w_desc, out_desc, sums, M, N, K, SCALE: gl.constexpr, CAP: gl.constexpr,
+                   TEMPERATURE: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+                   STAGES: gl.constexpr):
+    # out = x @ w.T * SCALE, rounded to bf16, as _scaled_mm makes it; sums[n // BN, m] = the sum of exp(z) over
+    # the tile's columns of row m
+    x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
+    w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    out_bufs = gl.allocate_shared_memory(out_desc.dtype, [2] + out_desc.block_type.shape, out_desc.layout)
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)
+    gl.warp_specialize([
+        (_logits_consumer, (out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, turn, M, N, K, SCALE, CAP,
+                            TEMPERATURE, BM, BN, BK, STAGES, 0)),
+        (_logits_consumer, (out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, turn, M, N, K, SCALE, CAP,
+                            TEMPERATURE, BM, BN, BK, STAGES, 1)),
+        (_matmul_loads, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, M, N, K, False, True, BM, BN, BK, STAGES)),
+    ], [4, 1], [240, 24])
+
+
+@gluon.jit
+def _logits_consumer(out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, turn, M, N, K, SCALE: gl.constexpr,
+                     CAP: gl.constexpr, TEMPERATURE: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                     BK: gl.constexpr, STAGES: gl.constexpr, WHICH: gl.constexpr):
+    # warpgroup WHICH, as _matmul_relu2_consumer: every other tile, its matmul, then its epilogue
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 32])
+    k_steps = (K + BK - 1) // BK
+    count = WHICH * k_steps
+    out_tile, phase = out_bufs.index(WHICH), 0
+    tile_rows = gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
+    for tile in range(gl.program_id(0) + WHICH * gl.num_programs(0), (M + BM - 1) // BM * ((N + BN - 1) // BN),
+                      2 * gl.num_programs(0)):
+        off_m, off_n = _tile_at(tile, M, N, BM, BN, True)
+        tma.store_wait(0)  # the last tile's logits have left out_tile
+        acc, count = _matmul_tile(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layout, False, BM, BN,
+                                  STAGES, WHICH)
+        logits = (acc * SCALE).to(gl.bfloat16)
+        out_tile.store(logits)
+        fence_async_shared()
+        _tma_store(out_desc, [off_m, off_n], out_tile)
+        exp_z = _exp_kernel(CAP * _sigmoid_tanh_kernel(logits.to(gl.float32), TEMPERATURE))
+        rows = off_m + tile_rows
+        gl.store(sums + off_n // BN * M + rows, gl.sum(exp_z, axis=1), mask=rows < M)
+        phase ^= 1
+    tma.store_wait(0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
