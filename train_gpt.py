@@ -1608,6 +1608,23 @@ class Tile(NamedTuple):
 
 LOG2E = math.log2(math.e)  # the kernels take exp2 of their arguments times log2(e)
 
+
+@triton.jit
+def _bf16(x):
+    """float32 -> bf16, rounded to nearest (ties to even) as .to(bfloat16) rounds, two at a time by the packed
+    conversion instruction (F2FP in SASS), where Triton's conversion takes one instruction a value (F2F)."""
+    return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=tl.bfloat16,
+                                     is_pure=True, pack=2)
+
+
+@triton.jit
+def _bf16_bits(x):
+    """_bf16 by integer instructions: the bits of x rounded to bf16, as a float32's (int32, the low 16 bits zero).
+    .to(float32, bitcast=True) is the rounded value, (bits >> 16).to(int16).to(bfloat16, bitcast=True) the bf16."""
+    bits = x.to(tl.int32, bitcast=True)
+    return (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+
+
 # The Gluon kernels' TMA copies, by their names before and after Triton 3.7 renamed them
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
@@ -2339,10 +2356,10 @@ def _matmul_relu2_consumer(h_desc, out_desc, x_bufs, w_bufs, ready, empty, out_b
             _tma_load(h_desc, [off_m, off_n], h_bar, out_tile)
         acc, count = _matmul_tile(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layout, W_KN, BM, BN,
                                   STAGES, WHICH)
-        y = acc.to(gl.bfloat16).to(gl.float32)
+        y = _bf16(acc).to(gl.float32)
         if BACKWARD:
             mbarrier.wait(h_bar, phase)
-            relu_a = gl.sqrt(out_tile.load(layout).to(gl.float32)).to(gl.bfloat16).to(gl.float32)
+            relu_a = _bf16(gl.sqrt(out_tile.load(layout).to(gl.float32))).to(gl.float32)
             out_tile.store((y * 2 * relu_a).to(gl.bfloat16))
         else:
             relu_y = gl.maximum(y, 0.0)
@@ -2693,7 +2710,7 @@ def _logit_grad_kernel(logits, targets, lse, g, g_t, n, V, t_stride, inv_tokens,
     s = _sigmoid_kernel(tl.load(logits + offsets, mask=ok).to(tl.float32), TEMPERATURE)
     p = _exp_kernel(CAP * s - tl.load(lse + rows, mask=rows < n)[:, None])
     dz = tl.where(cols[None, :] == tl.load(targets + rows, mask=rows < n)[:, None], p - 1, p)
-    grad = (dz * inv_tokens * (CAP / TEMPERATURE) * s * (1 - s)).to(tl.bfloat16)  # = dz / dlogits
+    grad = _bf16(dz * inv_tokens * (CAP / TEMPERATURE) * s * (1 - s))  # = dz / dlogits
     if FP8:
         grad = (grad.to(tl.float32) * grad_s).to(tl.float8e5)
         t_offsets = cols.to(tl.int64)[:, None] * t_stride + rows[None, :]
@@ -2748,11 +2765,11 @@ def _logits_consumer(out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, tur
         tma.store_wait(0)  # the last tile's logits have left out_tile
         acc, count = _matmul_tile(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layout, False, BM, BN,
                                   STAGES, WHICH)
-        logits = (acc * SCALE).to(gl.bfloat16)
-        out_tile.store(logits)
+        bits = _bf16_bits(acc * SCALE)  # here _bf16 would spill registers
+        out_tile.store((bits >> 16).to(gl.int16).to(gl.bfloat16, bitcast=True))
         fence_async_shared()
         _tma_store(out_desc, [off_m, off_n], out_tile)
-        exp_z = _exp_kernel(CAP * _sigmoid_tanh_kernel(logits.to(gl.float32), TEMPERATURE))
+        exp_z = _exp_kernel(CAP * _sigmoid_tanh_kernel(bits.to(gl.float32, bitcast=True), TEMPERATURE))
         rows = off_m + tile_rows
         gl.store(sums + off_n // BN * M + rows, gl.sum(exp_z, axis=1), mask=rows < M)
         phase ^= 1

@@ -8,6 +8,7 @@
   is one matmul over a span of chunks, and when the last span is short;
 - on a GPU, inductor's coordinate-descent tuning (--coordinate_descent_tuning=1) leaves its FP8 results unchanged;
 - on a GPU, the row sums' tanh sigmoid keeps the log-sum-exp and the losses within 1.2e-4 of float64's;
+- on a GPU, the kernels' two bf16 roundings (_bf16, _bf16_bits) give torch's bits for any finite float32;
 - bind_ops binds the FP8 head with its row sums in the matmul on Hopper with Gluon, else without;
 - on Hopper, the Gluon FP8 logits matmul gives _scaled_mm's logits and the row sums of the row-sum kernel, and the
   op with it (sums_in_matmul) the loss and gradients of the op without it.
@@ -241,3 +242,30 @@ def test_fp8_head_sums_in_its_matmul_on_hopper_with_gluon(restore_ops, monkeypat
     monkeypatch.setattr(train_gpt, "HAS_GLUON", gluon)
     train_gpt.bind_ops(train_gpt.Hyperparameters(), torch.device("cpu"))
     assert train_gpt.head_loss is (train_gpt.head_loss_fp8_hopper if gluon else train_gpt.head_loss_fp8)
+
+
+if train_gpt.HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _rounded(x, packed, by_bits, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        value = tl.load(x + i, mask=i < n)
+        tl.store(packed + i, train_gpt._bf16(value), mask=i < n)
+        bits = train_gpt._bf16_bits(value)
+        tl.store(by_bits + i, (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True), mask=i < n)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not train_gpt.HAS_TRITON, reason="needs a CUDA GPU and Triton")
+def test_kernel_bf16_roundings_are_torchs():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(-2**31, 2**31 - 1, (1 << 20,), generator=gen).to(torch.int32).view(torch.float32)
+    ties = torch.arange(1 << 16, dtype=torch.int32).mul(1 << 16).add(1 << 15).view(torch.float32)  # halfway cases
+    x = torch.cat([x, ties, 1e-38 * torch.randn(1 << 16, generator=gen)])  # and subnormals
+    x = x[torch.isfinite(x)].cuda()
+    packed, by_bits = (torch.empty(len(x), dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    _rounded[(triton.cdiv(len(x), 1024),)](x, packed, by_bits, len(x), 1024)
+    expected = x.bfloat16().view(torch.int16)
+    assert torch.equal(packed.view(torch.int16), expected)
+    assert torch.equal(by_bits.view(torch.int16), expected)
