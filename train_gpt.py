@@ -2097,13 +2097,7 @@ def _qkv_prep_grad_kernel(grad_q, grad_k, grad_v, gq_b, gq_t, gq_h, gk_b, gk_t, 
         else:
             at = grad_k + b.to(tl.int64)[:, None] * gk_b + t[:, None] * gk_t + (head - H) * gk_h + half
         g1, g2 = tl.load(at).to(tl.float32), tl.load(at + HD // 2).to(tl.float32)
-        d1, d2 = g1 * c - g2 * s, g1 * s + g2 * c  # the gradient of the normed halves: the inverse rotation
-        x1, x2, rstd = _qk_rows(qkv, rows, head, HD, 3 * H)
-        x1, x2 = x1 * rstd, x2 * rstd
-        mean_dot = ((tl.sum(d1 * x1, axis=1) + tl.sum(d2 * x2, axis=1)) / HD)[:, None]
-        out = grad_qkv + qkv_rows + head * HD + half
-        tl.store(out, (rstd * (d1 - x1 * mean_dot)).to(tl.bfloat16))
-        tl.store(out + HD // 2, (rstd * (d2 - x2 * mean_dot)).to(tl.bfloat16))
+        _qk_rows_grad(g1, g2, c, s, qkv, grad_qkv, rows, head, HD, 3 * H)
     cols = tl.arange(0, HD)[None, :]
     l0, l1 = tl.load(lambdas), tl.load(lambdas + 1)
     dot_v = tl.zeros((ROWS, HD), dtype=tl.float32)
@@ -2120,6 +2114,20 @@ def _qkv_prep_grad_kernel(grad_q, grad_k, grad_v, gq_b, gq_t, gq_h, gk_b, gk_t, 
             tl.store(grad_ve + at_ve, (l1 * g).to(tl.bfloat16))
     tl.store(partial + 2 * tl.program_id(0), tl.sum(tl.sum(dot_v, axis=1), axis=0))
     tl.store(partial + 2 * tl.program_id(0) + 1, tl.sum(tl.sum(dot_ve, axis=1), axis=0))
+
+
+@triton.jit
+def _qk_rows_grad(g1, g2, c, s, qkv, grad_qkv, rows, head, HD: tl.constexpr, H3: tl.constexpr):
+    """The gradient of head `head` of qkv's rows, stored bf16 in grad_qkv (laid out as qkv), from that of the
+    rows normed and rotated, in halves g1, g2 float32, and the rows' cos and sin c, s: the inverse rotation, then
+    the norm's backward, with rstd recomputed from qkv."""
+    d1, d2 = g1 * c - g2 * s, g1 * s + g2 * c  # the gradient of the normed halves: the inverse rotation
+    x1, x2, rstd = _qk_rows(qkv, rows, head, HD, H3)
+    x1, x2 = x1 * rstd, x2 * rstd
+    mean_dot = ((tl.sum(d1 * x1, axis=1) + tl.sum(d2 * x2, axis=1)) / HD)[:, None]
+    out = grad_qkv + rows.to(tl.int64)[:, None] * (H3 * HD) + head * HD + tl.arange(0, HD // 2)[None, :]
+    tl.store(out, (rstd * (d1 - x1 * mean_dot)).to(tl.bfloat16))
+    tl.store(out + HD // 2, (rstd * (d2 - x2 * mean_dot)).to(tl.bfloat16))
 
 
 # --- relu2_mlp: the MLP's two matmuls that have elementwise work beside them, each one Gluon matmul on Hopper
