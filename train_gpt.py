@@ -17,9 +17,9 @@ logits. Credits for single tricks are in the comments where they are used. This 
 
 It reads top to bottom: hyperparameters, the model, the attention masks, Muon, the data, the training steps and
 main(); then what goes on around a run (the command line, launch checks, smoke data, checkpoints, profiles); then
-the ops that have GPU kernels. The model calls five ops by name (attention_masks, attention_inputs, attention,
-relu2_mlp, head_loss); bind_ops() binds each, once a run, to its implementation, whose plain-PyTorch reference is
-what the CPU runs and what the tests compare the kernels with.
+the ops that have GPU kernels. The model calls ops by name (attention_masks, attention_block: attention_inputs
+then attention, relu2_mlp, head_loss); bind_ops() binds each of these six, once a run, to its implementation,
+whose plain-PyTorch reference is what the CPU runs and what the tests compare the kernels with.
 """
 import copy
 import ctypes
@@ -264,8 +264,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: Tensor, ve: Tensor | None, mask: "BlockMask | DocumentWindows") -> Tensor:
         B, T, D = x.shape
         qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).type_as(x)).view(B, T, 3 * self.num_heads, self.head_dim)
-        q, k, v = attention_inputs(qkv, ve, self.lambdas, self.rotary)
-        return self.c_proj(attention(q, k, v, mask).reshape(B, T, D))
+        return self.c_proj(attention_block(qkv, ve, self.lambdas, self.rotary, mask).reshape(B, T, D))
 
 
 class MLP(nn.Module):
@@ -1591,11 +1590,12 @@ def write_profile(profiler: torch.profiler.profile, path: Path, steps: int):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Ops and their implementations
-# The model calls five ops by name: attention_masks, attention_inputs, attention, relu2_mlp and head_loss.
-# bind_ops() binds each name once a run, from the run's switches and what the device can do; until then they name
-# the plain implementations, which run anywhere (the end of this section). Each op's section holds, in this order:
-# its tile settings, its implementations, its plain-PyTorch reference (what the CPU runs, and what the tests
-# compare the kernels with), its custom ops with their fakes, their launchers, and their Triton kernels.
+# The model calls ops by name: attention_masks, attention_block (attention_inputs, then attention), relu2_mlp and
+# head_loss. bind_ops() binds each of these six names once a run, from the run's switches and what the device can
+# do; until then they name the plain implementations, which run anywhere (the end of this section). Each op's
+# section holds, in this order: its tile settings, its implementations, its plain-PyTorch reference (what the CPU
+# runs, and what the tests compare the kernels with), its custom ops with their fakes, their launchers, and their
+# Triton kernels.
 
 
 class Tile(NamedTuple):
@@ -1661,6 +1661,7 @@ def bind_ops(args: Hyperparameters, device: torch.device) -> list[str]:
     fused_qkv = args.fused_qkv and triton_here
     ops = dict(attention_masks=masks, attention=attend,
                attention_inputs=attention_inputs_fused if fused_qkv else attention_inputs_reference,
+               attention_block=attention_block_reference,
                relu2_mlp=relu2_mlp_fused if args.fused_mlp and gluon_here else relu2_mlp_reference,
                head_loss=head_loss_fp8 if args.fp8_head and fp8 else head_loss_bf16)
     globals().update(ops)
@@ -2128,6 +2129,16 @@ def _qk_rows_grad(g1, g2, c, s, qkv, grad_qkv, rows, head, HD: tl.constexpr, H3:
     out = grad_qkv + rows.to(tl.int64)[:, None] * (H3 * HD) + head * HD + tl.arange(0, HD // 2)[None, :]
     tl.store(out, (rstd * (d1 - x1 * mean_dot)).to(tl.bfloat16))
     tl.store(out + HD // 2, (rstd * (d2 - x2 * mean_dot)).to(tl.bfloat16))
+
+
+# --- attention_block: attention_inputs, then attention, as the model calls them
+
+
+def attention_block_reference(qkv: Tensor, ve: Tensor | None, lambdas: Tensor, rotary: Rotary,
+                              mask: "BlockMask | DocumentWindows") -> Tensor:
+    """qkv (B, T, 3 * H, head_dim) -> the attention's output (B, T, H, head_dim): attention_inputs, then
+    attention, as bound."""
+    return attention(*attention_inputs(qkv, ve, lambdas, rotary), mask)
 
 
 # --- relu2_mlp: the MLP's two matmuls that have elementwise work beside them, each one Gluon matmul on Hopper
@@ -2621,6 +2632,7 @@ def _logit_grad_kernel(logits, targets, lse, g, g_t, n, V, t_stride, inv_tokens,
 # ----------------------------------------------------------------------------------------------------------------
 # Until bind_ops() binds this run's, the ops are the plain implementations, which run on any device
 attention_masks, attention, attention_inputs = block_masks, attention_dense, attention_inputs_reference
+attention_block = attention_block_reference
 relu2_mlp, head_loss = relu2_mlp_reference, head_loss_bf16
 
 

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 
 import train_gpt
 from test_masks import EOT, random_tokens, schedule_windows
-from train_gpt import (ATTENTION_SCALE, attention_flex_compiled, attention_windows, block_masks, dense_mask,
-                       document_ids, document_windows, window_attention, window_attention_grad, window_dense_mask)
+from train_gpt import (ATTENTION_SCALE, attention_block_reference, attention_flex_compiled, attention_windows,
+                       block_masks, dense_mask, document_ids, document_windows, window_attention, window_attention_grad,
+                       window_dense_mask)
 
 CUDA = torch.cuda.is_available() and train_gpt.HAS_TRITON
 
@@ -100,6 +101,7 @@ def test_gpt_through_the_ops_matches_the_plain_gpt(monkeypatch):
 def test_fused_attention_is_off_on_the_cpu(restore_ops):
     lines = train_gpt.bind_ops(train_gpt.Hyperparameters(), torch.device("cpu"))
     assert train_gpt.attention is train_gpt.attention_dense and train_gpt.attention_masks is block_masks
+    assert train_gpt.attention_block is attention_block_reference
     assert "fused_attention: off (no Triton on cpu); FlexAttention or dense attention runs it" in lines
 
 
