@@ -17,9 +17,9 @@ logits. Credits for single tricks are in the comments where they are used. This 
 
 It reads top to bottom: hyperparameters, the model, the attention masks, Muon, the data, the training steps and
 main(); then what goes on around a run (the command line, launch checks, smoke data, checkpoints, profiles); then
-the ops that have GPU kernels. The model calls five ops by name (attention_masks, attention_inputs, attention,
-relu2_mlp, head_loss); bind_ops() binds each, once a run, to its implementation, whose plain-PyTorch reference is
-what the CPU runs and what the tests compare the kernels with.
+the ops that have GPU kernels. The model calls ops by name (attention_masks, attention_block: attention_inputs
+then attention, relu2_mlp, head_loss); bind_ops() binds each of these six, once a run, to its implementation,
+whose plain-PyTorch reference is what the CPU runs and what the tests compare the kernels with.
 """
 import copy
 import ctypes
@@ -264,8 +264,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: Tensor, ve: Tensor | None, mask: "BlockMask | DocumentWindows") -> Tensor:
         B, T, D = x.shape
         qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).type_as(x)).view(B, T, 3 * self.num_heads, self.head_dim)
-        q, k, v = attention_inputs(qkv, ve, self.lambdas, self.rotary)
-        return self.c_proj(attention(q, k, v, mask).reshape(B, T, D))
+        return self.c_proj(attention_block(qkv, ve, self.lambdas, self.rotary, mask).reshape(B, T, D))
 
 
 class MLP(nn.Module):
@@ -1591,11 +1590,12 @@ def write_profile(profiler: torch.profiler.profile, path: Path, steps: int):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Ops and their implementations
-# The model calls five ops by name: attention_masks, attention_inputs, attention, relu2_mlp and head_loss.
-# bind_ops() binds each name once a run, from the run's switches and what the device can do; until then they name
-# the plain implementations, which run anywhere (the end of this section). Each op's section holds, in this order:
-# its tile settings, its implementations, its plain-PyTorch reference (what the CPU runs, and what the tests
-# compare the kernels with), its custom ops with their fakes, their launchers, and their Triton kernels.
+# The model calls ops by name: attention_masks, attention_block (attention_inputs, then attention), relu2_mlp and
+# head_loss. bind_ops() binds each of these six names once a run, from the run's switches and what the device can
+# do; until then they name the plain implementations, which run anywhere (the end of this section). Each op's
+# section holds, in this order: its tile settings, its implementations, its plain-PyTorch reference (what the CPU
+# runs, and what the tests compare the kernels with), its custom ops with their fakes, their launchers, and their
+# Triton kernels.
 
 
 class Tile(NamedTuple):
@@ -1676,8 +1676,10 @@ def bind_ops(args: Hyperparameters, device: torch.device) -> list[str]:
     else:
         masks, attend = block_masks, attention_dense  # FlexAttention has no backward on the CPU
     fused_qkv = args.fused_qkv and triton_here
+    fused_block = fused_qkv and args.fused_attention and hopper  # then attention and attention_inputs go unused
     ops = dict(attention_masks=masks, attention=attend,
                attention_inputs=attention_inputs_fused if fused_qkv else attention_inputs_reference,
+               attention_block=attention_block_fused if fused_block else attention_block_reference,
                relu2_mlp=relu2_mlp_fused if args.fused_mlp and gluon_here else relu2_mlp_reference,
                head_loss=(head_loss_fp8_hopper if gluon_here else head_loss_fp8) if args.fp8_head and fp8
                else head_loss_bf16)
@@ -1810,21 +1812,41 @@ def _window_attention_triton(q: Tensor, k: Tensor, v: Tensor, starts: Tensor,
 @window_attention_grad.register_kernel("cuda")
 def _window_attention_grad_triton(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                   starts: Tensor, ends: Tensor, window_blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    grads = tuple(q.new_empty(q.shape) for _ in range(3))
+    _window_attention_grad_kernels(grad_out, q, k, v, out, lse, starts, ends, window_blocks, grads)
+    return grads
+
+
+def _window_attention_grad_kernels(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                   starts: Tensor, ends: Tensor, window_blocks: Tensor, grads: tuple[Tensor, ...],
+                                   inputs: tuple = ()):
+    """Launches the query kernel, then the key kernel, which store into grads = (grad_q, grad_k, grad_v). Given
+    inputs = (qkv, ve, lambdas, cos, sin, partial, has_ve), the kernels go on with attention_inputs' backward, and
+    grads are (grad_qkv, grad_qkv, grad_ve): see window_attention_inputs_grad."""
     _, T, H, head_dim = q.shape
     grad_out, q, k, v, out = (t.contiguous() for t in (grad_out, q, k, v, out))
     delta = torch.empty_like(lse)  # per query: the sum of grad_out * out, which the query kernel computes and stores
-    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    fused = bool(inputs)
+    qkv, ve, lambdas, cos, sin, partial, has_ve = inputs or (q,) * 6 + (False,)  # placeholders, unread unfused
+
+    def grid(block: int) -> tuple[int, int]:
+        # fused, heads first: the H programs of a tile run side by side, and all but the first find its rows of cos
+        # and sin (float32, 32 MiB at 64K tokens) in L2. With the tiles first, between two heads' reads of a row
+        # would come a head's pass over the sequence, which loads far more than L2 holds (50 MB): each head would
+        # read the tables from HBM
+        return (H, T // block) if fused else (T // block, H)
+
     (block_m, block_n), warps, stages = ATTENTION_GRAD_Q
-    _window_attention_grad_q_kernel[(T // block_m, H)](
+    _window_attention_grad_q_kernel[grid(block_m)](
         _tiles_of(q, block_m), _tiles_of(k, block_n), _tiles_of(v, block_n), _tiles_of(grad_out, block_m), out, lse,
-        delta, starts, window_blocks, grad_q, T, ATTENTION_SCALE * LOG2E, ATTENTION_SCALE, H, head_dim, BLOCK_SIZE,
-        block_m, block_n, num_warps=warps, num_stages=stages)
+        delta, starts, window_blocks, grads[0], qkv, cos, sin, T, ATTENTION_SCALE * LOG2E, ATTENTION_SCALE, H,
+        head_dim, BLOCK_SIZE, block_m, block_n, fused, num_warps=warps, num_stages=stages)
     (block_m, block_n), warps, stages = ATTENTION_GRAD_KV
-    _window_attention_grad_kv_kernel[(T // block_n, H)](
+    _window_attention_grad_kv_kernel[grid(block_n)](
         _tiles_of(q, block_m), _tiles_of(k, block_n), _tiles_of(v, block_n), _tiles_of(grad_out, block_m), lse, delta,
-        ends, window_blocks, grad_k, grad_v, T, ATTENTION_SCALE * LOG2E, ATTENTION_SCALE, H, head_dim, BLOCK_SIZE,
-        block_m, block_n, num_warps=warps, num_stages=stages)
-    return grad_q, grad_k, grad_v
+        ends, window_blocks, *grads[1:], qkv, ve, lambdas, cos, sin, partial, T, ATTENTION_SCALE * LOG2E,
+        ATTENTION_SCALE, H, head_dim, BLOCK_SIZE, block_m, block_n, fused, has_ve, num_warps=warps,
+        num_stages=stages)
 
 
 @triton.jit
@@ -1835,6 +1857,16 @@ def _key_range(first_start, last_start, m0, window, BLOCK: tl.constexpr, BLOCK_N
     lo = tl.maximum((m0 // BLOCK - window + 1) * BLOCK, first_start // BLOCK_N * BLOCK_N)
     unmasked = tl.minimum(tl.maximum(lo, tl.cdiv(last_start, BLOCK_N) * BLOCK_N), m0)
     return lo, unmasked
+
+
+@triton.jit
+def _tile_and_head(BLOCK: tl.constexpr, HEADS_FIRST: tl.constexpr):
+    """This program's first row and head, of a grid (T // BLOCK, H), or (H, T // BLOCK) with HEADS_FIRST."""
+    if HEADS_FIRST:
+        row0, head = tl.program_id(1) * BLOCK, tl.program_id(0)
+    else:
+        row0, head = tl.program_id(0) * BLOCK, tl.program_id(1)
+    return row0, head
 
 
 # Each kernel walks its tile's range of keys (or queries) in one pipelined loop, with a branch that masks only
@@ -1877,12 +1909,13 @@ def _window_attention_kernel(q_desc, k_desc, v_desc, out, lse, starts, window_bl
 
 @triton.jit
 def _window_attention_grad_q_kernel(q_desc, k_desc, v_desc, grad_out_desc, out, lse, delta, starts,
-                                    window_blocks, grad_q, T, qk_scale, scale, H: tl.constexpr,
+                                    window_blocks, grad_q, qkv, cos, sin, T, qk_scale, scale, H: tl.constexpr,
                                     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                                    BLOCK_N: tl.constexpr):
+                                    BLOCK_N: tl.constexpr, INPUTS: tl.constexpr):
     # one tile of BLOCK_M queries of one head, over the keys it sees, as in the forward; it also stores its
-    # queries' delta = sum(grad_out * out) for the key kernel, which runs after it
-    m0, head = tl.program_id(0) * BLOCK_M, tl.program_id(1)
+    # queries' delta = sum(grad_out * out) for the key kernel, which runs after it. With INPUTS, grad_q is the
+    # gradient of qkv, and the tile's gradient reaches it through attention_inputs' backward of q
+    m0, head = _tile_and_head(BLOCK_M, INPUTS)
     rows, dims, col = m0 + tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM), head * HEAD_DIM
     cols = tl.arange(0, BLOCK_N)
     at = rows[:, None] * (H * HEAD_DIM) + col + dims[None, :]
@@ -1903,17 +1936,25 @@ def _window_attention_grad_q_kernel(q_desc, k_desc, v_desc, grad_out_desc, out, 
         grad_p = tl.dot(grad_o, v_desc.load([n, col]).T)
         grad_s = p * (grad_p - delta_q[:, None])
         grad_q_tile += tl.dot(grad_s.to(k_tile.dtype), k_tile)
-    tl.store(grad_q + at, (grad_q_tile * scale).to(q_tile.dtype))
+    grad_q_tile = (grad_q_tile * scale).to(q_tile.dtype)  # bf16 either way: the separate ops' numbers
+    if INPUTS:
+        _qk_grad_tile(grad_q_tile, qkv, cos, sin, grad_q, rows, head, HEAD_DIM, 3 * H)
+    else:
+        tl.store(grad_q + at, grad_q_tile)
 
 
 @triton.jit
 def _window_attention_grad_kv_kernel(q_desc, k_desc, v_desc, grad_out_desc, lse, delta, ends, window_blocks,
-                                     grad_k, grad_v, T, qk_scale, scale, H: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                                     grad_k, grad_v, qkv, ve, lambdas, cos, sin, partial, T, qk_scale, scale,
+                                     H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+                                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUTS: tl.constexpr,
+                                     HAS_VE: tl.constexpr):
     # one tile of BLOCK_N keys of one head, over the queries that see them: from the tile itself (masked) to
     # the end of the window or of its last key's document, masked from its first key's document end
-    # (flash attention 2's backward, by Tri Dao), with the scores transposed (keys x queries)
-    n0, head = tl.program_id(0) * BLOCK_N, tl.program_id(1)
+    # (flash attention 2's backward, by Tri Dao), with the scores transposed (keys x queries). With INPUTS,
+    # grad_k is the gradient of qkv and grad_v that of ve, which the tile's gradients reach through
+    # attention_inputs' backward of k and v
+    n0, head = _tile_and_head(BLOCK_N, INPUTS)
     keys, dims, col = n0 + tl.arange(0, BLOCK_N), tl.arange(0, HEAD_DIM), head * HEAD_DIM
     cols = tl.arange(0, BLOCK_M)
     lse, delta = lse + head * T, delta + head * T
@@ -1936,9 +1977,14 @@ def _window_attention_grad_kv_kernel(q_desc, k_desc, v_desc, grad_out_desc, lse,
         grad_p_t = tl.dot(v_tile, grad_o.T)
         grad_s_t = p_t * (grad_p_t - tl.load(delta + rows)[None, :])
         grad_k_tile += tl.dot(grad_s_t.to(q_tile.dtype), q_tile)
-    at = keys[:, None] * (H * HEAD_DIM) + col + dims[None, :]
-    tl.store(grad_k + at, (grad_k_tile * scale).to(k_tile.dtype))
-    tl.store(grad_v + at, grad_v_tile.to(k_tile.dtype))
+    grad_k_tile, grad_v_tile = (grad_k_tile * scale).to(k_tile.dtype), grad_v_tile.to(k_tile.dtype)
+    if INPUTS:
+        _qk_grad_tile(grad_k_tile, qkv, cos, sin, grad_k, keys, H + head, HEAD_DIM, 3 * H)
+        _v_grad_tile(grad_v_tile, qkv, ve, lambdas, grad_k, grad_v, partial, keys, head, H, HEAD_DIM, HAS_VE)
+    else:
+        at = keys[:, None] * (H * HEAD_DIM) + col + dims[None, :]
+        tl.store(grad_k + at, grad_k_tile)
+        tl.store(grad_v + at, grad_v_tile)
 
 
 # --- attention_inputs: QK norm, rotary and the value mix, one Triton kernel each way on a CUDA GPU
@@ -2115,13 +2161,7 @@ def _qkv_prep_grad_kernel(grad_q, grad_k, grad_v, gq_b, gq_t, gq_h, gk_b, gk_t, 
         else:
             at = grad_k + b.to(tl.int64)[:, None] * gk_b + t[:, None] * gk_t + (head - H) * gk_h + half
         g1, g2 = tl.load(at).to(tl.float32), tl.load(at + HD // 2).to(tl.float32)
-        d1, d2 = g1 * c - g2 * s, g1 * s + g2 * c  # the gradient of the normed halves: the inverse rotation
-        x1, x2, rstd = _qk_rows(qkv, rows, head, HD, 3 * H)
-        x1, x2 = x1 * rstd, x2 * rstd
-        mean_dot = ((tl.sum(d1 * x1, axis=1) + tl.sum(d2 * x2, axis=1)) / HD)[:, None]
-        out = grad_qkv + qkv_rows + head * HD + half
-        tl.store(out, (rstd * (d1 - x1 * mean_dot)).to(tl.bfloat16))
-        tl.store(out + HD // 2, (rstd * (d2 - x2 * mean_dot)).to(tl.bfloat16))
+        _qk_rows_grad(g1, g2, c, s, qkv, grad_qkv, rows, head, HD, 3 * H)
     cols = tl.arange(0, HD)[None, :]
     l0, l1 = tl.load(lambdas), tl.load(lambdas + 1)
     dot_v = tl.zeros((ROWS, HD), dtype=tl.float32)
@@ -2138,6 +2178,127 @@ def _qkv_prep_grad_kernel(grad_q, grad_k, grad_v, gq_b, gq_t, gq_h, gk_b, gk_t, 
             tl.store(grad_ve + at_ve, (l1 * g).to(tl.bfloat16))
     tl.store(partial + 2 * tl.program_id(0), tl.sum(tl.sum(dot_v, axis=1), axis=0))
     tl.store(partial + 2 * tl.program_id(0) + 1, tl.sum(tl.sum(dot_ve, axis=1), axis=0))
+
+
+@triton.jit
+def _qk_rows_grad(g1, g2, c, s, qkv, grad_qkv, rows, head, HD: tl.constexpr, H3: tl.constexpr):
+    """The gradient of head `head` of qkv's rows, stored bf16 in grad_qkv (laid out as qkv), from that of the
+    rows normed and rotated, in halves g1, g2 float32, and the rows' cos and sin c, s: the inverse rotation, then
+    the norm's backward, with rstd recomputed from qkv."""
+    d1, d2 = g1 * c - g2 * s, g1 * s + g2 * c  # the gradient of the normed halves: the inverse rotation
+    x1, x2, rstd = _qk_rows(qkv, rows, head, HD, H3)
+    x1, x2 = x1 * rstd, x2 * rstd
+    mean_dot = ((tl.sum(d1 * x1, axis=1) + tl.sum(d2 * x2, axis=1)) / HD)[:, None]
+    out = grad_qkv + rows.to(tl.int64)[:, None] * (H3 * HD) + head * HD + tl.arange(0, HD // 2)[None, :]
+    tl.store(out, (rstd * (d1 - x1 * mean_dot)).to(tl.bfloat16))
+    tl.store(out + HD // 2, (rstd * (d2 - x2 * mean_dot)).to(tl.bfloat16))
+
+
+# --- attention_block: attention_inputs, then attention, as the model calls them. With both fused on Hopper, their
+# backward is one op: the attention's backward kernels go on with attention_inputs' backward of their tiles, so the
+# gradients of q, k and v (bf16, 100 MB each a layer at 64K tokens) are neither stored nor read back.
+
+
+def attention_block_fused(qkv: Tensor, ve: Tensor | None, lambdas: Tensor, rotary: Rotary,
+                          mask: DocumentWindows) -> Tensor:
+    """attention_block_reference by attention_inputs_fused's and attention_windows' forward ops, and one op for
+    their backward."""
+    T = qkv.size(1)
+    return WindowAttentionBlock.apply(qkv, ve, lambdas, rotary.cos[:T], rotary.sin[:T], *mask)
+
+
+def attention_block_reference(qkv: Tensor, ve: Tensor | None, lambdas: Tensor, rotary: Rotary,
+                              mask: "BlockMask | DocumentWindows") -> Tensor:
+    """qkv (B, T, 3 * H, head_dim) -> the attention's output (B, T, H, head_dim): attention_inputs, then
+    attention, as bound."""
+    return attention(*attention_inputs(qkv, ve, lambdas, rotary), mask)
+
+
+class WindowAttentionBlock(torch.autograd.Function):
+    """attention_block_fused: qkv_prep and window_attention forward, window_attention_inputs_grad backward; saves
+    what the two backwards take, as FusedAttentionInputs and WindowAttention do."""
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor, starts: Tensor,
+                ends: Tensor, window_blocks: Tensor):
+        q, k, v = qkv_prep(qkv, ve, lambdas, cos, sin)
+        out, lse = window_attention(q, k, v, starts, window_blocks)
+        ctx.save_for_backward(qkv, ve, lambdas, cos, sin, q, k, v, out, lse, starts, ends, window_blocks)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        has_ve = ctx.saved_tensors[1] is not None
+        grad_qkv, grad_ve, grad_lambdas = window_attention_inputs_grad(grad_out, *ctx.saved_tensors)
+        return grad_qkv, grad_ve if has_ve else None, grad_lambdas, None, None, None, None, None
+
+
+@torch.library.custom_op("speedrun::window_attention_inputs_grad", mutates_args=())
+def window_attention_inputs_grad(grad_out: Tensor, qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
+                                 sin: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                 starts: Tensor, ends: Tensor,
+                                 window_blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """window_attention_grad, then qkv_prep_grad: the gradient of the attention's output -> those of qkv, of ve
+    (empty without ve) and of lambdas. This body is the reference; on CUDA _window_attention_inputs_grad_triton
+    runs instead."""
+    grad_q, grad_k, grad_v = window_attention_grad(grad_out, q, k, v, out, lse, starts, ends, window_blocks)
+    return qkv_prep_grad(grad_q, grad_k, grad_v, qkv, ve, lambdas, cos, sin)
+
+
+@window_attention_inputs_grad.register_fake
+def _(grad_out: Tensor, qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor, q: Tensor,
+      k: Tensor, v: Tensor, out: Tensor, lse: Tensor, starts: Tensor, ends: Tensor, window_blocks: Tensor):
+    grad_ve = ve.new_empty(ve.shape) if ve is not None else qkv.new_empty(0)
+    return qkv.new_empty(qkv.shape), grad_ve, lambdas.new_empty(2)
+
+
+@window_attention_inputs_grad.register_kernel("cuda")
+def _window_attention_inputs_grad_triton(grad_out: Tensor, qkv: Tensor, ve: Tensor | None, lambdas: Tensor,
+                                         cos: Tensor, sin: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                                         lse: Tensor, starts: Tensor, ends: Tensor,
+                                         window_blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    _, T, H, _ = q.shape
+    has_ve = ve is not None
+    grad_qkv, grad_ve = qkv.new_empty(qkv.shape), ve.new_empty(ve.shape) if has_ve else qkv.new_empty(0)
+    partial = lambdas.new_empty(T // ATTENTION_GRAD_KV.block[1] * H, 2)  # each key program's share of grad_lambdas
+    qkv, ve = qkv.contiguous(), ve.contiguous() if has_ve else qkv  # ve: a placeholder when there is none
+    _window_attention_grad_kernels(grad_out, q, k, v, out, lse, starts, ends, window_blocks,
+                                   (grad_qkv, grad_qkv, grad_ve if has_ve else grad_qkv),
+                                   (qkv, ve, lambdas, cos, sin, partial, has_ve))
+    return grad_qkv, grad_ve, partial.sum(0).bfloat16().float()
+
+
+# The attention's backward kernels with INPUTS end in these epilogues, for a tile of rows (tokens) of one head: its
+# gradient of q, k or v, bf16 as window_attention_grad stores it, through attention_inputs' backward in float32,
+# as _qkv_prep_grad_kernel computes it
+
+
+@triton.jit
+def _qk_grad_tile(grad, qkv, cos, sin, grad_qkv, rows, head, HD: tl.constexpr, H3: tl.constexpr):
+    """grad (rows, HD), the gradient of q or k at head `head` of qkv's H3 -> that of qkv, stored."""
+    # the rotation's halves of each row: (rows, HD) -> (rows, 2, HD / 2) -> (rows, HD / 2, 2), split on the last
+    g1, g2 = tl.split(tl.permute(tl.reshape(grad.to(tl.float32), (grad.shape[0], 2, HD // 2)), (0, 2, 1)))
+    table = rows[:, None] * (HD // 2) + tl.arange(0, HD // 2)[None, :]
+    _qk_rows_grad(g1, g2, tl.load(cos + table), tl.load(sin + table), qkv, grad_qkv, rows, head, HD, H3)
+
+
+@triton.jit
+def _v_grad_tile(grad, qkv, ve, lambdas, grad_qkv, grad_ve, partial, rows, head, H: tl.constexpr, HD: tl.constexpr,
+                 HAS_VE: tl.constexpr):
+    """grad (rows, HD), the gradient of v at head `head` -> those of qkv and ve, stored, and the tile's sums for the
+    lambdas' gradient, stored in this program's row of partial."""
+    g = grad.to(tl.float32)
+    cols = tl.arange(0, HD)[None, :]
+    at = rows.to(tl.int64)[:, None] * (3 * H * HD) + (2 * H + head) * HD + cols
+    tl.store(grad_qkv + at, (tl.load(lambdas) * g).to(tl.bfloat16))
+    program = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    tl.store(partial + 2 * program, tl.sum(tl.sum(g * tl.load(qkv + at).to(tl.float32), axis=1), axis=0))
+    if HAS_VE:
+        at_ve = rows.to(tl.int64)[:, None] * (H * HD) + head * HD + cols
+        tl.store(grad_ve + at_ve, (tl.load(lambdas + 1) * g).to(tl.bfloat16))
+        tl.store(partial + 2 * program + 1, tl.sum(tl.sum(g * tl.load(ve + at_ve).to(tl.float32), axis=1), axis=0))
+    else:
+        tl.store(partial + 2 * program + 1, 0.0)
 
 
 # --- relu2_mlp: the MLP's two matmuls that have elementwise work beside them, each one Gluon matmul on Hopper
@@ -2779,6 +2940,7 @@ def _logits_consumer(out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, tur
 # ----------------------------------------------------------------------------------------------------------------
 # Until bind_ops() binds this run's, the ops are the plain implementations, which run on any device
 attention_masks, attention, attention_inputs = block_masks, attention_dense, attention_inputs_reference
+attention_block = attention_block_reference
 relu2_mlp, head_loss = relu2_mlp_reference, head_loss_bf16
 
 
