@@ -2419,19 +2419,10 @@ def _matmul_relu2_kernel(x_desc, w_desc, h_desc, out_desc, M, N, K, W_KN: gl.con
     # y = x @ w (w stored (K, N): W_KN) or x @ w.T (w stored (N, K)), rounded to bf16. Forward: stores relu(y)^2
     # as out. Backward: stores y * 2 relu(a) as out, relu(a) from h as relu_of_square has it (gl.sqrt, the fast
     # approximate one: its error is far inside that function's margin).
-    x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
-    w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    out_bufs = gl.allocate_shared_memory(out_desc.dtype, [2] + out_desc.block_type.shape, out_desc.layout)
+    x_bufs, w_bufs, ready, empty, out_bufs, turn = _matmul_buffers(x_desc, w_desc, out_desc, STAGES)
     h_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=1)
     for i in gl.static_range(2):
         mbarrier.init(h_ready.index(i), count=1)
-        mbarrier.init(turn.index(i), count=1)
     gl.warp_specialize([
         (_matmul_relu2_consumer, (h_desc, out_desc, x_bufs, w_bufs, ready, empty, out_bufs, h_ready, turn, M, N, K,
                                   W_KN, BACKWARD, BM, BN, BK, STAGES, 0)),
@@ -2439,6 +2430,24 @@ def _matmul_relu2_kernel(x_desc, w_desc, h_desc, out_desc, M, N, K, W_KN: gl.con
                                   W_KN, BACKWARD, BM, BN, BK, STAGES, 1)),
         (_matmul_loads, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, M, N, K, W_KN, False, BM, BN, BK, STAGES)),
     ], [4, 1], [240, 24])
+
+
+@gluon.jit
+def _matmul_buffers(x_desc, w_desc, out_desc, STAGES: gl.constexpr):
+    """The ping-pong kernels' shared memory: the ring of STAGES (x, w) tiles with its ready and empty barriers,
+    each consumer's output tile, and the turn barriers by which the two consumers alternate."""
+    x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
+    w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    out_bufs = gl.allocate_shared_memory(out_desc.dtype, [2] + out_desc.block_type.shape, out_desc.layout)
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)
+    return x_bufs, w_bufs, ready, empty, out_bufs, turn
 
 
 @gluon.jit
@@ -2890,17 +2899,7 @@ def _logits_kernel(x_desc, w_desc, out_desc, sums, M, N, K, SCALE: gl.constexpr,
                    STAGES: gl.constexpr):
     # out = x @ w.T * SCALE, rounded to bf16, as _scaled_mm makes it; sums[n // BN, m] = the sum of exp(z) over
     # the tile's columns of row m
-    x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
-    w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    out_bufs = gl.allocate_shared_memory(out_desc.dtype, [2] + out_desc.block_type.shape, out_desc.layout)
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=1)
-    for i in gl.static_range(2):
-        mbarrier.init(turn.index(i), count=1)
+    x_bufs, w_bufs, ready, empty, out_bufs, turn = _matmul_buffers(x_desc, w_desc, out_desc, STAGES)
     gl.warp_specialize([
         (_logits_consumer, (out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, turn, M, N, K, SCALE, CAP,
                             TEMPERATURE, BM, BN, BK, STAGES, 0)),
