@@ -87,19 +87,25 @@ def test_reference_bodies_match_sdpa_and_autograd():
         torch.testing.assert_close(got, leaf.grad.bfloat16())
 
 
+def gpt_loss_and_grads(num_layers: int) -> tuple[torch.Tensor, dict]:
+    """A small GPT's loss on three documents and its parameters' gradients, through the ops as bound."""
+    torch.manual_seed(0)
+    model = train_gpt.GPT(vocab_size=128, num_layers=num_layers, num_heads=2, model_dim=64, max_seq_len=512)
+    torch.nn.init.normal_(model.lm_head.weight, std=0.1)  # not its zero init, so that the loss moves
+    tokens = torch.randint(0, 128, (513,), generator=torch.Generator().manual_seed(1))
+    tokens[torch.tensor([0, 100, 200, 300])] = 127  # documents
+    loss = model(tokens[:-1], tokens[1:], torch.tensor(2, dtype=torch.int32))
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+
 def test_gpt_through_the_ops_matches_the_plain_gpt(monkeypatch):
     def loss(fused: bool):
         # the fused path's ops, which bind_ops binds on Hopper; on the CPU the custom ops run their reference bodies
         monkeypatch.setattr(train_gpt, "attention_masks", document_windows if fused else block_masks)
         monkeypatch.setattr(train_gpt, "attention", attention_windows if fused else train_gpt.attention_dense)
-        torch.manual_seed(0)
-        model = train_gpt.GPT(vocab_size=128, num_layers=2, num_heads=2, model_dim=64, max_seq_len=512)
-        torch.nn.init.normal_(model.lm_head.weight, std=0.1)  # not its zero init, so that the loss moves
-        tokens = torch.randint(0, 128, (513,), generator=torch.Generator().manual_seed(1))
-        tokens[torch.tensor([0, 100, 200, 300])] = 127  # documents
-        out = model(tokens[:-1], tokens[1:], torch.tensor(2, dtype=torch.int32))
-        out.backward()
-        return out.item(), model.blocks[0].attn.qkv_w.grad.clone()
+        loss, grads = gpt_loss_and_grads(num_layers=2)
+        return loss.item(), grads["blocks.0.attn.qkv_w"]
 
     (fused_loss, fused_grad), (plain_loss, plain_grad) = loss(True), loss(False)
     assert fused_loss == pytest.approx(plain_loss, abs=1e-3)
@@ -182,15 +188,7 @@ def test_gpt_through_the_block_op_has_the_two_ops_gradients(monkeypatch):
         monkeypatch.setattr(train_gpt, "attention", attention_windows)
         monkeypatch.setattr(train_gpt, "attention_inputs", train_gpt.attention_inputs_fused)
         monkeypatch.setattr(train_gpt, "attention_block", block)
-        torch.manual_seed(0)
-        # 8 layers: value embeddings in layers 0-2 and 5-7, none in 3 and 4, no attention in 7
-        model = train_gpt.GPT(vocab_size=128, num_layers=8, num_heads=2, model_dim=64, max_seq_len=512)
-        torch.nn.init.normal_(model.lm_head.weight, std=0.1)  # not its zero init, so that the loss moves
-        tokens = torch.randint(0, 128, (513,), generator=torch.Generator().manual_seed(1))
-        tokens[torch.tensor([0, 100, 200, 300])] = 127  # documents
-        loss = model(tokens[:-1], tokens[1:], torch.tensor(2, dtype=torch.int32))
-        loss.backward()
-        return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+        return gpt_loss_and_grads(num_layers=8)  # value embeddings in 0-2 and 5-7, none in 3, 4; no attention in 7
 
     block_loss, block_grads = loss_and_grads(attention_block_fused)
     loss, grads = loss_and_grads(attention_block_reference)
