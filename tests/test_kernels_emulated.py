@@ -10,7 +10,10 @@ program several tiles and a loop more steps along K than the pipeline has stages
 - attention_inputs' kernels (QK norm, rotary, value mix, and their backward): the reference bodies' numbers within a
   bf16 step;
 - the head's two kernels: the reference body's loss, its logits' gradient within a rounding step, in bf16 and in
-  FP8, both FP8 layouts the same numbers.
+  FP8, both FP8 layouts the same numbers;
+- the head's FP8 logits matmul with the row sums in its epilogue: logits within a bf16 step of float64's, and the
+  sums' log-sum-exp and losses within the GPU's tanh bound of float64's; the integer rounding to bf16 gives
+  torch's bits.
 The emulator's special-function instructions are exact and its matmuls add in float32 in another order, so these
 bars are the GPU tests' where those have one; speed, registers and shared memory are the GPU's to check."""
 import numpy as np
@@ -18,7 +21,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from kernel_emulator import emulate
+from kernel_emulator import T, emulate
 from test_masks import EOT, random_tokens
 
 
@@ -95,3 +98,31 @@ def test_head_kernels_give_the_reference_loss_and_gradient(fp8):
                                atol=2.0**-16 if fp8 else 0.0)
     if fp8:
         assert torch.equal(g_t.float(), g.float().T)
+
+
+def test_logits_kernel_gives_the_logits_and_their_row_sums():
+    (block_m, block_n, block_k), _, stages = tg.HEAD_MATMUL
+    n, v, d = 3 * block_m - 40, 3 * block_n, (stages + 1) * block_k  # a short last row block; 9 tiles, 4 programs
+    gen = torch.Generator().manual_seed(0)
+    x_q = tg._e4m3(torch.randn(n, d, generator=gen).bfloat16(), tg.FP8_X_SCALE)
+    w_q = tg._e4m3(0.05 * torch.randn(v, d, generator=gen), tg.FP8_W_SCALE)
+    targets = torch.randint(0, v, (n,), generator=gen)
+    with emulate(tg, sms=4):
+        logits, sums = tg._logits_gluon(x_q, w_q)
+        lse, losses = tg._lse_of_sums_triton(sums, logits, targets)
+    exact = x_q.double() @ w_q.double().T / (tg.FP8_X_SCALE * tg.FP8_W_SCALE)
+    torch.testing.assert_close(logits.float(), exact.bfloat16().float(), rtol=2**-7, atol=1e-6)
+    z = tg.SOFTCAP * torch.sigmoid(logits.double() / tg.SOFTCAP_TEMPERATURE)
+    assert (lse.double() - z.logsumexp(-1)).abs().max() <= 1.2e-4
+    assert (losses.double() - (z.logsumexp(-1) - z.gather(1, targets[:, None])[:, 0])).abs().max() <= 1.2e-4
+
+
+def test_bf16_bits_rounds_as_torch():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(-2**31, 2**31 - 1, (1 << 16,), generator=gen).to(torch.int32).view(torch.float32)
+    ties = torch.arange(1 << 16, dtype=torch.int32).mul(1 << 16).add(1 << 15).view(torch.float32)  # halfway cases
+    x = torch.cat([x, ties, 1e-38 * torch.randn(1 << 12, generator=gen)])  # and subnormals
+    x = x[torch.isfinite(x)]
+    with emulate(tg):
+        bits = tg._bf16_bits(T(x)).t
+    assert torch.equal((bits >> 16).to(torch.int16), x.bfloat16().view(torch.int16))
