@@ -8,7 +8,8 @@ program several tiles and a loop more steps along K than the pipeline has stages
   largest value of float64 attention's (its probabilities go to bf16 for their matmul; a key tile missed or masked
   wrongly moves values by their own size), its log-sum-exp within 1e-5 of the reference body's;
 - attention_inputs' kernels (QK norm, rotary, value mix, and their backward): the reference bodies' numbers within a
-  bf16 step;
+  bf16 step; the attention's backward kernels with attention_inputs' backward in their epilogues: the separate
+  kernels' gradients within a bf16 step, with and without a value embedding;
 - the head's two kernels: the reference body's loss, its logits' gradient within a rounding step, in bf16 and in
   FP8, both FP8 layouts the same numbers;
 - the head's FP8 logits matmul with the row sums in its epilogue: logits within a bf16 step of float64's, and the
@@ -22,6 +23,7 @@ import torch
 
 import train_gpt as tg
 from kernel_emulator import T, emulate
+from test_attention import block_grad_args
 from test_masks import EOT, random_tokens
 
 
@@ -81,6 +83,26 @@ def test_attention_inputs_kernels_give_the_reference_numbers(with_ve):
         assert got.dtype == expected.dtype and got.shape == expected.shape, part
         largest = expected.abs().max().item() if expected.numel() else 0.0
         torch.testing.assert_close(got.double(), expected.double(), rtol=2**-7, atol=1e-6 * largest, msg=part)
+
+
+@pytest.mark.parametrize("with_ve", [False, True])
+def test_attention_block_backward_gives_the_separate_kernels_gradients(with_ve):
+    T, H = 16 * 128, 2
+    docs = tg.document_ids(random_tokens(np.random.default_rng(10), num_blocks=T // 128), EOT)
+    for window in (1, 3, 14):
+        for name, mask in zip(("long", "short"), tg.document_windows(docs, torch.tensor(window, dtype=torch.int32))):
+            args = block_grad_args(T, H, mask, with_ve, "cpu", seed=window)
+            grad_out, qkv, ve, lambdas, cos, sin, q, k, v, out, lse = args[:11]
+            with emulate(tg):
+                fused = tg._window_attention_inputs_grad_triton(*args)
+                grads = tg._window_attention_grad_triton(grad_out, q, k, v, out, lse, *mask)
+                separate = tg._qkv_prep_grad_triton(*grads, qkv, ve, lambdas, cos, sin)
+            for part, got, expected in zip(("grad_qkv", "grad_ve", "grad_lambdas"), fused, separate):
+                if part == "grad_ve" and not with_ve:
+                    continue  # both empty
+                largest = expected.abs().max().item()
+                torch.testing.assert_close(got.double(), expected.double(), rtol=2**-7, atol=1e-6 * largest,
+                                           msg=f"window {window} {name} {part}")
 
 
 @pytest.mark.parametrize("fp8", [False, True])
