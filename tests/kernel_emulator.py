@@ -217,7 +217,7 @@ class Barrier:
             self.bytes += expect_bytes
             completed = self._maybe_complete()
         if completed:
-            time.sleep(0.001)  # the threads this phase wakes run first
+            time.sleep(0)  # the threads this phase wakes run first
 
     def landed(self, nbytes):
         with _lock:

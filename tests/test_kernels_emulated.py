@@ -87,9 +87,9 @@ def test_attention_inputs_kernels_give_the_reference_numbers(with_ve):
 
 @pytest.mark.parametrize("with_ve", [False, True])
 def test_attention_block_backward_gives_the_separate_kernels_gradients(with_ve):
-    T, H = 16 * 128, 2
+    T, H = 8 * 128, 2
     docs = tg.document_ids(random_tokens(np.random.default_rng(10), num_blocks=T // 128), EOT)
-    for window in (1, 3, 14):
+    for window in (1, 3, 8):
         for name, mask in zip(("long", "short"), tg.document_windows(docs, torch.tensor(window, dtype=torch.int32))):
             args = block_grad_args(T, H, mask, with_ve, "cpu", seed=window)
             grad_out, qkv, ve, lambdas, cos, sin, q, k, v, out, lse = args[:11]
