@@ -217,7 +217,7 @@ class Barrier:
             self.bytes += expect_bytes
             completed = self._maybe_complete()
         if completed:
-            time.sleep(0.001)  # the threads this phase wakes run first
+            time.sleep(0)  # the threads this phase wakes run first
 
     def landed(self, nbytes):
         with _lock:
@@ -497,6 +497,9 @@ lang = types.SimpleNamespace(
     zeros=lambda shape, dtype, layout=None: T(torch.zeros([int(s) for s in shape], dtype=dtype)),
     full=lambda shape, value, dtype, layout=None: T(torch.full([int(s) for s in shape], _v(value), dtype=dtype)),
     load=load, store=store, where=where, dot=dot, trans=lambda x: T(_v(x).T),
+    reshape=lambda x, shape, **_: T(_v(x).reshape([int(n) for n in shape])),
+    permute=lambda x, dims: T(_v(x).permute(*dims)), split=lambda x: (T(_v(x)[..., 0]), T(_v(x)[..., 1])),
+    join=lambda a, b: T(torch.stack(_pair(a, b), -1)),
     sum=_reduce(torch.sum), max=_reduce(torch.amax), min=_reduce(torch.amin),
     maximum=_elementwise(torch.maximum), minimum=_elementwise(torch.minimum),
     exp=_unary(torch.exp), exp2=_unary(torch.exp2), log=_unary(torch.log), log2=_unary(torch.log2),
