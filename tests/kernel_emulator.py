@@ -11,8 +11,8 @@ What it models, and so what a test through it can catch:
   first: a buffer released before the reads of it are done is overwritten under them, which gives wrong numbers;
   a protocol whose waits cannot all pass raises after TIMEOUT seconds without progress.
 - Matmuls multiply exactly and add in float32, a tile and a step along K at a time, as the kernel orders them.
-What it does not: layouts, registers, shared-memory limits, timing, and the special-function instructions'
-approximations (exact here).
+- A program's shared memory against Hopper's 227 KB (its allocations; the compiler adds scratch of its own).
+What it does not: layouts, registers, timing, and the special-function instructions' approximations (exact here).
 
     with emulate(train_gpt, sms=3):  # a persistent grid of 3 programs
         h = train_gpt._matmul_relu2_cuda(x, w)
@@ -190,6 +190,10 @@ class _Program(threading.local):
     stores: list = []  # and its TMA stores
 
 
+SHARED_BYTES = 232_448  # the most shared memory a Hopper program may take (227 KB)
+_shared = {"bytes": 0}  # what this program has allocated
+
+
 program = _Program()
 _lock = threading.Condition()
 _state = {"progress": 0, "failed": False}  # phases completed by any barrier; whether a partition raised
@@ -274,6 +278,8 @@ class MBarrierLayout:
 
 def allocate_shared_memory(dtype, shape, layout=None, value=None):
     shape = [int(s) for s in shape]
+    _shared["bytes"] += dtype.itemsize * int(torch.tensor(shape).prod())
+    assert _shared["bytes"] <= SHARED_BYTES, f"a program allocates {_shared['bytes']} bytes of shared memory"
     if isinstance(layout, MBarrierLayout):
         return Shared(None, [Barrier() for _ in range(shape[0])])
     t = torch.full(shape, float("nan"), dtype=dtype) if dtype.is_floating_point and dtype.itemsize > 1 else \
@@ -534,7 +540,7 @@ class Kernel:
             size = tuple(int(n) for n in (grid(kwargs) if callable(grid) else grid)) + (1, 1)
             for pid in itertools.product(*(range(n) for n in size[:3])):
                 program.pid, program.grid, program.wgmma, program.stores = pid, size[:3], [], []
-                _state["failed"] = False
+                _state["failed"], _shared["bytes"] = False, 0
                 self.fn(*args, **kwargs)
                 warpgroup_mma_wait(0)
                 _store_wait(0)
