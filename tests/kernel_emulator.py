@@ -514,6 +514,7 @@ lang = types.SimpleNamespace(
     fdiv=lambda a, b, **_: a / b, cdiv=lambda a, b: (a + b - 1) // b,
     inline_asm_elementwise=inline_asm_elementwise, convert_layout=lambda x, layout, **_: x,
     static_assert=_static_assert, static_range=_range, range=_range, warp_specialize=warp_specialize,
+    thread_barrier=lambda: None,  # a partition's warps run here as one thread
     allocate_shared_memory=allocate_shared_memory, NVMMADistributedLayout=_Layout, DotOperandLayout=_Layout,
     SliceLayout=_Layout, BlockedLayout=_Layout, NVMMASharedLayout=_Layout,
 )
