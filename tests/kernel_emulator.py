@@ -7,9 +7,10 @@ What it models, and so what a test through it can catch:
 - Gluon's shared memory (unwritten, it reads as nan), mbarriers that block for real (arrivals, expected bytes,
   phases, waits on a parity), each warp_specialize partition in its own thread, TMA copies, and wgmma: an
   asynchronous one reads its shared-memory operands only when a warpgroup_mma_wait retires it, and TMA stores
-  read theirs at tma.store_wait. TMA loads land at once, and each completed phase lets the woken threads run
-  first: a buffer released before the reads of it are done is overwritten under them, which gives wrong numbers;
-  a protocol whose waits cannot all pass raises after TIMEOUT seconds without progress.
+  read theirs at tma.store_wait. A TMA load leaves its buffer as garbage (nan) at once and lands when a wait on
+  its barrier needs it, and each completed phase lets the woken threads run first: a buffer released before the
+  reads of it are done, or read before its barrier, gives wrong numbers; a protocol whose waits cannot all pass
+  raises after TIMEOUT seconds without progress.
 - Matmuls multiply exactly and add in float32, a tile and a step along K at a time, as the kernel orders them.
 - A program's shared memory against Hopper's 227 KB (its allocations; the compiler adds scratch of its own).
 What it does not: layouts, registers, timing, and the special-function instructions' approximations (exact here).
@@ -203,6 +204,7 @@ class Barrier:
     def __init__(self):
         self.count = None  # arrivals a phase, once initialised
         self.pending = self.bytes = self.phases = 0
+        self.copies = []  # TMA loads issued on it that have not landed
 
     def _maybe_complete(self):
         assert self.pending >= 0, "more arrivals than the mbarrier's count in one phase"
@@ -223,16 +225,19 @@ class Barrier:
         if completed:
             time.sleep(0)  # the threads this phase wakes run first
 
-    def landed(self, nbytes):
-        with _lock:
-            self.bytes -= nbytes
-            self._maybe_complete()
+    def landed(self, nbytes):  # under _lock
+        self.bytes -= nbytes
+        self._maybe_complete()
 
     def wait(self, parity):
         with _lock:
             assert self.count is not None, "a wait on an mbarrier never initialised"
             still, seen = 0.0, _state["progress"]
             while self.phases % 2 == parity % 2:  # the phase of this parity has not completed
+                while self.copies:
+                    self.copies.pop(0)()
+                if self.phases % 2 != parity % 2:
+                    break
                 if _state["failed"]:
                     raise RuntimeError("another partition of the program failed")
                 _lock.wait(0.01)
@@ -276,14 +281,22 @@ class MBarrierLayout:
         pass
 
 
+def _garbage(t):
+    """Fills t as memory that holds nothing yet: nan where its type has one (0x7F bytes: nan in float8), else 0x7F."""
+    if t.dtype.is_floating_point and t.dtype.itemsize > 1:
+        t.fill_(float("nan"))
+    else:
+        t.view(torch.uint8).fill_(0x7F)
+
+
 def allocate_shared_memory(dtype, shape, layout=None, value=None):
     shape = [int(s) for s in shape]
     _shared["bytes"] += dtype.itemsize * int(torch.tensor(shape).prod())
     assert _shared["bytes"] <= SHARED_BYTES, f"a program allocates {_shared['bytes']} bytes of shared memory"
     if isinstance(layout, MBarrierLayout):
         return Shared(None, [Barrier() for _ in range(shape[0])])
-    t = torch.full(shape, float("nan"), dtype=dtype) if dtype.is_floating_point and dtype.itemsize > 1 else \
-        torch.full(shape, 0x7F, dtype=torch.uint8).view(dtype).reshape(shape)
+    t = torch.empty(shape, dtype=dtype)
+    _garbage(t)
     if value is not None:
         t.copy_(_v(value))
     return Shared(t)
@@ -350,8 +363,9 @@ class Descriptor:
 
 def _tma_load(desc, coord, bar, dest, pred=True):
     if _v(pred):
-        dest.t.copy_(desc.load(coord).t)
-        bar.landed(desc.block_type.nbytes)
+        _garbage(dest.t)  # undefined while the copy is in flight: it lands when a wait on bar needs it
+        with _lock:
+            bar.copies.append(lambda: (dest.t.copy_(desc.load(coord).t), bar.landed(desc.block_type.nbytes)))
 
 
 def _tma_store(desc, coord, src):
@@ -514,6 +528,7 @@ lang = types.SimpleNamespace(
     fdiv=lambda a, b, **_: a / b, cdiv=lambda a, b: (a + b - 1) // b,
     inline_asm_elementwise=inline_asm_elementwise, convert_layout=lambda x, layout, **_: x,
     static_assert=_static_assert, static_range=_range, range=_range, warp_specialize=warp_specialize,
+    thread_barrier=lambda: None,  # a partition's warps run here as one thread
     allocate_shared_memory=allocate_shared_memory, NVMMADistributedLayout=_Layout, DotOperandLayout=_Layout,
     SliceLayout=_Layout, BlockedLayout=_Layout, NVMMASharedLayout=_Layout,
 )
