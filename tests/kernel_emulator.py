@@ -528,7 +528,7 @@ lang = types.SimpleNamespace(
     fdiv=lambda a, b, **_: a / b, cdiv=lambda a, b: (a + b - 1) // b,
     inline_asm_elementwise=inline_asm_elementwise, convert_layout=lambda x, layout, **_: x,
     static_assert=_static_assert, static_range=_range, range=_range, warp_specialize=warp_specialize,
-    thread_barrier=lambda: None,  # a partition's warps run here as one thread
+    thread_barrier=lambda: None, barrier=lambda **_: None,  # a partition's warps run here as one thread
     allocate_shared_memory=allocate_shared_memory, NVMMADistributedLayout=_Layout, DotOperandLayout=_Layout,
     SliceLayout=_Layout, BlockedLayout=_Layout, NVMMASharedLayout=_Layout,
 )
@@ -570,7 +570,7 @@ def emulate(module, sms: int = 3):
     saved = dict(module.__dict__)
     swap = dict(tl=lang, gl=lang, mbarrier=mbarrier, tma=tma, warpgroup_mma=warpgroup_mma,
                 warpgroup_mma_wait=warpgroup_mma_wait, fence_async_shared=lambda *a, **k: None,
-                _tma_load=_tma_load, _tma_store=_tma_store, TensorDescriptor=Descriptor,
+                _tma_load=_tma_load, _tma_store=_tma_store, _cta_barrier=lang.barrier, TensorDescriptor=Descriptor,
                 GluonTensorDescriptor=Descriptor, HAS_TRITON=True, HAS_GLUON=True,
                 triton=types.SimpleNamespace(cdiv=lambda a, b: -(-a // b)))
     properties = torch.cuda.get_device_properties
