@@ -16,7 +16,8 @@ program several tiles and a loop more steps along K than the pipeline has stages
   sums' log-sum-exp and losses within the GPU's tanh bound of float64's; the integer rounding to bf16 gives
   torch's bits.
 The emulator's special-function instructions are exact and its matmuls add in float32 in another order, so these
-bars are the GPU tests' where those have one; speed, registers and shared memory are the GPU's to check."""
+bars are the GPU tests' where those have one; speed, registers and the compiler's own shared memory are the
+GPU's to check."""
 import numpy as np
 import pytest
 import torch
