@@ -13,7 +13,8 @@ program several tiles and a loop more steps along K than the pipeline has stages
 - the head's two kernels: the reference body's loss, its logits' gradient within a rounding step, in bf16 and in
   FP8, both FP8 layouts the same numbers.
 The emulator's special-function instructions are exact and its matmuls add in float32 in another order, so these
-bars are the GPU tests' where those have one; speed, registers and shared memory are the GPU's to check."""
+bars are the GPU tests' where those have one; speed, registers and the compiler's own shared memory are the
+GPU's to check."""
 import numpy as np
 import pytest
 import torch
