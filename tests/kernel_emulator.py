@@ -20,6 +20,7 @@ What it does not: layouts, registers, timing, and the special-function instructi
 """
 import contextlib
 import itertools
+import math
 import threading
 import time
 import types
@@ -161,11 +162,14 @@ def pointer_to(t: torch.Tensor) -> Ptr:
     return Ptr(flat, t.storage_offset())
 
 
+def _check_bounds(ptr, offsets, what):
+    assert not offsets.numel() or 0 <= offsets.min() and offsets.max() < ptr.flat.numel(), f"a {what} out of bounds"
+
+
 def load(ptr, mask=None, other=None, **_):
     mask = _v(mask)
     offsets, mask = torch.broadcast_tensors(_offsets(ptr.offsets), torch.tensor(True) if mask is None else mask)
-    read = offsets[mask]
-    assert not read.numel() or 0 <= read.min() and read.max() < ptr.flat.numel(), "a load out of bounds"
+    _check_bounds(ptr, offsets[mask], "load")
     values = ptr.flat[torch.where(mask, offsets, 0)]
     fill = torch.zeros((), dtype=ptr.dtype) if other is None else _scalar(_v(other), ptr.flat).to(ptr.dtype)
     return T(torch.where(mask, values, fill))
@@ -178,7 +182,7 @@ def store(ptr, value, mask=None, **_):
                                                    torch.tensor(True) if mask is None else mask)
     offsets, value = offsets[mask], value[mask]
     assert offsets.numel() == offsets.unique().numel(), "a store writes one address twice"
-    assert not offsets.numel() or 0 <= offsets.min() and offsets.max() < ptr.flat.numel(), "a store out of bounds"
+    _check_bounds(ptr, offsets, "store")
     ptr.flat[offsets] = value
 
 
@@ -192,12 +196,10 @@ class _Program(threading.local):
 
 
 SHARED_BYTES = 232_448  # the most shared memory a Hopper program may take (227 KB)
-_shared = {"bytes": 0}  # what this program has allocated
-
-
 program = _Program()
 _lock = threading.Condition()
-_state = {"progress": 0, "failed": False}  # phases completed by any barrier; whether a partition raised
+# phases completed by any barrier; whether a partition of this program raised; the shared memory it allocated
+_state = {"progress": 0, "failed": False, "shared": 0}
 
 
 class Barrier:
@@ -291,8 +293,8 @@ def _garbage(t):
 
 def allocate_shared_memory(dtype, shape, layout=None, value=None):
     shape = [int(s) for s in shape]
-    _shared["bytes"] += dtype.itemsize * int(torch.tensor(shape).prod())
-    assert _shared["bytes"] <= SHARED_BYTES, f"a program allocates {_shared['bytes']} bytes of shared memory"
+    _state["shared"] += dtype.itemsize * math.prod(shape)
+    assert _state["shared"] <= SHARED_BYTES, f"a program allocates {_state['shared']} bytes of shared memory"
     if isinstance(layout, MBarrierLayout):
         return Shared(None, [Barrier() for _ in range(shape[0])])
     t = torch.empty(shape, dtype=dtype)
@@ -336,7 +338,7 @@ class Descriptor:
         self.tensor, self.layout = t, layout
         self.block_shape = [int(b) for b in block_shape]
         self.block_type = types.SimpleNamespace(shape=list(self.block_shape),
-                                                nbytes=t.itemsize * int(torch.tensor(self.block_shape).prod()))
+                                                nbytes=t.itemsize * math.prod(self.block_shape))
 
     @classmethod
     def from_tensor(cls, t, block_shape, layout=None):
@@ -420,15 +422,21 @@ def warpgroup_mma_wait(num_outstanding=0, deps=()):
 # --------------------------------------------------------------------------------------------------------------
 # The languages' other builtins, one namespace for tl and gl
 
+def _run(fn, args, kwargs, pid, grid):
+    """fn as program pid of grid, or as a partition of it: its wgmma and TMA stores finish before it returns."""
+    program.pid, program.grid, program.wgmma, program.stores = pid, grid, [], []
+    result = fn(*args, **kwargs)
+    warpgroup_mma_wait(0)
+    _store_wait(0)
+    return result
+
+
 def warp_specialize(functions_and_args, worker_num_warps=None, worker_num_regs=None):
     pid, grid, results, errors = program.pid, program.grid, {}, []
 
     def run(i, fn, args):
-        program.pid, program.grid, program.wgmma, program.stores = pid, grid, [], []
         try:
-            results[i] = fn(*args)
-            warpgroup_mma_wait(0)
-            _store_wait(0)
+            results[i] = _run(fn, args, {}, pid, grid)
         except BaseException as e:  # noqa: BLE001 - re-raised by the program
             errors.append(e)
             with _lock:
@@ -554,11 +562,8 @@ class Kernel:
             kwargs = {k: pointer_to(a) if isinstance(a, torch.Tensor) else a for k, a in kwargs.items()}
             size = tuple(int(n) for n in (grid(kwargs) if callable(grid) else grid)) + (1, 1)
             for pid in itertools.product(*(range(n) for n in size[:3])):
-                program.pid, program.grid, program.wgmma, program.stores = pid, size[:3], [], []
-                _state["failed"], _shared["bytes"] = False, 0
-                self.fn(*args, **kwargs)
-                warpgroup_mma_wait(0)
-                _store_wait(0)
+                _state["failed"], _state["shared"] = False, 0
+                _run(self.fn, args, kwargs, pid, size[:3])
         return launch
 
 

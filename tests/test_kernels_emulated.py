@@ -21,12 +21,9 @@ import torch
 
 import train_gpt as tg
 from kernel_emulator import emulate
-from test_attention import block_grad_args
+from test_attention import block_grad_args, qkv
+from test_fused_mlp import bf16
 from test_masks import EOT, random_tokens
-
-
-def bf16(*shape, scale=1.0, seed=0):
-    return (scale * torch.randn(*shape, generator=torch.Generator().manual_seed(seed))).bfloat16()
 
 
 def test_mlp_kernel_rounds_as_float64_matmuls_do():
@@ -47,7 +44,7 @@ def test_mlp_kernel_rounds_as_float64_matmuls_do():
 def test_attention_kernels_are_close_to_float64(window):
     T, H = 16 * 128, 2
     docs = tg.document_ids(random_tokens(np.random.default_rng(7), num_blocks=T // 128), EOT)
-    q, k, v, grad_out = (bf16(1, T, H, 128, seed=i) for i in range(4))
+    q, k, v, grad_out = qkv(T, H, 128, "cpu")
     for name, mask in zip(("long", "short"), tg.document_windows(docs, torch.tensor(window, dtype=torch.int32))):
         with emulate(tg):
             out, lse = tg._window_attention_triton(q, k, v, mask.starts, mask.window_blocks)
@@ -68,14 +65,14 @@ def test_attention_kernels_are_close_to_float64(window):
 @pytest.mark.parametrize("with_ve", [False, True])
 def test_attention_inputs_kernels_give_the_reference_numbers(with_ve):
     T, H = 4 * tg.QKV.block[0], 2
-    qkv, grads = bf16(1, T, 3 * H, 128, scale=3), [bf16(1, T, H, 128, seed=i) for i in (1, 2, 3)]
+    qkv_in, grads = bf16(1, T, 3 * H, 128, scale=3), [bf16(1, T, H, 128, seed=i) for i in (1, 2, 3)]
     ve = bf16(T, H * 128, seed=4) if with_ve else None
     lambdas, rotary = torch.tensor([0.7, 0.4]), tg.Rotary(128, T)
     with emulate(tg):
-        fused = tg._qkv_prep_triton(qkv, ve, lambdas, rotary.cos, rotary.sin)
-        fused_grads = tg._qkv_prep_grad_triton(*grads, qkv, ve, lambdas, rotary.cos, rotary.sin)
-    reference = tg.qkv_prep(qkv, ve, lambdas, rotary.cos, rotary.sin)
-    reference_grads = tg.qkv_prep_grad(*grads, qkv, ve, lambdas, rotary.cos, rotary.sin)
+        fused = tg._qkv_prep_triton(qkv_in, ve, lambdas, rotary.cos, rotary.sin)
+        fused_grads = tg._qkv_prep_grad_triton(*grads, qkv_in, ve, lambdas, rotary.cos, rotary.sin)
+    reference = tg.qkv_prep(qkv_in, ve, lambdas, rotary.cos, rotary.sin)
+    reference_grads = tg.qkv_prep_grad(*grads, qkv_in, ve, lambdas, rotary.cos, rotary.sin)
     for part, got, expected in zip(("q", "k", "v", "grad_qkv", "grad_ve", "grad_lambdas"), (*fused, *fused_grads),
                                    (*reference, *reference_grads)):
         assert got.dtype == expected.dtype and got.shape == expected.shape, part
@@ -90,11 +87,11 @@ def test_attention_block_backward_gives_the_separate_kernels_gradients(with_ve):
     for window in (1, 3, 8):
         for name, mask in zip(("long", "short"), tg.document_windows(docs, torch.tensor(window, dtype=torch.int32))):
             args = block_grad_args(T, H, mask, with_ve, "cpu", seed=window)
-            grad_out, qkv, ve, lambdas, cos, sin, q, k, v, out, lse = args[:11]
+            grad_out, qkv_in, ve, lambdas, cos, sin, q, k, v, out, lse = args[:11]
             with emulate(tg):
                 fused = tg._window_attention_inputs_grad_triton(*args)
                 grads = tg._window_attention_grad_triton(grad_out, q, k, v, out, lse, *mask)
-                separate = tg._qkv_prep_grad_triton(*grads, qkv, ve, lambdas, cos, sin)
+                separate = tg._qkv_prep_grad_triton(*grads, qkv_in, ve, lambdas, cos, sin)
             for part, got, expected in zip(("grad_qkv", "grad_ve", "grad_lambdas"), fused, separate):
                 if part == "grad_ve" and not with_ve:
                     continue  # both empty
