@@ -90,11 +90,11 @@ def test_attention_block_backward_gives_the_separate_kernels_gradients(with_ve):
     for window in (1, 3, 8):
         for name, mask in zip(("long", "short"), tg.document_windows(docs, torch.tensor(window, dtype=torch.int32))):
             args = block_grad_args(T, H, mask, with_ve, "cpu", seed=window)
-            grad_out, qkv, ve, lambdas, cos, sin, q, k, v, out, lse = args[:11]
+            grad_out, qkv_in, ve, lambdas, cos, sin, q, k, v, out, lse = args[:11]
             with emulate(tg):
                 fused = tg._window_attention_inputs_grad_triton(*args)
                 grads = tg._window_attention_grad_triton(grad_out, q, k, v, out, lse, *mask)
-                separate = tg._qkv_prep_grad_triton(*grads, qkv, ve, lambdas, cos, sin)
+                separate = tg._qkv_prep_grad_triton(*grads, qkv_in, ve, lambdas, cos, sin)
             for part, got, expected in zip(("grad_qkv", "grad_ve", "grad_lambdas"), fused, separate):
                 if part == "grad_ve" and not with_ve:
                     continue  # both empty
