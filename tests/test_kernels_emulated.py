@@ -14,7 +14,7 @@ program several tiles and a loop more steps along K than the pipeline has stages
   FP8, both FP8 layouts the same numbers;
 - the head's FP8 logits matmul with the row sums in its epilogue: logits within a bf16 step of float64's, and the
   sums' log-sum-exp and losses within the GPU's tanh bound of float64's; the integer rounding to bf16 gives
-  torch's bits.
+  torch's bits; the whole FP8 head op with those sums, the reference body's loss and gradients.
 The emulator's special-function instructions are exact and its matmuls add in float32 in another order, so these
 bars are the GPU tests' where those have one; speed, registers and the compiler's own shared memory are the
 GPU's to check."""
@@ -135,6 +135,26 @@ def test_logits_kernel_gives_the_logits_and_their_row_sums():
     z = tg.SOFTCAP * torch.sigmoid(logits.double() / tg.SOFTCAP_TEMPERATURE)
     assert (lse.double() - z.logsumexp(-1)).abs().max() <= 1.2e-4
     assert (losses.double() - (z.logsumexp(-1) - z.gather(1, targets[:, None])[:, 0])).abs().max() <= 1.2e-4
+
+
+@pytest.mark.parametrize("w_scale", [0.0, 0.05])  # 0: the first step's lm_head, zero-initialised
+def test_fp8_head_op_with_the_sums_in_its_matmul_gives_the_reference(monkeypatch, w_scale):
+    # the whole op on the GPU path, chunk by chunk over two spans (the Gluon logits kernel, the sums' and the
+    # gradient's kernels), against its reference body: the loss within 1e-5, the gradients within 1e-3
+    monkeypatch.setattr(tg, "HEAD_CHUNK", 256)
+    for step in ["e4m3_both", "grad_x", "add_grad_w"]:  # eager: inductor's CPU kernels would only slow this down
+        monkeypatch.setattr(tg, f"_{step}_compiled", getattr(tg, f"_{step}"))
+    gen = torch.Generator().manual_seed(0)
+    x = tg.norm(torch.randn(4 * 256, 256, generator=gen)).bfloat16()
+    w = w_scale * torch.randn(512, 256, generator=gen)
+    targets = torch.randint(0, 511, (len(x),), generator=gen)
+    with emulate(tg, sms=2):
+        loss, grad_x, grad_w = tg._fused_head_loss_cuda(x, w, targets, True, True)
+    steps = tg.HeadSteps(tg._logits, tg._loss_and_logit_grad, tg._e4m3_both, tg._grad_x, tg._add_grad_w)
+    expected = tg._head_loss_chunks(x, w, targets, True, steps)
+    torch.testing.assert_close(loss, expected[0], rtol=1e-5, atol=0)
+    for got, want in zip((grad_x, grad_w), expected[1:]):
+        assert (got.float() - want.float()).norm() <= 1e-3 * want.float().norm()
 
 
 def test_bf16_bits_rounds_as_torch():
