@@ -17,9 +17,9 @@ logits. Credits for single tricks are in the comments where they are used. This 
 
 It reads top to bottom: hyperparameters, the model, the attention masks, Muon, the data, the training steps and
 main(); then what goes on around a run (the command line, launch checks, smoke data, checkpoints, profiles); then
-the ops that have GPU kernels. The model calls five ops by name (attention_masks, attention_inputs, attention,
-relu2_mlp, head_loss); bind_ops() binds each, once a run, to its implementation, whose plain-PyTorch reference is
-what the CPU runs and what the tests compare the kernels with.
+the ops that have GPU kernels. The model calls ops by name (attention_masks, attention_block: attention_inputs
+then attention, relu2_mlp, head_loss); bind_ops() binds each of these six, once a run, to its implementation,
+whose plain-PyTorch reference is what the CPU runs and what the tests compare the kernels with.
 """
 import copy
 import ctypes
@@ -71,6 +71,19 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.profiler import record_function
 
+
+class _NoTriton:
+    """Stands in for triton, triton.language, Gluon and their names where they are missing, so that the kernels'
+    definitions still evaluate: @triton.jit and @gluon.jit leave a kernel a plain function, tl.constexpr(value) the
+    value (tests/kernel_emulator.py runs them so on the CPU); bind_ops() binds no op that would launch them."""
+
+    def __getattr__(self, name: str):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        return args[0] if len(args) == 1 and not kwargs else self
+
+
 try:
     import triton
     import triton.language as tl
@@ -78,19 +91,19 @@ try:
     HAS_TRITON = True
 except ImportError:  # CPU builds of torch come without Triton; only the GPU kernels need it
     HAS_TRITON = False
-
-    class _NoTriton:
-        """Stands in for triton, triton.language and TensorDescriptor where Triton is missing, so that the kernels'
-        definitions still evaluate: @triton.jit leaves a kernel a plain function, tl.constexpr(value) the value
-        (tests/kernel_emulator.py runs them so on the CPU); bind_ops() binds no op that would launch them."""
-
-        def __getattr__(self, name: str):
-            return self
-
-        def __call__(self, *args, **kwargs):
-            return args[0] if len(args) == 1 and not kwargs else self
-
     triton = tl = TensorDescriptor = _NoTriton()
+try:  # Gluon: Triton's language with explicit warps, shared memory and barriers, for the warp-specialised kernels
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
+    HAS_GLUON = True
+except ImportError:
+    HAS_GLUON = False
+    gluon = gl = fence_async_shared = mbarrier = tma = warpgroup_mma = warpgroup_mma_wait = _NoTriton()
+    GluonTensorDescriptor = _NoTriton()
+
 
 REPO = Path(__file__).resolve().parent
 
@@ -128,7 +141,7 @@ class Hyperparameters:
     scalar_lr: float = 0.04  # Adam, all scalars (lambdas, skip weights)
     # implementation
     fp8_head: bool = True  # FP8 lm_head matmul in training where the GPU has FP8 (compute capability >= 8.9)
-    fused_mlp: bool = True  # the MLP's matmuls as Triton kernels with ReLU^2 in them, on Hopper or newer; same bits
+    fused_mlp: bool = True  # the MLP's matmuls as a Gluon kernel with ReLU^2 in it, on Hopper or newer; same bits
     fused_qkv: bool = True  # QK norm, rotary and the value mix as one Triton kernel each way, on a CUDA GPU
     fused_attention: bool = True  # the windowed attention as Triton kernels on Hopper or newer; else FlexAttention
     compile: bool = True  # torch.compile the model and Newton-Schulz
@@ -251,8 +264,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: Tensor, ve: Tensor | None, mask: "BlockMask | DocumentWindows") -> Tensor:
         B, T, D = x.shape
         qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).type_as(x)).view(B, T, 3 * self.num_heads, self.head_dim)
-        q, k, v = attention_inputs(qkv, ve, self.lambdas, self.rotary)
-        return self.c_proj(attention(q, k, v, mask).reshape(B, T, D))
+        return self.c_proj(attention_block(qkv, ve, self.lambdas, self.rotary, mask).reshape(B, T, D))
 
 
 class MLP(nn.Module):
@@ -1578,11 +1590,12 @@ def write_profile(profiler: torch.profiler.profile, path: Path, steps: int):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Ops and their implementations
-# The model calls five ops by name: attention_masks, attention_inputs, attention, relu2_mlp and head_loss.
-# bind_ops() binds each name once a run, from the run's switches and what the device can do; until then they name
-# the plain implementations, which run anywhere (the end of this section). Each op's section holds, in this order:
-# its tile settings, its implementations, its plain-PyTorch reference (what the CPU runs, and what the tests
-# compare the kernels with), its custom ops with their fakes, their launchers, and their Triton kernels.
+# The model calls ops by name: attention_masks, attention_block (attention_inputs, then attention), relu2_mlp and
+# head_loss. bind_ops() binds each of these six names once a run, from the run's switches and what the device can
+# do; until then they name the plain implementations, which run anywhere (the end of this section). Each op's
+# section holds, in this order: its tile settings, its implementations, its plain-PyTorch reference (what the CPU
+# runs, and what the tests compare the kernels with), its custom ops with their fakes, their launchers, and their
+# Triton kernels.
 
 
 class Tile(NamedTuple):
@@ -1594,6 +1607,27 @@ class Tile(NamedTuple):
 
 
 LOG2E = math.log2(math.e)  # the kernels take exp2 of their arguments times log2(e)
+
+
+@triton.jit
+def _bf16(x):
+    """float32 -> bf16, rounded to nearest (ties to even) as .to(bfloat16) rounds, two at a time by the packed
+    conversion instruction (F2FP in SASS), where Triton's conversion takes one instruction a value (F2F)."""
+    return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=tl.bfloat16,
+                                     is_pure=True, pack=2)
+
+
+@triton.jit
+def _bf16_bits(x):
+    """_bf16 by integer instructions: the bits of x rounded to bf16, as a float32's (int32, the low 16 bits zero).
+    .to(float32, bitcast=True) is the rounded value, (bits >> 16).to(int16).to(bfloat16, bitcast=True) the bf16."""
+    bits = x.to(tl.int32, bitcast=True)
+    return (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+
+
+# The Gluon kernels' TMA copies, by their names before and after Triton 3.7 renamed them
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 
 
 def fp8_available(device: torch.device) -> tuple[bool, str]:
@@ -1626,10 +1660,11 @@ def bind_ops(args: Hyperparameters, device: torch.device) -> list[str]:
     fp8, why_not_fp8 = fp8_available(device)
     hopper, why_not_hopper = triton_on_hopper(device)
     triton_here, why_not_triton = (True, "") if device.type == "cuda" and HAS_TRITON else (False, why_not_hopper)
+    gluon_here, why_not_gluon = hopper and HAS_GLUON, why_not_hopper or "this Triton has no Gluon"
     lines = []
     for switch, can, why_not, instead in [
             ("fp8_head", fp8, why_not_fp8, "the lm_head runs in bf16"),
-            ("fused_mlp", hopper, why_not_hopper, "its matmuls and ReLU^2 run as plain PyTorch"),
+            ("fused_mlp", gluon_here, why_not_gluon, "its matmuls and ReLU^2 run as plain PyTorch"),
             ("fused_qkv", triton_here, why_not_triton, "QK norm, rotary and the value mix run as plain PyTorch"),
             ("fused_attention", hopper, why_not_hopper, "FlexAttention or dense attention runs it")]:
         if getattr(args, switch) and not can:
@@ -1641,10 +1676,13 @@ def bind_ops(args: Hyperparameters, device: torch.device) -> list[str]:
     else:
         masks, attend = block_masks, attention_dense  # FlexAttention has no backward on the CPU
     fused_qkv = args.fused_qkv and triton_here
+    fused_block = fused_qkv and args.fused_attention and hopper  # then attention and attention_inputs go unused
     ops = dict(attention_masks=masks, attention=attend,
                attention_inputs=attention_inputs_fused if fused_qkv else attention_inputs_reference,
-               relu2_mlp=relu2_mlp_fused if args.fused_mlp and hopper else relu2_mlp_reference,
-               head_loss=head_loss_fp8 if args.fp8_head and fp8 else head_loss_bf16)
+               attention_block=attention_block_fused if fused_block else attention_block_reference,
+               relu2_mlp=relu2_mlp_fused if args.fused_mlp and gluon_here else relu2_mlp_reference,
+               head_loss=(head_loss_fp8_hopper if gluon_here else head_loss_fp8) if args.fp8_head and fp8
+               else head_loss_bf16)
     globals().update(ops)
     return lines + ["ops: " + ", ".join(f"{name}={op.__name__}" for name, op in ops.items())]
 
@@ -1774,21 +1812,41 @@ def _window_attention_triton(q: Tensor, k: Tensor, v: Tensor, starts: Tensor,
 @window_attention_grad.register_kernel("cuda")
 def _window_attention_grad_triton(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                   starts: Tensor, ends: Tensor, window_blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    grads = tuple(q.new_empty(q.shape) for _ in range(3))
+    _window_attention_grad_kernels(grad_out, q, k, v, out, lse, starts, ends, window_blocks, grads)
+    return grads
+
+
+def _window_attention_grad_kernels(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                   starts: Tensor, ends: Tensor, window_blocks: Tensor, grads: tuple[Tensor, ...],
+                                   inputs: tuple = ()):
+    """Launches the query kernel, then the key kernel, which store into grads = (grad_q, grad_k, grad_v). Given
+    inputs = (qkv, ve, lambdas, cos, sin, partial, has_ve), the kernels go on with attention_inputs' backward, and
+    grads are (grad_qkv, grad_qkv, grad_ve): see window_attention_inputs_grad."""
     _, T, H, head_dim = q.shape
     grad_out, q, k, v, out = (t.contiguous() for t in (grad_out, q, k, v, out))
     delta = torch.empty_like(lse)  # per query: the sum of grad_out * out, which the query kernel computes and stores
-    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    fused = bool(inputs)
+    qkv, ve, lambdas, cos, sin, partial, has_ve = inputs or (q,) * 6 + (False,)  # placeholders, unread unfused
+
+    def grid(block: int) -> tuple[int, int]:
+        # fused, heads first: the H programs of a tile run side by side, and all but the first find its rows of cos
+        # and sin (float32, 32 MiB at 64K tokens) in L2. With the tiles first, between two heads' reads of a row
+        # would come a head's pass over the sequence, which loads far more than L2 holds (50 MB): each head would
+        # read the tables from HBM
+        return (H, T // block) if fused else (T // block, H)
+
     (block_m, block_n), warps, stages = ATTENTION_GRAD_Q
-    _window_attention_grad_q_kernel[(T // block_m, H)](
+    _window_attention_grad_q_kernel[grid(block_m)](
         _tiles_of(q, block_m), _tiles_of(k, block_n), _tiles_of(v, block_n), _tiles_of(grad_out, block_m), out, lse,
-        delta, starts, window_blocks, grad_q, T, ATTENTION_SCALE * LOG2E, ATTENTION_SCALE, H, head_dim, BLOCK_SIZE,
-        block_m, block_n, num_warps=warps, num_stages=stages)
+        delta, starts, window_blocks, grads[0], qkv, cos, sin, T, ATTENTION_SCALE * LOG2E, ATTENTION_SCALE, H,
+        head_dim, BLOCK_SIZE, block_m, block_n, fused, num_warps=warps, num_stages=stages)
     (block_m, block_n), warps, stages = ATTENTION_GRAD_KV
-    _window_attention_grad_kv_kernel[(T // block_n, H)](
+    _window_attention_grad_kv_kernel[grid(block_n)](
         _tiles_of(q, block_m), _tiles_of(k, block_n), _tiles_of(v, block_n), _tiles_of(grad_out, block_m), lse, delta,
-        ends, window_blocks, grad_k, grad_v, T, ATTENTION_SCALE * LOG2E, ATTENTION_SCALE, H, head_dim, BLOCK_SIZE,
-        block_m, block_n, num_warps=warps, num_stages=stages)
-    return grad_q, grad_k, grad_v
+        ends, window_blocks, *grads[1:], qkv, ve, lambdas, cos, sin, partial, T, ATTENTION_SCALE * LOG2E,
+        ATTENTION_SCALE, H, head_dim, BLOCK_SIZE, block_m, block_n, fused, has_ve, num_warps=warps,
+        num_stages=stages)
 
 
 @triton.jit
@@ -1799,6 +1857,16 @@ def _key_range(first_start, last_start, m0, window, BLOCK: tl.constexpr, BLOCK_N
     lo = tl.maximum((m0 // BLOCK - window + 1) * BLOCK, first_start // BLOCK_N * BLOCK_N)
     unmasked = tl.minimum(tl.maximum(lo, tl.cdiv(last_start, BLOCK_N) * BLOCK_N), m0)
     return lo, unmasked
+
+
+@triton.jit
+def _tile_and_head(BLOCK: tl.constexpr, HEADS_FIRST: tl.constexpr):
+    """This program's first row and head, of a grid (T // BLOCK, H), or (H, T // BLOCK) with HEADS_FIRST."""
+    if HEADS_FIRST:
+        row0, head = tl.program_id(1) * BLOCK, tl.program_id(0)
+    else:
+        row0, head = tl.program_id(0) * BLOCK, tl.program_id(1)
+    return row0, head
 
 
 # Each kernel walks its tile's range of keys (or queries) in one pipelined loop, with a branch that masks only
@@ -1841,12 +1909,13 @@ def _window_attention_kernel(q_desc, k_desc, v_desc, out, lse, starts, window_bl
 
 @triton.jit
 def _window_attention_grad_q_kernel(q_desc, k_desc, v_desc, grad_out_desc, out, lse, delta, starts,
-                                    window_blocks, grad_q, T, qk_scale, scale, H: tl.constexpr,
+                                    window_blocks, grad_q, qkv, cos, sin, T, qk_scale, scale, H: tl.constexpr,
                                     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                                    BLOCK_N: tl.constexpr):
+                                    BLOCK_N: tl.constexpr, INPUTS: tl.constexpr):
     # one tile of BLOCK_M queries of one head, over the keys it sees, as in the forward; it also stores its
-    # queries' delta = sum(grad_out * out) for the key kernel, which runs after it
-    m0, head = tl.program_id(0) * BLOCK_M, tl.program_id(1)
+    # queries' delta = sum(grad_out * out) for the key kernel, which runs after it. With INPUTS, grad_q is the
+    # gradient of qkv, and the tile's gradient reaches it through attention_inputs' backward of q
+    m0, head = _tile_and_head(BLOCK_M, INPUTS)
     rows, dims, col = m0 + tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM), head * HEAD_DIM
     cols = tl.arange(0, BLOCK_N)
     at = rows[:, None] * (H * HEAD_DIM) + col + dims[None, :]
@@ -1867,17 +1936,25 @@ def _window_attention_grad_q_kernel(q_desc, k_desc, v_desc, grad_out_desc, out, 
         grad_p = tl.dot(grad_o, v_desc.load([n, col]).T)
         grad_s = p * (grad_p - delta_q[:, None])
         grad_q_tile += tl.dot(grad_s.to(k_tile.dtype), k_tile)
-    tl.store(grad_q + at, (grad_q_tile * scale).to(q_tile.dtype))
+    grad_q_tile = (grad_q_tile * scale).to(q_tile.dtype)  # bf16 either way: the separate ops' numbers
+    if INPUTS:
+        _qk_grad_tile(grad_q_tile, qkv, cos, sin, grad_q, rows, head, HEAD_DIM, 3 * H)
+    else:
+        tl.store(grad_q + at, grad_q_tile)
 
 
 @triton.jit
 def _window_attention_grad_kv_kernel(q_desc, k_desc, v_desc, grad_out_desc, lse, delta, ends, window_blocks,
-                                     grad_k, grad_v, T, qk_scale, scale, H: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                                     grad_k, grad_v, qkv, ve, lambdas, cos, sin, partial, T, qk_scale, scale,
+                                     H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+                                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUTS: tl.constexpr,
+                                     HAS_VE: tl.constexpr):
     # one tile of BLOCK_N keys of one head, over the queries that see them: from the tile itself (masked) to
     # the end of the window or of its last key's document, masked from its first key's document end
-    # (flash attention 2's backward, by Tri Dao), with the scores transposed (keys x queries)
-    n0, head = tl.program_id(0) * BLOCK_N, tl.program_id(1)
+    # (flash attention 2's backward, by Tri Dao), with the scores transposed (keys x queries). With INPUTS,
+    # grad_k is the gradient of qkv and grad_v that of ve, which the tile's gradients reach through
+    # attention_inputs' backward of k and v
+    n0, head = _tile_and_head(BLOCK_N, INPUTS)
     keys, dims, col = n0 + tl.arange(0, BLOCK_N), tl.arange(0, HEAD_DIM), head * HEAD_DIM
     cols = tl.arange(0, BLOCK_M)
     lse, delta = lse + head * T, delta + head * T
@@ -1900,9 +1977,14 @@ def _window_attention_grad_kv_kernel(q_desc, k_desc, v_desc, grad_out_desc, lse,
         grad_p_t = tl.dot(v_tile, grad_o.T)
         grad_s_t = p_t * (grad_p_t - tl.load(delta + rows)[None, :])
         grad_k_tile += tl.dot(grad_s_t.to(q_tile.dtype), q_tile)
-    at = keys[:, None] * (H * HEAD_DIM) + col + dims[None, :]
-    tl.store(grad_k + at, (grad_k_tile * scale).to(k_tile.dtype))
-    tl.store(grad_v + at, grad_v_tile.to(k_tile.dtype))
+    grad_k_tile, grad_v_tile = (grad_k_tile * scale).to(k_tile.dtype), grad_v_tile.to(k_tile.dtype)
+    if INPUTS:
+        _qk_grad_tile(grad_k_tile, qkv, cos, sin, grad_k, keys, H + head, HEAD_DIM, 3 * H)
+        _v_grad_tile(grad_v_tile, qkv, ve, lambdas, grad_k, grad_v, partial, keys, head, H, HEAD_DIM, HAS_VE)
+    else:
+        at = keys[:, None] * (H * HEAD_DIM) + col + dims[None, :]
+        tl.store(grad_k + at, grad_k_tile)
+        tl.store(grad_v + at, grad_v_tile)
 
 
 # --- attention_inputs: QK norm, rotary and the value mix, one Triton kernel each way on a CUDA GPU
@@ -2079,13 +2161,7 @@ def _qkv_prep_grad_kernel(grad_q, grad_k, grad_v, gq_b, gq_t, gq_h, gk_b, gk_t, 
         else:
             at = grad_k + b.to(tl.int64)[:, None] * gk_b + t[:, None] * gk_t + (head - H) * gk_h + half
         g1, g2 = tl.load(at).to(tl.float32), tl.load(at + HD // 2).to(tl.float32)
-        d1, d2 = g1 * c - g2 * s, g1 * s + g2 * c  # the gradient of the normed halves: the inverse rotation
-        x1, x2, rstd = _qk_rows(qkv, rows, head, HD, 3 * H)
-        x1, x2 = x1 * rstd, x2 * rstd
-        mean_dot = ((tl.sum(d1 * x1, axis=1) + tl.sum(d2 * x2, axis=1)) / HD)[:, None]
-        out = grad_qkv + qkv_rows + head * HD + half
-        tl.store(out, (rstd * (d1 - x1 * mean_dot)).to(tl.bfloat16))
-        tl.store(out + HD // 2, (rstd * (d2 - x2 * mean_dot)).to(tl.bfloat16))
+        _qk_rows_grad(g1, g2, c, s, qkv, grad_qkv, rows, head, HD, 3 * H)
     cols = tl.arange(0, HD)[None, :]
     l0, l1 = tl.load(lambdas), tl.load(lambdas + 1)
     dot_v = tl.zeros((ROWS, HD), dtype=tl.float32)
@@ -2104,7 +2180,128 @@ def _qkv_prep_grad_kernel(grad_q, grad_k, grad_v, gq_b, gq_t, gq_h, gk_b, gk_t, 
     tl.store(partial + 2 * tl.program_id(0) + 1, tl.sum(tl.sum(dot_ve, axis=1), axis=0))
 
 
-# --- relu2_mlp: the MLP's two matmuls that have elementwise work beside them, each one Triton matmul on Hopper
+@triton.jit
+def _qk_rows_grad(g1, g2, c, s, qkv, grad_qkv, rows, head, HD: tl.constexpr, H3: tl.constexpr):
+    """The gradient of head `head` of qkv's rows, stored bf16 in grad_qkv (laid out as qkv), from that of the
+    rows normed and rotated, in halves g1, g2 float32, and the rows' cos and sin c, s: the inverse rotation, then
+    the norm's backward, with rstd recomputed from qkv."""
+    d1, d2 = g1 * c - g2 * s, g1 * s + g2 * c  # the gradient of the normed halves: the inverse rotation
+    x1, x2, rstd = _qk_rows(qkv, rows, head, HD, H3)
+    x1, x2 = x1 * rstd, x2 * rstd
+    mean_dot = ((tl.sum(d1 * x1, axis=1) + tl.sum(d2 * x2, axis=1)) / HD)[:, None]
+    out = grad_qkv + rows.to(tl.int64)[:, None] * (H3 * HD) + head * HD + tl.arange(0, HD // 2)[None, :]
+    tl.store(out, (rstd * (d1 - x1 * mean_dot)).to(tl.bfloat16))
+    tl.store(out + HD // 2, (rstd * (d2 - x2 * mean_dot)).to(tl.bfloat16))
+
+
+# --- attention_block: attention_inputs, then attention, as the model calls them. With both fused on Hopper, their
+# backward is one op: the attention's backward kernels go on with attention_inputs' backward of their tiles, so the
+# gradients of q, k and v (bf16, 100 MB each a layer at 64K tokens) are neither stored nor read back.
+
+
+def attention_block_fused(qkv: Tensor, ve: Tensor | None, lambdas: Tensor, rotary: Rotary,
+                          mask: DocumentWindows) -> Tensor:
+    """attention_block_reference by attention_inputs_fused's and attention_windows' forward ops, and one op for
+    their backward."""
+    T = qkv.size(1)
+    return WindowAttentionBlock.apply(qkv, ve, lambdas, rotary.cos[:T], rotary.sin[:T], *mask)
+
+
+def attention_block_reference(qkv: Tensor, ve: Tensor | None, lambdas: Tensor, rotary: Rotary,
+                              mask: "BlockMask | DocumentWindows") -> Tensor:
+    """qkv (B, T, 3 * H, head_dim) -> the attention's output (B, T, H, head_dim): attention_inputs, then
+    attention, as bound."""
+    return attention(*attention_inputs(qkv, ve, lambdas, rotary), mask)
+
+
+class WindowAttentionBlock(torch.autograd.Function):
+    """attention_block_fused: qkv_prep and window_attention forward, window_attention_inputs_grad backward; saves
+    what the two backwards take, as FusedAttentionInputs and WindowAttention do."""
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor, starts: Tensor,
+                ends: Tensor, window_blocks: Tensor):
+        q, k, v = qkv_prep(qkv, ve, lambdas, cos, sin)
+        out, lse = window_attention(q, k, v, starts, window_blocks)
+        ctx.save_for_backward(qkv, ve, lambdas, cos, sin, q, k, v, out, lse, starts, ends, window_blocks)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        has_ve = ctx.saved_tensors[1] is not None
+        grad_qkv, grad_ve, grad_lambdas = window_attention_inputs_grad(grad_out, *ctx.saved_tensors)
+        return grad_qkv, grad_ve if has_ve else None, grad_lambdas, None, None, None, None, None
+
+
+@torch.library.custom_op("speedrun::window_attention_inputs_grad", mutates_args=())
+def window_attention_inputs_grad(grad_out: Tensor, qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
+                                 sin: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                 starts: Tensor, ends: Tensor,
+                                 window_blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """window_attention_grad, then qkv_prep_grad: the gradient of the attention's output -> those of qkv, of ve
+    (empty without ve) and of lambdas. This body is the reference; on CUDA _window_attention_inputs_grad_triton
+    runs instead."""
+    grad_q, grad_k, grad_v = window_attention_grad(grad_out, q, k, v, out, lse, starts, ends, window_blocks)
+    return qkv_prep_grad(grad_q, grad_k, grad_v, qkv, ve, lambdas, cos, sin)
+
+
+@window_attention_inputs_grad.register_fake
+def _(grad_out: Tensor, qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor, q: Tensor,
+      k: Tensor, v: Tensor, out: Tensor, lse: Tensor, starts: Tensor, ends: Tensor, window_blocks: Tensor):
+    grad_ve = ve.new_empty(ve.shape) if ve is not None else qkv.new_empty(0)
+    return qkv.new_empty(qkv.shape), grad_ve, lambdas.new_empty(2)
+
+
+@window_attention_inputs_grad.register_kernel("cuda")
+def _window_attention_inputs_grad_triton(grad_out: Tensor, qkv: Tensor, ve: Tensor | None, lambdas: Tensor,
+                                         cos: Tensor, sin: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                                         lse: Tensor, starts: Tensor, ends: Tensor,
+                                         window_blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    _, T, H, _ = q.shape
+    has_ve = ve is not None
+    grad_qkv, grad_ve = qkv.new_empty(qkv.shape), ve.new_empty(ve.shape) if has_ve else qkv.new_empty(0)
+    partial = lambdas.new_empty(T // ATTENTION_GRAD_KV.block[1] * H, 2)  # each key program's share of grad_lambdas
+    qkv, ve = qkv.contiguous(), ve.contiguous() if has_ve else qkv  # ve: a placeholder when there is none
+    _window_attention_grad_kernels(grad_out, q, k, v, out, lse, starts, ends, window_blocks,
+                                   (grad_qkv, grad_qkv, grad_ve if has_ve else grad_qkv),
+                                   (qkv, ve, lambdas, cos, sin, partial, has_ve))
+    return grad_qkv, grad_ve, partial.sum(0).bfloat16().float()
+
+
+# The attention's backward kernels with INPUTS end in these epilogues, for a tile of rows (tokens) of one head: its
+# gradient of q, k or v, bf16 as window_attention_grad stores it, through attention_inputs' backward in float32,
+# as _qkv_prep_grad_kernel computes it
+
+
+@triton.jit
+def _qk_grad_tile(grad, qkv, cos, sin, grad_qkv, rows, head, HD: tl.constexpr, H3: tl.constexpr):
+    """grad (rows, HD), the gradient of q or k at head `head` of qkv's H3 -> that of qkv, stored."""
+    # the rotation's halves of each row: (rows, HD) -> (rows, 2, HD / 2) -> (rows, HD / 2, 2), split on the last
+    g1, g2 = tl.split(tl.permute(tl.reshape(grad.to(tl.float32), (grad.shape[0], 2, HD // 2)), (0, 2, 1)))
+    table = rows[:, None] * (HD // 2) + tl.arange(0, HD // 2)[None, :]
+    _qk_rows_grad(g1, g2, tl.load(cos + table), tl.load(sin + table), qkv, grad_qkv, rows, head, HD, H3)
+
+
+@triton.jit
+def _v_grad_tile(grad, qkv, ve, lambdas, grad_qkv, grad_ve, partial, rows, head, H: tl.constexpr, HD: tl.constexpr,
+                 HAS_VE: tl.constexpr):
+    """grad (rows, HD), the gradient of v at head `head` -> those of qkv and ve, stored, and the tile's sums for the
+    lambdas' gradient, stored in this program's row of partial."""
+    g = grad.to(tl.float32)
+    cols = tl.arange(0, HD)[None, :]
+    at = rows.to(tl.int64)[:, None] * (3 * H * HD) + (2 * H + head) * HD + cols
+    tl.store(grad_qkv + at, (tl.load(lambdas) * g).to(tl.bfloat16))
+    program = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    tl.store(partial + 2 * program, tl.sum(tl.sum(g * tl.load(qkv + at).to(tl.float32), axis=1), axis=0))
+    if HAS_VE:
+        at_ve = rows.to(tl.int64)[:, None] * (H * HD) + head * HD + cols
+        tl.store(grad_ve + at_ve, (tl.load(lambdas + 1) * g).to(tl.bfloat16))
+        tl.store(partial + 2 * program + 1, tl.sum(tl.sum(g * tl.load(ve + at_ve).to(tl.float32), axis=1), axis=0))
+    else:
+        tl.store(partial + 2 * program + 1, 0.0)
+
+
+# --- relu2_mlp: the MLP's two matmuls that have elementwise work beside them, each one Gluon matmul on Hopper
 # The up-projection stores h = relu(a)^2 for a = x @ w_fc.T in one pass, and the backward stores
 # grad_a = (grad_y @ w_proj) * 2 relu(a) in one pass; torch.compile makes each a cuBLAS matmul and an inductor kernel
 # that reads the matmul's output again. Rounding as compiled: the matmul to bf16, then the epilogue once, from
@@ -2112,15 +2309,13 @@ def _qkv_prep_grad_kernel(grad_q, grad_k, grad_v, gq_b, gq_t, gq_h, gk_b, gk_t, 
 # relu(a) is sqrt(h) rounded to bf16, exactly (see relu_of_square).
 
 
-# The matmul's (rows, columns, depth) tile, fixed rather than autotuned (which would time each shape at every
-# start): the fastest of the sweeps in the speed record's leads table (records/2026-12-05_speed_x1). MLP_GROUP row
-# blocks at a time share w's column blocks in L2.
-MLP_MATMUL = Tile((128, 256, 64), warps=8, stages=3)
-MLP_GROUP = 8
+# Each warpgroup's tile of the output, (rows, columns, depth), fixed rather than autotuned; its stages are the ring of
+# (x, w) tiles that the loading warp keeps full. Measured in the speed record's leads table.
+MLP_MATMUL = Tile((128, 128, 64), warps=4, stages=4)
 
 
 def relu2_mlp_fused(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
-    """relu2_mlp_reference with its up-projection and that one's backward as the Triton matmuls below."""
+    """relu2_mlp_reference with its up-projection and that one's backward as the Gluon matmul below."""
     return FusedReLU2MLP.apply(x.flatten(end_dim=-2), w_fc, w_proj).view_as(x)
 
 
@@ -2157,7 +2352,7 @@ def relu_of_square(h: Tensor) -> Tensor:
 
 @torch.library.custom_op("speedrun::matmul_relu2", mutates_args=())
 def matmul_relu2(x: Tensor, w: Tensor) -> Tensor:
-    """x (n, k) and w (m, k), bf16 -> relu(x @ w.T)^2, (n, m) bf16. This body is the reference; on CUDA the Triton
+    """x (n, k) and w (m, k), bf16 -> relu(x @ w.T)^2, (n, m) bf16. This body is the reference; on CUDA the Gluon
     kernel runs instead."""
     return F.relu(x @ w.T).square()
 
@@ -2170,7 +2365,7 @@ def _(x: Tensor, w: Tensor):
 @torch.library.custom_op("speedrun::matmul_relu2_grad", mutates_args=())
 def matmul_relu2_grad(grad_y: Tensor, w: Tensor, h: Tensor) -> Tensor:
     """grad_y (n, k), w (k, m), h = relu(a)^2 (n, m), bf16 -> (grad_y @ w) * 2 relu(a): the gradient of a, (n, m)
-    bf16. This body is the reference; on CUDA the Triton kernel runs instead."""
+    bf16. This body is the reference; on CUDA the Gluon kernel runs instead."""
     return (grad_y @ w) * 2 * relu_of_square(h)
 
 
@@ -2181,70 +2376,168 @@ def _(grad_y: Tensor, w: Tensor, h: Tensor):
 
 @matmul_relu2.register_kernel("cuda")
 def _matmul_relu2_cuda(x: Tensor, w: Tensor) -> Tensor:
-    return _matmul_relu2_triton(x.contiguous(), w.contiguous(), None, w_kn=False)
+    return _matmul_relu2_gluon(x.contiguous(), w.contiguous(), None, w_kn=False)
 
 
 @matmul_relu2_grad.register_kernel("cuda")
 def _matmul_relu2_grad_cuda(grad_y: Tensor, w: Tensor, h: Tensor) -> Tensor:
-    return _matmul_relu2_triton(grad_y.contiguous(), w.contiguous(), h.contiguous(), w_kn=True)
+    return _matmul_relu2_gluon(grad_y.contiguous(), w.contiguous(), h.contiguous(), w_kn=True)
 
 
-def _matmul_relu2_triton(x: Tensor, w: Tensor, h: Tensor | None, w_kn: bool) -> Tensor:
+def _matmul_relu2_gluon(x: Tensor, w: Tensor, h: Tensor | None, w_kn: bool) -> Tensor:
     """The forward without h, the backward with it."""
     M, K = x.shape
     N = w.size(1) if w_kn else w.size(0)
     (BM, BN, BK), warps, stages = MLP_MATMUL
     out = x.new_empty(M, N)
-    descs = [TensorDescriptor.from_tensor(x, [BM, BK]), TensorDescriptor.from_tensor(w, [BK, BN] if w_kn else [BN, BK])]
+    h = out if h is None else h
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     grid = (min(num_sms, triton.cdiv(M, BM) * triton.cdiv(N, BN)),)
-    backward = h is not None
-    _matmul_relu2_kernel[grid](*descs, h if backward else out, out, M, N, K, w_kn, backward, BM, BN, BK,
-                               GROUP=MLP_GROUP, NUM_SMS=grid[0], num_warps=warps, num_stages=stages)
+    _matmul_relu2_kernel[grid](_gluon_tiles(x, [BM, BK]), _gluon_tiles(w, [BK, BN] if w_kn else [BN, BK]),
+                               _gluon_tiles(h, [BM, BN]), _gluon_tiles(out, [BM, BN]), M, N, K, w_kn, h is not out,
+                               BM, BN, BK, stages, num_warps=warps, maxnreg=168)
     return out
 
 
-@triton.jit
-def _tile(tile, num_m, num_n, GROUP: tl.constexpr):
-    """A tile's (row, column) block: GROUP row blocks at a time share the column blocks of w in L2."""
-    first_m = tile // (GROUP * num_n) * GROUP
-    rows = min(num_m - first_m, GROUP)
-    return first_m + tile % (GROUP * num_n) % rows, tile % (GROUP * num_n) // rows
+def _gluon_tiles(t: Tensor, block: list[int]) -> "GluonTensorDescriptor":
+    """A descriptor of the 2-D bf16 or float8_e4m3fn tensor t for the TMA, in tiles of block, swizzled for the
+    tensor cores."""
+    dtype = gl.float8e4nv if t.dtype == torch.float8_e4m3fn else gl.bfloat16
+    return GluonTensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
 
 
-@triton.jit
-def _matmul_relu2_kernel(x_desc, w_desc, h, out, M, N, K, W_KN: tl.constexpr, BACKWARD: tl.constexpr,
-                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
-                         NUM_SMS: tl.constexpr):
+# The matmul is warp-specialised and persistent, as CUTLASS's "ping-pong" kernels for Hopper are: a program an SM,
+# whose tiles alternate between two warpgroups, each with its own accumulator, fed by one warp that loads (x, w)
+# tiles through the TMA into a ring of stages; while one warpgroup runs its epilogue, the other's matmul keeps the
+# tensor cores busy. maxnreg=168 caps the 3 warpgroups' registers at the register file; the two consumers take 240
+# each and the loading warp's group 24.
+
+
+@gluon.jit
+def _matmul_relu2_kernel(x_desc, w_desc, h_desc, out_desc, M, N, K, W_KN: gl.constexpr, BACKWARD: gl.constexpr,
+                         BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr):
     # y = x @ w (w stored (K, N): W_KN) or x @ w.T (w stored (N, K)), rounded to bf16. Forward: stores relu(y)^2
-    # as out. Backward: stores y * 2 relu(a) as out, relu(a) from h as relu_of_square has it (tl.sqrt, the fast
-    # approximate one: its error is far inside that function's margin). Persistent: one program per SM walks the
-    # tiles.
-    # The epilogue stores from registers, not through shared memory and the TMA: the warps go on to the next
-    # tile's loads without waiting for the stores to land, and the shared memory is left to the pipeline.
-    num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-    tile_c = tl.program_id(0) - NUM_SMS  # the epilogue's tile, counted apart from the loads' as Triton's
-    # persistent-matmul tutorial does, for the flattened pipeline
-    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
-        pid_m, pid_n = _tile(tile, num_m, num_n, GROUP)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    # as out. Backward: stores y * 2 relu(a) as out, relu(a) from h as relu_of_square has it (gl.sqrt, the fast
+    # approximate one: its error is far inside that function's margin).
+    x_bufs, w_bufs, ready, empty, out_bufs, turn = _matmul_buffers(x_desc, w_desc, out_desc, STAGES)
+    h_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(h_ready.index(i), count=1)
+    gl.warp_specialize([
+        (_matmul_relu2_consumer, (h_desc, out_desc, x_bufs, w_bufs, ready, empty, out_bufs, h_ready, turn, M, N, K,
+                                  W_KN, BACKWARD, BM, BN, BK, STAGES, 0)),
+        (_matmul_relu2_consumer, (h_desc, out_desc, x_bufs, w_bufs, ready, empty, out_bufs, h_ready, turn, M, N, K,
+                                  W_KN, BACKWARD, BM, BN, BK, STAGES, 1)),
+        (_matmul_loads, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, M, N, K, W_KN, False, BM, BN, BK, STAGES)),
+    ], [4, 1], [240, 24])
+
+
+@gluon.jit
+def _matmul_buffers(x_desc, w_desc, out_desc, STAGES: gl.constexpr):
+    """The ping-pong kernels' shared memory: the ring of STAGES (x, w) tiles with its ready and empty barriers,
+    each consumer's output tile, and the turn barriers by which the two consumers alternate."""
+    x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
+    w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    out_bufs = gl.allocate_shared_memory(out_desc.dtype, [2] + out_desc.block_type.shape, out_desc.layout)
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)
+    return x_bufs, w_bufs, ready, empty, out_bufs, turn
+
+
+@gluon.jit
+def _tile_at(tile, M, N, BM: gl.constexpr, BN: gl.constexpr, N_MAJOR: gl.constexpr):
+    """The row and column where the program's tile `tile` starts: tiles go along the rows of out (x's row blocks,
+    each against all of w's), or with N_MAJOR down its columns (w's row blocks, each against all of x's)."""
+    if N_MAJOR:
+        num_m = (M + BM - 1) // BM
+        off_m, off_n = tile % num_m * BM, tile // num_m * BN
+    else:
+        num_n = (N + BN - 1) // BN
+        off_m, off_n = tile // num_n * BM, tile % num_n * BN
+    return off_m, off_n
+
+
+@gluon.jit
+def _matmul_loads(x_desc, w_desc, x_bufs, w_bufs, ready, empty, M, N, K, W_KN: gl.constexpr, N_MAJOR: gl.constexpr,
+                  BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr):
+    # the loading warp: the program's tiles in order, each one's (x, w) tiles along K into the next free stage
+    count = 0
+    for tile in range(gl.program_id(0), (M + BM - 1) // BM * ((N + BN - 1) // BN), gl.num_programs(0)):
+        off_m, off_n = _tile_at(tile, M, N, BM, BN, N_MAJOR)
         for k in range(0, K, BK):
+            stage = count % STAGES
+            mbarrier.wait(empty.index(stage), (count // STAGES & 1) ^ 1)  # a new barrier passes parity 1 at once
+            mbarrier.expect(ready.index(stage), x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+            _tma_load(x_desc, [off_m, k], ready.index(stage), x_bufs.index(stage))
             if W_KN:
-                acc = tl.dot(x_desc.load([pid_m * BM, k]), w_desc.load([k, pid_n * BN]), acc)
+                _tma_load(w_desc, [k, off_n], ready.index(stage), w_bufs.index(stage))
             else:
-                acc = tl.dot(x_desc.load([pid_m * BM, k]), w_desc.load([pid_n * BN, k]).T, acc)
-        tile_c += NUM_SMS
-        pid_m, pid_n = _tile(tile_c, num_m, num_n, GROUP)
-        rows, cols = pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN)
-        ok = (rows < M)[:, None] & (cols < N)[None, :]
-        at = rows.to(tl.int64)[:, None] * N + cols[None, :]
-        y = acc.to(tl.bfloat16)
-        if BACKWARD:
-            relu_a = tl.sqrt(tl.load(h + at, mask=ok).to(tl.float32)).to(tl.bfloat16).to(tl.float32)
-            tl.store(out + at, (y.to(tl.float32) * 2 * relu_a).to(tl.bfloat16), mask=ok)
+                _tma_load(w_desc, [off_n, k], ready.index(stage), w_bufs.index(stage))
+            count += 1
+
+
+@gluon.jit
+def _matmul_tile(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layout: gl.constexpr,
+                 W_KN: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr, WHICH: gl.constexpr):
+    """A consumer warpgroup's matmul of one tile by wgmma from the ring (one in flight while the next stage is
+    awaited) -> the float32 accumulator and the ring's count past the other warpgroup's next tile. The two take
+    turns at their matmuls (turn): a wait on a stage's barrier tells only the parity of its fills, so a warpgroup
+    may wait for a stage's next fill only once the other has waited for the fill before it."""
+    acc = gl.zeros((BM, BN), dtype=gl.float32, layout=layout)
+    mbarrier.wait(turn.index(WHICH), phase ^ (1 - WHICH))  # warpgroup 0's first wait passes at once
+    for k in range(k_steps):
+        stage = count % STAGES
+        mbarrier.wait(ready.index(stage), count // STAGES & 1)
+        if W_KN:
+            acc = warpgroup_mma(x_bufs.index(stage), w_bufs.index(stage), acc, is_async=True)
         else:
-            relu_y = tl.maximum(y.to(tl.float32), 0.0)
-            tl.store(out + at, (relu_y * relu_y).to(tl.bfloat16), mask=ok)
+            acc = warpgroup_mma(x_bufs.index(stage), w_bufs.index(stage).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        mbarrier.arrive(empty.index((count + STAGES - 1) % STAGES), count=1, pred=k > 0)  # the one before
+        count += 1
+    mbarrier.arrive(turn.index(1 - WHICH), count=1)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    mbarrier.arrive(empty.index((count + STAGES - 1) % STAGES), count=1)
+    return acc, count + k_steps
+
+
+@gluon.jit
+def _matmul_relu2_consumer(h_desc, out_desc, x_bufs, w_bufs, ready, empty, out_bufs, h_ready, turn, M, N, K,
+                           W_KN: gl.constexpr, BACKWARD: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                           BK: gl.constexpr, STAGES: gl.constexpr, WHICH: gl.constexpr):
+    # warpgroup WHICH: every other tile of the program's, its matmul, then its epilogue through its own tile of
+    # shared memory and the TMA. In the backward, h's tile arrives there during the matmul.
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
+    k_steps = (K + BK - 1) // BK
+    count = WHICH * k_steps  # the ring's count at this warpgroup's first tile: the loading warp goes in tile order
+    out_tile, h_bar, phase = out_bufs.index(WHICH), h_ready.index(WHICH), 0
+    for tile in range(gl.program_id(0) + WHICH * gl.num_programs(0), (M + BM - 1) // BM * ((N + BN - 1) // BN),
+                      2 * gl.num_programs(0)):
+        off_m, off_n = _tile_at(tile, M, N, BM, BN, False)
+        tma.store_wait(0)  # the last tile's output has left out_tile
+        if BACKWARD:
+            mbarrier.expect(h_bar, h_desc.block_type.nbytes)
+            _tma_load(h_desc, [off_m, off_n], h_bar, out_tile)
+        acc, count = _matmul_tile(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layout, W_KN, BM, BN,
+                                  STAGES, WHICH)
+        y = _bf16(acc).to(gl.float32)
+        if BACKWARD:
+            mbarrier.wait(h_bar, phase)
+            relu_a = _bf16(gl.sqrt(out_tile.load(layout).to(gl.float32))).to(gl.float32)
+            out_tile.store((y * 2 * relu_a).to(gl.bfloat16))
+        else:
+            relu_y = gl.maximum(y, 0.0)
+            out_tile.store((relu_y * relu_y).to(gl.bfloat16))
+        fence_async_shared()
+        _tma_store(out_desc, [off_m, off_n], out_tile)
+        phase ^= 1
+    tma.store_wait(0)
 
 
 # --- head_loss: the lm_head's training loss, fused and in chunks of tokens
@@ -2255,7 +2548,9 @@ def _matmul_relu2_kernel(x_desc, w_desc, h, out, M, N, K, W_KN: tl.constexpr, BA
 # scales. A chunk's logits become the loss and their gradient in _loss_and_logit_grad: on the GPU two Triton
 # kernels, each reading the logits once, the second storing the gradient in both layouts that the FP8 matmuls need.
 # In FP8 the gradient for w is one matmul over a span of GRAD_W_CHUNKS chunks, whose transposed gradients the
-# kernel stores side by side: fewer float32 (V, D) partial products to add into grad_w.
+# kernel stores side by side: fewer float32 (V, D) partial products to add into grad_w. On Hopper the FP8 logits'
+# matmul is a Gluon kernel whose epilogue also sums exp(z) over each tile's row, while the other warpgroup's matmul
+# runs: the row sums' own pass over the logits is then a small kernel over those partial sums.
 
 FP8_X_SCALE, FP8_W_SCALE = 2.0, 32.0
 # The mean over the tokens makes each logit's gradient about 1/tokens: grad_s = 2^13 * tokens brings it into
@@ -2269,6 +2564,10 @@ GRAD_W_CHUNKS = 2  # chunks a span: each one more holds another chunk's FP8 grad
 # compares them
 HEAD_LSE = Tile((1, 2048), warps=4, stages=3)
 HEAD_GRAD = Tile((32, 64), warps=4, stages=3)
+# On Hopper: the logits' FP8 matmul (rows, columns, depth) as the MLP's, and the rows and partial sums of a program
+# of the kernel that adds those sums up
+HEAD_MATMUL = Tile((128, 128, 128), warps=4, stages=4)
+HEAD_SUMS = Tile((32, 64), warps=4, stages=2)
 
 
 def head_loss_bf16(x: Tensor, w: Tensor, targets: Tensor) -> Tensor:
@@ -2282,8 +2581,14 @@ def head_loss_fp8(x: Tensor, w: Tensor, targets: Tensor) -> Tensor:
     return fused_head_loss(x, w, targets, True)[0]
 
 
+def head_loss_fp8_hopper(x: Tensor, w: Tensor, targets: Tensor) -> Tensor:
+    """head_loss_fp8 with the logits' row sums in the logits' matmul (Hopper, Gluon)."""
+    return fused_head_loss(x, w, targets, True, True)[0]
+
+
 class HeadSteps(NamedTuple):
     """The steps of the head loss's chunk loop that the GPU runs otherwise than the reference."""
+    logits: Callable  # a chunk's inputs and w -> its logits, and their row sums of exp(z) by column block or None
     loss_and_logit_grad: Callable  # a chunk's logits -> its loss and the logits' gradient
     e4m3_both: Callable  # w -> its FP8 copies
     grad_x: Callable  # the logits' gradient -> the gradient for x
@@ -2309,8 +2614,10 @@ def _head_loss_chunks(x: Tensor, w: Tensor, targets: Tensor, fp8: bool,
         for chunk in range(0, len(x_q), HEAD_CHUNK):
             rows = slice(chunk, chunk + HEAD_CHUNK)
             g = None  # the last chunk's gradient goes before this chunk's logits are allocated
-            chunk_loss, g = steps.loss_and_logit_grad(_logits(x_q[rows], w_q), targets[tokens][rows], 1 / len(x),
-                                                      grad_s, g_t[:, rows] if fp8 else None)[:2]
+            logits, sums = steps.logits(x_q[rows], w_q)
+            chunk_loss, g = steps.loss_and_logit_grad(logits, targets[tokens][rows], 1 / len(x), grad_s,
+                                                      g_t[:, rows] if fp8 else None, sums)[:2]
+            del logits, sums
             grad_x[tokens][rows] = steps.grad_x(g, w_q_t, grad_s)
             loss += chunk_loss
         grad_w = steps.add_grad_w(grad_w, g_t if fp8 else g.T, x_q, grad_s)  # in bf16 a span is a chunk: g.T is g_t
@@ -2319,16 +2626,20 @@ def _head_loss_chunks(x: Tensor, w: Tensor, targets: Tensor, fp8: bool,
 
 
 @torch.library.custom_op("speedrun::head_loss", mutates_args=())
-def fused_head_loss(x: Tensor, w: Tensor, targets: Tensor, fp8: bool) -> tuple[Tensor, Tensor, Tensor]:
+def fused_head_loss(x: Tensor, w: Tensor, targets: Tensor, fp8: bool,
+                    sums_in_matmul: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """The mean cross entropy of softcap(x @ w.T) against targets, and its gradients.
     x (T, D) bf16, w (V, D) float32, targets (T,) int64 -> loss () float32, grad_x (T, D) bf16, grad_w (V, D)
-    float32. fp8: the matmuls in FP8 (compute capability >= 8.9, or a recent CPU build), else in bf16. This body
-    is the reference; on CUDA _fused_head_loss_cuda runs the same loop with Triton kernels and compiled steps."""
-    return _head_loss_chunks(x, w, targets, fp8, HeadSteps(_loss_and_logit_grad, _e4m3_both, _grad_x, _add_grad_w))
+    float32. fp8: the matmuls in FP8 (compute capability >= 8.9, or a recent CPU build), else in bf16.
+    sums_in_matmul (with fp8, on Hopper): the logits' matmul is the Gluon kernel that also sums their rows. This
+    body is the reference; on CUDA _fused_head_loss_cuda runs the same loop with Triton kernels and compiled
+    steps."""
+    steps = HeadSteps(_logits, _loss_and_logit_grad, _e4m3_both, _grad_x, _add_grad_w)
+    return _head_loss_chunks(x, w, targets, fp8, steps)
 
 
 @fused_head_loss.register_fake
-def _(x: Tensor, w: Tensor, targets: Tensor, fp8: bool):
+def _(x: Tensor, w: Tensor, targets: Tensor, fp8: bool, sums_in_matmul: bool = False):
     assert x.ndim == w.ndim == 2 and x.shape[1] == w.shape[1] and targets.shape == x.shape[:1]
     return x.new_empty((), dtype=torch.float32), torch.empty_like(x), torch.empty_like(w, dtype=torch.float32)
 
@@ -2340,7 +2651,7 @@ def _head_loss_setup_context(ctx, inputs, output):
 
 def _head_loss_backward(ctx, grad_loss: Tensor, _grad_x, _grad_w):
     grad_x, grad_w = ctx.saved_tensors
-    return grad_x * grad_loss, grad_w * grad_loss, None, None
+    return grad_x * grad_loss, grad_w * grad_loss, None, None, None
 
 
 fused_head_loss.register_autograd(_head_loss_backward, setup_context=_head_loss_setup_context)
@@ -2357,20 +2668,22 @@ def _e4m3_both(t: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     return t_q, t_q.T.contiguous()
 
 
-def _logits(x_q: Tensor, w_q: Tensor) -> Tensor:
-    """x_q (n, D) and w_q (V, D), both bf16 or both float8_e4m3fn (scaled) -> the logits (n, V) in bf16."""
+def _logits(x_q: Tensor, w_q: Tensor) -> tuple[Tensor, None]:
+    """x_q (n, D) and w_q (V, D), both bf16 or both float8_e4m3fn (scaled) -> the logits (n, V) in bf16, and no
+    row sums."""
     if w_q.dtype != torch.float8_e4m3fn:
-        return x_q @ w_q.T
+        return x_q @ w_q.T, None
     one = torch.ones((), dtype=torch.float32, device=x_q.device)
     return torch._scaled_mm(x_q, w_q.T, out_dtype=torch.bfloat16, scale_a=one / FP8_X_SCALE,
-                            scale_b=one / FP8_W_SCALE, use_fast_accum=True)
+                            scale_b=one / FP8_W_SCALE, use_fast_accum=True), None
 
 
 def _loss_and_logit_grad(logits: Tensor, targets: Tensor, inv_tokens: float, grad_s: float | None,
-                         g_t: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+                         g_t: Tensor | None = None, sums: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """The reference of the Triton kernels below. The logits (n, V) bf16 -> (the summed cross entropy of
     softcap(logits), the gradient g of inv_tokens * that sum for the logits, rounded to bf16; with grad_s (FP8):
-    g * grad_s in float8_e5m2, and a copy transposed, written into g_t (V, n) if given)."""
+    g * grad_s in float8_e5m2, and a copy transposed, written into g_t (V, n) if given). The reference sums the
+    rows itself, whatever sums the matmul made."""
     s = torch.sigmoid(logits.float() / SOFTCAP_TEMPERATURE)
     z = SOFTCAP * s  # = softcap(logits)
     # z < 30, so the sum of exp(z) over the 50304 logits stays below 6e17: no max needs subtracting first
@@ -2419,18 +2732,22 @@ _add_grad_w_compiled = torch.compile(_add_grad_w, **HEAD_COMPILE)
 
 
 @fused_head_loss.register_kernel("cuda")
-def _fused_head_loss_cuda(x: Tensor, w: Tensor, targets: Tensor, fp8: bool) -> tuple[Tensor, Tensor, Tensor]:
-    steps = HeadSteps(_loss_and_logit_grad_triton, _e4m3_both_compiled, _grad_x_compiled, _add_grad_w_compiled)
+def _fused_head_loss_cuda(x: Tensor, w: Tensor, targets: Tensor, fp8: bool,
+                          sums_in_matmul: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    steps = HeadSteps(_logits_gluon if fp8 and sums_in_matmul else _logits, _loss_and_logit_grad_triton,
+                      _e4m3_both_compiled, _grad_x_compiled, _add_grad_w_compiled)
     return _head_loss_chunks(x, w, targets, fp8, steps)
 
 
 def _loss_and_logit_grad_triton(logits: Tensor, targets: Tensor, inv_tokens: float, grad_s: float | None,
-                                g_t: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """_loss_and_logit_grad on the GPU: the row sums of exp(z), then g tile by tile."""
+                                g_t: Tensor | None = None,
+                                sums: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """_loss_and_logit_grad on the GPU: the row sums of exp(z) (from the matmul's sums, where it made them),
+    then g tile by tile."""
     if not HAS_TRITON:
         raise RuntimeError("the GPU head loss needs Triton, as torch.compile does: pip install triton")
     n, V = logits.shape
-    lse, losses = _row_lse_triton(logits, targets)
+    lse, losses = _row_lse_triton(logits, targets) if sums is None else _lse_of_sums_triton(sums, logits, targets)
     fp8 = grad_s is not None
     g = torch.empty_like(logits, dtype=torch.float8_e5m2 if fp8 else torch.bfloat16)
     if fp8 and g_t is None:
@@ -2451,6 +2768,33 @@ def _row_lse_triton(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     _lse_kernel[(triton.cdiv(n, rows),)](logits, targets, lse, losses, n, V, SOFTCAP, SOFTCAP_TEMPERATURE, rows, cols,
                                          num_warps=warps, num_stages=stages)
     return lse, losses
+
+
+def _lse_of_sums_triton(sums: Tensor, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """_row_lse_triton from the logits' matmul's partial row sums of exp(z), sums (V / BN, n) float32."""
+    n = logits.size(0)
+    lse, losses = logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+    (rows, parts), warps, stages = HEAD_SUMS
+    _lse_of_sums_kernel[(triton.cdiv(n, rows),)](sums, logits, targets, lse, losses, n, logits.size(1), len(sums),
+                                                 SOFTCAP, SOFTCAP_TEMPERATURE, rows, parts, num_warps=warps,
+                                                 num_stages=stages)
+    return lse, losses
+
+
+def _logits_gluon(x_q: Tensor, w_q: Tensor) -> tuple[Tensor, Tensor]:
+    """_logits in FP8 by the Gluon kernel below -> the logits (n, V) bf16 and, for each of w's blocks of BN rows,
+    each row's sum of exp(z) over its columns, (V / BN, n) float32. V is a multiple of BN (the lm_head's rows are
+    padded to a multiple of 128)."""
+    (BM, BN, BK), warps, stages = HEAD_MATMUL
+    n, V = len(x_q), len(w_q)
+    logits = x_q.new_empty((n, V), dtype=torch.bfloat16)
+    sums = x_q.new_empty((V // BN, n), dtype=torch.float32)
+    num_sms = torch.cuda.get_device_properties(x_q.device).multi_processor_count
+    grid = (min(num_sms, triton.cdiv(n, BM) * (V // BN)),)
+    _logits_kernel[grid](_gluon_tiles(x_q.contiguous(), [BM, BK]), _gluon_tiles(w_q, [BN, BK]),
+                         _gluon_tiles(logits, [BM, BN]), sums, n, V, x_q.size(1), 1 / (FP8_X_SCALE * FP8_W_SCALE),
+                         SOFTCAP, SOFTCAP_TEMPERATURE, BM, BN, BK, stages, num_warps=warps, maxnreg=168)
+    return logits, sums
 
 
 # The head loss's exponentials and reciprocals as the special-function unit's instructions alone: tl.exp and
@@ -2507,6 +2851,24 @@ def _lse_kernel(logits, targets, lse, losses, n, V, CAP: tl.constexpr, TEMPERATU
 
 
 @triton.jit
+def _lse_of_sums_kernel(sums, logits, targets, lse, losses, n, V, PARTS, CAP: tl.constexpr,
+                        TEMPERATURE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    # _lse_kernel's results from sums (PARTS, n), each row's sums of exp(z) over blocks of its columns
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n
+    total = tl.zeros((ROWS,), dtype=tl.float32)
+    for start in range(0, PARTS, BLOCK):
+        parts = start + tl.arange(0, BLOCK)
+        ok = (parts < PARTS)[:, None] & row_ok[None, :]
+        total += tl.sum(tl.load(sums + parts[:, None] * n + rows[None, :], mask=ok, other=0.0), axis=0)
+    row_lse = tl.log(total)
+    z_target = CAP * _sigmoid_kernel(tl.load(logits + rows.to(tl.int64) * V + tl.load(targets + rows, mask=row_ok),
+                                             mask=row_ok).to(tl.float32), TEMPERATURE)
+    tl.store(lse + rows, row_lse, mask=row_ok)
+    tl.store(losses + rows, row_lse - z_target, mask=row_ok)
+
+
+@triton.jit
 def _logit_grad_kernel(logits, targets, lse, g, g_t, n, V, t_stride, inv_tokens, grad_s, FP8: tl.constexpr,
                        CAP: tl.constexpr, TEMPERATURE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
     # A (ROWS, COLS) tile of the logits -> the same tile of g, as _loss_and_logit_grad computes it; in FP8 also
@@ -2518,7 +2880,7 @@ def _logit_grad_kernel(logits, targets, lse, g, g_t, n, V, t_stride, inv_tokens,
     s = _sigmoid_kernel(tl.load(logits + offsets, mask=ok).to(tl.float32), TEMPERATURE)
     p = _exp_kernel(CAP * s - tl.load(lse + rows, mask=rows < n)[:, None])
     dz = tl.where(cols[None, :] == tl.load(targets + rows, mask=rows < n)[:, None], p - 1, p)
-    grad = (dz * inv_tokens * (CAP / TEMPERATURE) * s * (1 - s)).to(tl.bfloat16)  # = dz / dlogits
+    grad = _bf16(dz * inv_tokens * (CAP / TEMPERATURE) * s * (1 - s))  # = dz / dlogits
     if FP8:
         grad = (grad.to(tl.float32) * grad_s).to(tl.float8e5)
         t_offsets = cols.to(tl.int64)[:, None] * t_stride + rows[None, :]
@@ -2526,9 +2888,58 @@ def _logit_grad_kernel(logits, targets, lse, g, g_t, n, V, t_stride, inv_tokens,
     tl.store(g + offsets, grad, mask=ok)
 
 
+# The logits' FP8 matmul on Hopper: the MLP's ping-pong kernel (its loading warp and matmul loop), with tiles taken
+# down the columns (w's row blocks in turn, each against every row block of the chunk's x, which stays in L2), and an
+# epilogue that stores the logits and the tile's row sums of exp(z) as _lse_kernel computes them.
+
+
+@gluon.jit
+def _logits_kernel(x_desc, w_desc, out_desc, sums, M, N, K, SCALE: gl.constexpr, CAP: gl.constexpr,
+                   TEMPERATURE: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+                   STAGES: gl.constexpr):
+    # out = x @ w.T * SCALE, rounded to bf16, as _scaled_mm makes it; sums[n // BN, m] = the sum of exp(z) over
+    # the tile's columns of row m
+    x_bufs, w_bufs, ready, empty, out_bufs, turn = _matmul_buffers(x_desc, w_desc, out_desc, STAGES)
+    gl.warp_specialize([
+        (_logits_consumer, (out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, turn, M, N, K, SCALE, CAP,
+                            TEMPERATURE, BM, BN, BK, STAGES, 0)),
+        (_logits_consumer, (out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, turn, M, N, K, SCALE, CAP,
+                            TEMPERATURE, BM, BN, BK, STAGES, 1)),
+        (_matmul_loads, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, M, N, K, False, True, BM, BN, BK, STAGES)),
+    ], [4, 1], [240, 24])
+
+
+@gluon.jit
+def _logits_consumer(out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, turn, M, N, K, SCALE: gl.constexpr,
+                     CAP: gl.constexpr, TEMPERATURE: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                     BK: gl.constexpr, STAGES: gl.constexpr, WHICH: gl.constexpr):
+    # warpgroup WHICH, as _matmul_relu2_consumer: every other tile, its matmul, then its epilogue
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 32])
+    k_steps = (K + BK - 1) // BK
+    count = WHICH * k_steps
+    out_tile, phase = out_bufs.index(WHICH), 0
+    tile_rows = gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
+    for tile in range(gl.program_id(0) + WHICH * gl.num_programs(0), (M + BM - 1) // BM * ((N + BN - 1) // BN),
+                      2 * gl.num_programs(0)):
+        off_m, off_n = _tile_at(tile, M, N, BM, BN, True)
+        tma.store_wait(0)  # the last tile's logits have left out_tile
+        acc, count = _matmul_tile(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layout, False, BM, BN,
+                                  STAGES, WHICH)
+        bits = _bf16_bits(acc * SCALE)  # here _bf16 would spill registers
+        out_tile.store((bits >> 16).to(gl.int16).to(gl.bfloat16, bitcast=True))
+        fence_async_shared()
+        _tma_store(out_desc, [off_m, off_n], out_tile)
+        exp_z = _exp_kernel(CAP * _sigmoid_tanh_kernel(bits.to(gl.float32, bitcast=True), TEMPERATURE))
+        rows = off_m + tile_rows
+        gl.store(sums + off_n // BN * M + rows, gl.sum(exp_z, axis=1), mask=rows < M)
+        phase ^= 1
+    tma.store_wait(0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Until bind_ops() binds this run's, the ops are the plain implementations, which run on any device
 attention_masks, attention, attention_inputs = block_masks, attention_dense, attention_inputs_reference
+attention_block = attention_block_reference
 relu2_mlp, head_loss = relu2_mlp_reference, head_loss_bf16
 
 

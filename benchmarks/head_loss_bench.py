@@ -4,9 +4,12 @@ on an old and a new version, one after the other: the inputs are the same, and s
 the digests of the loss's and each gradient's bytes say whether they are the same bits.
 
 With --chunks=a,b,..., once for each HEAD_CHUNK listed; with --grad_w_chunks=a,b,..., once for each
-GRAD_W_CHUNKS listed (versions that have it); the memory column is the peak the head adds.
+GRAD_W_CHUNKS listed (versions that have it); with --sums_in_matmul=0,1, without and with the logits' row sums in
+the FP8 matmul (versions that have it; Hopper); with --logits_tiles=a,b,... (rows x columns x depth x stages),
+the row sums in the matmul at each of those HEAD_MATMUL settings; the memory column is the peak the head adds.
 
 Usage: python benchmarks/head_loss_bench.py [path/to/train_gpt.py] [--chunks=4096,8192] [--grad_w_chunks=1,2]
+                                            [--sums_in_matmul=0,1] [--logits_tiles=128x128x128x4,64x256x128x3]
 """
 import hashlib
 import importlib.util
@@ -29,6 +32,9 @@ def load(path: Path):
 def main():
     chunks = [int(c) for a in sys.argv[1:] if a.startswith("--chunks=") for c in a.split("=")[1].split(",")]
     spans = [int(c) for a in sys.argv[1:] if a.startswith("--grad_w_chunks=") for c in a.split("=")[1].split(",")]
+    sums = [bool(int(c)) for a in sys.argv[1:] if a.startswith("--sums_in_matmul=") for c in a.split("=")[1].split(",")]
+    tiles = [[int(n) for n in c.split("x")] for a in sys.argv[1:] if a.startswith("--logits_tiles=")
+             for c in a.split("=")[1].split(",")]
     paths = [a for a in sys.argv[1:] if not a.startswith("--")]
     path = Path(paths[0] if paths else Path(__file__).resolve().parent.parent / "train_gpt.py").resolve()
     tg = load(path)
@@ -38,21 +44,28 @@ def main():
     w = 0.02 * torch.randn(V, D, device="cuda", generator=gen)
     targets = torch.randint(0, V, (T,), device="cuda", generator=gen)
     op = getattr(tg, "fused_head_loss", tg.head_loss)  # an older train_gpt.py names the op head_loss
-    for chunk, span in [(c, n) for c in chunks or [tg.HEAD_CHUNK] for n in spans or [None]]:
+    runs = [(c, n, s, None) for c in chunks or [tg.HEAD_CHUNK] for n in spans or [None] for s in sums or [None]]
+    runs += [(tg.HEAD_CHUNK, None, True, tg.Tile(tuple(t[:3]), 4, t[3])) for t in tiles]
+    for chunk, span, summed, tile in runs:
         tg.HEAD_CHUNK = chunk
+        if tile is not None:
+            tg.HEAD_MATMUL = tile
         if span is not None:
             tg.GRAD_W_CHUNKS = span
+        args = (x, w, targets, True) + (() if summed is None else (summed,))
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        loss, grad_x, grad_w = op(x, w, targets, True)
+        loss, grad_x, grad_w = op(*args)
         added_mib = (torch.cuda.max_memory_allocated() - before) // 2**20
-        ms = median_ms(lambda: op(x, w, targets, True), reps=20)
+        ms = median_ms(lambda: op(*args), reps=20)
         digests = [hashlib.sha256(t.view(torch.uint8).cpu().numpy().tobytes()).hexdigest()[:8]
                    for t in (loss[None], grad_x, grad_w)]
         print(f"{ms:8.3f} ms  loss {loss.item():.6f}  |grad_x| {grad_x.float().norm().item():.6e}  "
               f"|grad_w| {grad_w.norm().item():.6e}  bits of loss/grad_x/grad_w {'/'.join(digests)}  {path.name}  "
-              f"chunk {chunk}{'' if span is None else f' x {span}'}  +{added_mib} MiB", flush=True)
+              f"chunk {chunk}{'' if span is None else f' x {span}'}{'' if summed is None else f' sums {summed:d}'}"
+              f"{'' if tile is None else ' logits tile ' + 'x'.join(map(str, (*tile.block, tile.stages)))}  "
+              f"+{added_mib} MiB", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 64K-token sequence at the model's shapes, each timed three ways:
 - the cuBLAS matmul alone (the floor for the fused kernel);
 - as torch.compile makes them without the fused MLP: a cuBLAS matmul, then an inductor kernel;
-- train_gpt.py's fused ops: one Triton matmul that does the elementwise work in its epilogue.
+- train_gpt.py's fused ops: one Gluon matmul that does the elementwise work in its epilogue.
 The forward is h = relu(a)^2 for a = x @ w_fc.T (compiled, a is kept for the backward; fused, only h is stored);
 the backward is grad_a = (grad_y @ w_proj) * 2 relu(a) (compiled from a; fused from h, as relu_of_square). Also
 prints how many output values differ from the compiled path: the same rounding is intended (the matmul rounds to
@@ -11,7 +11,10 @@ bf16, the epilogue computes in float32 and rounds once).
 Each time is the median over 10 rounds of 20 calls queued back to back, per call, as in training, where the
 CPU runs ahead of the GPU (a lone call would count its launch latency in).
 
-Usage: python benchmarks/mlp_epilogue_bench.py
+With --tiles= (tiles as rows x columns x depth x stages, comma separated), the fused ops also at each of those
+MLP_MATMUL settings, with how many values differ from the compiled path's.
+
+Usage: python benchmarks/mlp_epilogue_bench.py [--tiles=64x256x64x4,128x128x64x5]
 """
 import sys
 from pathlib import Path
@@ -21,6 +24,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from matmul_peak import median_ms  # noqa: E402
+import train_gpt  # noqa: E402
 from train_gpt import matmul_relu2, matmul_relu2_grad  # noqa: E402
 
 T, D, H = 64 * 1024, 768, 4 * 768
@@ -57,13 +61,24 @@ def main():
     print(f"forward: h: {differ(matmul_relu2(x, w_fc), h)}")
     report("forward, cuBLAS matmul alone", lambda: x @ w_fc.T)
     report("forward, compiled: matmul + relu^2 kernel", lambda: forward_compiled(x, w_fc))
-    report("forward, fused: Triton matmul with relu^2 epilogue", lambda: matmul_relu2(x, w_fc))
+    report("forward, fused: Gluon matmul with relu^2 epilogue", lambda: matmul_relu2(x, w_fc))
 
     grad_a = backward_compiled(grad_y, w_proj, a)
     print(f"backward: grad_a: {differ(matmul_relu2_grad(grad_y, w_proj, h), grad_a)}")
     report("backward, cuBLAS matmul alone", lambda: grad_y @ w_proj)
     report("backward, compiled: matmul + relu^2' kernel", lambda: backward_compiled(grad_y, w_proj, a))
-    report("backward, fused: Triton matmul with relu^2' epilogue", lambda: matmul_relu2_grad(grad_y, w_proj, h))
+    report("backward, fused: Gluon matmul with relu^2' epilogue", lambda: matmul_relu2_grad(grad_y, w_proj, h))
+
+    committed = train_gpt.MLP_MATMUL
+    given = [arg.split("=", 1)[1] for arg in sys.argv[1:] if arg.startswith("--tiles=")]
+    for tile in given[-1].split(",") if given else []:
+        rows, cols, depth, stages = (int(n) for n in tile.split("x"))
+        train_gpt.MLP_MATMUL = train_gpt.Tile((rows, cols, depth), committed.warps, stages)
+        print(f"{tile}: forward h: {differ(matmul_relu2(x, w_fc), h)}; "
+              f"backward grad_a: {differ(matmul_relu2_grad(grad_y, w_proj, h), grad_a)}")
+        report(f"forward, fused, {tile}", lambda: matmul_relu2(x, w_fc))
+        report(f"backward, fused, {tile}", lambda: matmul_relu2_grad(grad_y, w_proj, h))
+    train_gpt.MLP_MATMUL = committed
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
 
 

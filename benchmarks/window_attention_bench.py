@@ -10,9 +10,19 @@ equal steps in, and the largest difference between the two paths' outputs and gr
 With --forward=, --grad_kv=, --grad_q= (tiles as rows x keys x warps x stages, comma separated), first the time of
 that kernel alone at windows 7 and 14 for each tile; the comparison then uses the committed tiles.
 
+With --block, instead: the backward of attention_block (attention_inputs, then attention) of one layer, as the
+separate ops run it (window_attention_grad, then qkv_prep_grad, which reads back the gradients of q, k and v that
+the first wrote) against the one op window_attention_inputs_grad, which does attention_inputs' backward in the
+attention kernels' epilogues. For every long window of the schedule, the GPU kernel time of each, for the long and
+the short mask, with and without a value embedding, and a step's worth for one sequence: the 11 attention layers
+(long with ve: 2, long: 1, short with ve: 4, short: 4); then the mean over the windows, and how far apart the two
+paths' gradients are at windows 1 and 14. --grad_q= and --grad_kv= then give the tile both paths use (the first).
+
 Usage: python benchmarks/window_attention_bench.py [--forward=128x64x8x3,...] [--grad_kv=...] [--grad_q=...]
+       python benchmarks/window_attention_bench.py --block [--grad_kv=64x64x8x2] [--grad_q=...]
 """
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt  # noqa: E402
-from attention_inputs_bench import kernel_times  # noqa: E402
+from attention_inputs_bench import kernel_ms, kernel_times  # noqa: E402
 
 T, H, HEAD_DIM = 64 * 1024, 6, 128
 LONG_LAYERS, SHORT_LAYERS = 3, 8
@@ -40,6 +50,84 @@ def tiles(name: str) -> list[train_gpt.Tile]:
     given = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith(f"--{name}=")]
     sizes = [[int(x) for x in t.split("x")] for t in given[-1].split(",")] if given else []
     return [train_gpt.Tile((rows, keys), warps, stages) for rows, keys, warps, stages in sizes]
+
+
+def block_backward():
+    """--block: window_attention_grad then qkv_prep_grad against window_attention_inputs_grad."""
+    docs = documents(T)
+    settings = dict(grad_q="ATTENTION_GRAD_Q", grad_kv="ATTENTION_GRAD_KV")
+    for kernel, setting in settings.items():
+        for tile in tiles(kernel)[:1]:
+            setattr(train_gpt, setting, tile)
+    print("tiles:", {kernel: getattr(train_gpt, setting) for kernel, setting in settings.items()})
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    qkv = (3 * torch.randn(1, T, 3 * H, HEAD_DIM, device="cuda", generator=gen)).bfloat16()
+    value_embed = torch.randn(T, H * HEAD_DIM, device="cuda", generator=gen).bfloat16()
+    grad_out = torch.randn(1, T, H, HEAD_DIM, device="cuda", generator=gen).bfloat16()
+    lambdas = torch.tensor([0.7, 0.4], device="cuda")
+    rotary = train_gpt.Rotary(HEAD_DIM, T).cuda()
+    value_embeds, windows = train_gpt.layer_tables(12)
+    layers = Counter((windows[i], value_embeds[i] is not None) for i in range(12) if i != train_gpt.NO_ATTENTION_LAYER)
+    kinds = [(window, with_ve) for window in ("long", "short") for with_ve in (True, False)]
+    print(f"gradients of q, k, v the one op neither stores nor reads back: {6 * T * H * HEAD_DIM * 2 / 1e6:.0f} MB a "
+          f"layer; layers a step: " + ", ".join(f"{w}{' with ve' * ve} {n}" for (w, ve), n in layers.items()))
+
+    def backward_args(mask: train_gpt.DocumentWindows, with_ve: bool) -> tuple:
+        ve = value_embed if with_ve else None
+        q, k, v = train_gpt.qkv_prep(qkv, ve, lambdas, rotary.cos, rotary.sin)
+        out, lse = train_gpt.window_attention(q, k, v, mask.starts, mask.window_blocks)
+        return grad_out, qkv, ve, lambdas, rotary.cos, rotary.sin, q, k, v, out, lse, *mask
+
+    def separate(args: tuple) -> tuple:
+        grad_out, qkv, ve, lambdas, cos, sin, q, k, v, out, lse, *mask = args
+        grads = train_gpt.window_attention_grad(grad_out, q, k, v, out, lse, *mask)
+        return train_gpt.qkv_prep_grad(*grads, qkv, ve, lambdas, cos, sin)
+
+    def fused(args: tuple) -> tuple:
+        return train_gpt.window_attention_inputs_grad(*args)
+
+    def ms(path, args: tuple) -> float:
+        try:
+            return kernel_ms(lambda: path(args), calls=10)
+        except Exception as e:  # a tile that does not fit, a kernel that fails: say so and go on
+            print(f"  {path.__name__} failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
+            return float("nan")
+
+    def row(first: str | int, cells: list) -> str:  # the table's columns: a label, then (separate, fused, ratio) groups
+        return f"{first:>6} |" + "".join(f" {a:>8} {b:>8} {c:>6} |" for a, b, c in cells)
+
+    groups = [f"{window}{', ve' * with_ve}" for window, with_ve in kinds] + ["a step"]
+    print(f"backward of one layer, GPU kernel time in ms; a step: {sum(layers.values())} layers of one sequence")
+    print(f"{'':>6} |" + "".join(f" {group:<24} |" for group in groups))
+    print(row("window", [("separate", "fused", "ratio")] * len(groups)))
+    steps = []
+    for window in range(1, 15):
+        w = torch.tensor(window, dtype=torch.int32, device="cuda")
+        masks = dict(zip(("long", "short"), train_gpt.document_windows(docs, w)))
+        cells, step = [], [0.0, 0.0]
+        for kind in kinds:
+            args = backward_args(masks[kind[0]], kind[1])
+            times = [ms(separate, args), ms(fused, args)]
+            step = [total + layers[kind] * t for total, t in zip(step, times)]
+            cells.append(times)
+        steps.append(step)
+        print(row(window, [(f"{a:.3f}", f"{b:.3f}", f"{b / a:.3f}") for a, b in cells + [step]]), flush=True)
+    mean = [sum(step[i] for step in steps) / len(steps) for i in (0, 1)]
+    print(f"mean over the schedule's windows, a step: separate {mean[0]:.3f} ms, fused {mean[1]:.3f} ms, "
+          f"ratio {mean[1] / mean[0]:.3f}")
+
+    for window in (1, 14):
+        masks = train_gpt.document_windows(docs, torch.tensor(window, dtype=torch.int32, device="cuda"))
+        for name, mask in zip(("long", "short"), masks):
+            for with_ve in (True, False):
+                args = backward_args(mask, with_ve)
+                line = f"window {window:2d} {name}{', ve' * with_ve}:"
+                for part, a, b in zip(("grad_qkv", "grad_ve", "grad_lambdas"), separate(args), fused(args)):
+                    if a.numel():
+                        diff = (a.double() - b.double()).abs()
+                        line += (f" {part} max |separate - fused| {diff.max().item():.3e} ({(diff > 0).sum().item()}"
+                                 f" differ), max |separate| {a.double().abs().max().item():.3e};")
+                print(line, flush=True)
 
 
 def main():
@@ -116,4 +204,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    block_backward() if "--block" in sys.argv[1:] else main()

@@ -6,7 +6,14 @@
 - Their reference bodies give what dense SDPA and autograd give; a GPT through them gives the plain GPT's loss.
 - On a CUDA GPU with Triton, for every window of the schedule and its short window, the kernels' output and
   gradients are about as close to float64 math as FlexAttention's: within 1.25 times its largest error (both
-  round the same products to bf16, in another order)."""
+  round the same products to bf16, in another order).
+- attention_block: speedrun::window_attention_inputs_grad, the backward of attention_inputs and attention in one
+  op, passes opcheck, with and without a value embedding; its reference body is window_attention_grad then
+  qkv_prep_grad; a GPT through attention_block_fused has exactly the gradients of one through the two ops' own
+  Functions (on the CPU all run the reference bodies); bind_ops binds it only with fused_qkv and fused_attention on
+  Hopper. On a CUDA GPU at the model's sizes (6 heads of 128), for windows of 1 to 14 blocks, long and short, its
+  kernels give the separate kernels' gradients within one bf16 step (they round the same numbers, summing a
+  row's squares in another order)."""
 import numpy as np
 import pytest
 import torch
@@ -14,8 +21,10 @@ import torch.nn.functional as F
 
 import train_gpt
 from test_masks import EOT, random_tokens, schedule_windows
-from train_gpt import (ATTENTION_SCALE, attention_flex_compiled, attention_windows, block_masks, dense_mask,
-                       document_ids, document_windows, window_attention, window_attention_grad, window_dense_mask)
+from train_gpt import (ATTENTION_SCALE, Rotary, attention_block_fused, attention_block_reference,
+                       attention_flex_compiled, attention_windows, block_masks, dense_mask, document_ids,
+                       document_windows, qkv_prep, qkv_prep_grad, window_attention, window_attention_grad,
+                       window_attention_inputs_grad, window_dense_mask)
 
 CUDA = torch.cuda.is_available() and train_gpt.HAS_TRITON
 
@@ -78,19 +87,25 @@ def test_reference_bodies_match_sdpa_and_autograd():
         torch.testing.assert_close(got, leaf.grad.bfloat16())
 
 
+def gpt_loss_and_grads(num_layers: int) -> tuple[torch.Tensor, dict]:
+    """A small GPT's loss on three documents and its parameters' gradients, through the ops as bound."""
+    torch.manual_seed(0)
+    model = train_gpt.GPT(vocab_size=128, num_layers=num_layers, num_heads=2, model_dim=64, max_seq_len=512)
+    torch.nn.init.normal_(model.lm_head.weight, std=0.1)  # not its zero init, so that the loss moves
+    tokens = torch.randint(0, 128, (513,), generator=torch.Generator().manual_seed(1))
+    tokens[torch.tensor([0, 100, 200, 300])] = 127  # documents
+    loss = model(tokens[:-1], tokens[1:], torch.tensor(2, dtype=torch.int32))
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+
 def test_gpt_through_the_ops_matches_the_plain_gpt(monkeypatch):
     def loss(fused: bool):
         # the fused path's ops, which bind_ops binds on Hopper; on the CPU the custom ops run their reference bodies
         monkeypatch.setattr(train_gpt, "attention_masks", document_windows if fused else block_masks)
         monkeypatch.setattr(train_gpt, "attention", attention_windows if fused else train_gpt.attention_dense)
-        torch.manual_seed(0)
-        model = train_gpt.GPT(vocab_size=128, num_layers=2, num_heads=2, model_dim=64, max_seq_len=512)
-        torch.nn.init.normal_(model.lm_head.weight, std=0.1)  # not its zero init, so that the loss moves
-        tokens = torch.randint(0, 128, (513,), generator=torch.Generator().manual_seed(1))
-        tokens[torch.tensor([0, 100, 200, 300])] = 127  # documents
-        out = model(tokens[:-1], tokens[1:], torch.tensor(2, dtype=torch.int32))
-        out.backward()
-        return out.item(), model.blocks[0].attn.qkv_w.grad.clone()
+        loss, grads = gpt_loss_and_grads(num_layers=2)
+        return loss.item(), grads["blocks.0.attn.qkv_w"]
 
     (fused_loss, fused_grad), (plain_loss, plain_grad) = loss(True), loss(False)
     assert fused_loss == pytest.approx(plain_loss, abs=1e-3)
@@ -100,6 +115,7 @@ def test_gpt_through_the_ops_matches_the_plain_gpt(monkeypatch):
 def test_fused_attention_is_off_on_the_cpu(restore_ops):
     lines = train_gpt.bind_ops(train_gpt.Hyperparameters(), torch.device("cpu"))
     assert train_gpt.attention is train_gpt.attention_dense and train_gpt.attention_masks is block_masks
+    assert train_gpt.attention_block is attention_block_reference
     assert "fused_attention: off (no Triton on cpu); FlexAttention or dense attention runs it" in lines
 
 
@@ -129,3 +145,94 @@ def test_kernels_are_as_close_to_float64_as_flex_attention():
                 assert got.dtype == torch.bfloat16 and got.shape == exact.shape
                 err, flex_err = ((t.double() - exact).abs().max().item() for t in (got, reference))
                 assert err <= 1.25 * flex_err + 1e-6, f"window {w} {name} {part}: {err:.3e}, flex {flex_err:.3e}"
+
+
+def block_grad_args(T: int, H: int, mask: train_gpt.DocumentWindows, with_ve: bool, device: str, seed: int = 0):
+    """window_attention_inputs_grad's arguments: an output gradient, qkv (1, T, 3 H, 128) bf16 of rms 3, ve,
+    lambdas, the rotary tables, and what the two forward ops make of them under mask."""
+    gen = torch.Generator().manual_seed(seed)
+    qkv_in = (3 * torch.randn(1, T, 3 * H, 128, generator=gen)).bfloat16().to(device)
+    ve = torch.randn(T, H * 128, generator=gen).bfloat16().to(device) if with_ve else None
+    grad_out = torch.randn(1, T, H, 128, generator=gen).bfloat16().to(device)
+    lambdas, rotary = torch.tensor([0.7, 0.4], device=device), Rotary(128, T).to(device)
+    q, k, v = qkv_prep(qkv_in, ve, lambdas, rotary.cos, rotary.sin)
+    out, lse = window_attention(q, k, v, mask.starts, mask.window_blocks)
+    return grad_out, qkv_in, ve, lambdas, rotary.cos, rotary.sin, q, k, v, out, lse, *mask
+
+
+@pytest.mark.parametrize("device", devices())
+def test_block_grad_op_passes_opcheck(device):
+    T = 256
+    docs = document_ids(random_tokens(np.random.default_rng(8), num_blocks=T // 128), EOT).to(device)
+    for w, with_ve in [(0, True), (1, False), (2, True)]:
+        mask = document_windows(docs, torch.tensor(w, dtype=torch.int32, device=device))[0]
+        torch.library.opcheck(window_attention_inputs_grad, block_grad_args(T, 2, mask, with_ve, device))
+
+
+def test_block_grad_reference_is_the_two_grads_composed():
+    T = 384
+    docs = document_ids(random_tokens(np.random.default_rng(9), num_blocks=T // 128), EOT)
+    for with_ve in (True, False):
+        mask = document_windows(docs, torch.tensor(2, dtype=torch.int32))[0]
+        args = block_grad_args(T, 2, mask, with_ve, "cpu")
+        grad_out, qkv_in, ve, lambdas, cos, sin, q, k, v, out, lse = args[:11]
+        grads = window_attention_grad(grad_out, q, k, v, out, lse, *mask)
+        for got, expected in zip(window_attention_inputs_grad(*args),
+                                 qkv_prep_grad(*grads, qkv_in, ve, lambdas, cos, sin)):
+            assert torch.equal(got, expected)
+
+
+def test_gpt_through_the_block_op_has_the_two_ops_gradients(monkeypatch):
+    def loss_and_grads(block):
+        monkeypatch.setattr(train_gpt, "attention_masks", document_windows)
+        monkeypatch.setattr(train_gpt, "attention", attention_windows)
+        monkeypatch.setattr(train_gpt, "attention_inputs", train_gpt.attention_inputs_fused)
+        monkeypatch.setattr(train_gpt, "attention_block", block)
+        return gpt_loss_and_grads(num_layers=8)  # value embeddings in 0-2 and 5-7, none in 3, 4; no attention in 7
+
+    block_loss, block_grads = loss_and_grads(attention_block_fused)
+    loss, grads = loss_and_grads(attention_block_reference)
+    assert block_loss == loss
+    for name, grad in grads.items():
+        torch.testing.assert_close(block_grads[name], grad, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("fused_qkv", [False, True])
+@pytest.mark.parametrize("fused_attention", [False, True])
+@pytest.mark.parametrize("hopper", [False, True])
+def test_block_op_is_bound_only_with_both_switches_on_hopper(restore_ops, monkeypatch, fused_qkv, fused_attention,
+                                                              hopper):
+    # bind_ops as it sees a CUDA GPU with Triton, of compute capability 9.0 or 8.0
+    monkeypatch.setattr(train_gpt, "HAS_TRITON", True)
+    monkeypatch.setattr(train_gpt, "fp8_available", lambda device: (True, ""))
+    monkeypatch.setattr(train_gpt, "triton_on_hopper", lambda device: (True, "") if hopper else (False, "sm_80"))
+    args = train_gpt.Hyperparameters(fused_qkv=fused_qkv, fused_attention=fused_attention)
+    lines = train_gpt.bind_ops(args, torch.device("cuda"))
+    expected = attention_block_fused if fused_qkv and fused_attention and hopper else attention_block_reference
+    assert train_gpt.attention_block is expected
+    assert f"attention_block={expected.__name__}" in lines[-1]
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and Triton")
+@pytest.mark.parametrize("with_ve", [True, False])
+def test_block_grad_kernels_give_the_separate_kernels_gradients(with_ve):
+    T, H = 32 * 128, 6
+    docs = document_ids(random_tokens(np.random.default_rng(10), num_blocks=T // 128), EOT).cuda()
+    for w in (1, 2, 4, 7, 14):
+        window = torch.tensor(w, dtype=torch.int32, device="cuda")
+        for name, mask in zip(("long", "short"), document_windows(docs, window)):
+            args = block_grad_args(T, H, mask, with_ve, "cuda", seed=w)
+            grad_out, qkv_in, ve, lambdas, cos, sin, q, k, v, out, lse = args[:11]
+            fused = window_attention_inputs_grad(*args)
+            grads = window_attention_grad(grad_out, q, k, v, out, lse, *mask)
+            separate = qkv_prep_grad(*grads, qkv_in, ve, lambdas, cos, sin)
+            for part, got, expected in zip(("grad_qkv", "grad_ve", "grad_lambdas"), fused, separate):
+                assert got.dtype == expected.dtype and got.shape == expected.shape, part
+                if part == "grad_ve" and not with_ve:
+                    continue  # both empty
+                got, expected = got.double(), expected.double()
+                # one bf16 step of the larger: 2^-7 of it at most (7 bits of mantissa), and float32 noise
+                step = torch.maximum(got.abs(), expected.abs()) * 2**-7 + 1e-6 * expected.abs().max()
+                differ = (got - expected).abs() > step
+                assert not differ.any(), (f"window {w} {name} {part}: {differ.sum().item()} differ by more than a "
+                                          f"bf16 step, by up to {(got - expected).abs().max().item():.3e}")

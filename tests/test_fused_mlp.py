@@ -5,8 +5,10 @@ autograd:
 - the backward's relu(a), which it takes from h = relu(a)^2 (relu_of_square), is relu(a) itself for every bf16 a in
   the range the function claims;
 - the MLP's output and the gradients of x and both weights are the plain path's, bit for bit: on the CPU the ops
-  run their reference bodies; on a Hopper GPU their Triton matmuls round as the plain path does (the matmul
+  run their reference bodies; on a Hopper GPU their Gluon matmul rounds as the plain path does (the matmul
   to bf16, the elementwise step once);
+- on a Hopper GPU, at a shape where the two warpgroups of the Gluon matmul share its ring, the ops agree with
+  float64 matmuls rounded as they round;
 - a GPT with the fused MLP gives the plain GPT's loss and gradients."""
 import pytest
 import torch
@@ -17,7 +19,7 @@ from train_gpt import (MLP, matmul_relu2, matmul_relu2_grad, relu2_mlp_fused, re
 
 
 def devices() -> list[str]:
-    cuda = torch.cuda.is_available() and triton_on_hopper(torch.device("cuda"))[0]
+    cuda = torch.cuda.is_available() and triton_on_hopper(torch.device("cuda"))[0] and train_gpt.HAS_GLUON
     return ["cpu"] + ["cuda"] * cuda
 
 
@@ -70,6 +72,40 @@ def test_fused_mlp_matches_the_plain_path(device, monkeypatch):
         torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=name)
 
 
+def assert_rounds_as_float64_matmuls(x, w_fc, w_proj, grad_y, hidden, grad_a):
+    """The kernels' h = relu(x @ w_fc.T)^2 and grad_a = (grad_y @ w_proj) * 2 relu(a), each matmul summed in float32
+    and rounded to bf16 before its elementwise step, against float64 matmuls: h is relu(a)'s square rounded, exactly;
+    relu(a) and grad_a are within a rounding or two of float64's, plus what a float32 sum of K products may lose,
+    K 2^-24 of their absolute sum (here 4 K 2^-24): where the products nearly cancel, that is more than a bf16 step
+    of the small result, and a float32 sum can round such an a to another bf16 value."""
+    def check(got, exact, slack, rtol, name):
+        bound = rtol * exact.abs() + slack
+        bad = (got.double() - exact).abs() > bound
+        assert not bad.any(), f"{name}: {bad.sum().item()} of {bad.numel()} outside the bar, the worst " \
+            f"{((got.double() - exact).abs() / bound).max().item():.2f} times it"
+
+    def float32_sum_slack(a, b):  # a @ b's products summed in float32: 4 K 2^-24 of their absolute sum
+        return 4 * a.size(1) * 2**-24 * (a.double().abs() @ b.double().abs())
+
+    relu_a = relu_of_square(hidden).double()
+    assert torch.equal(hidden, (relu_a ** 2).bfloat16())
+    check(relu_a, torch.relu(x.double() @ w_fc.double().T), float32_sum_slack(x, w_fc.T), 2**-7, "relu(a)")
+    exact = (grad_y.double() @ w_proj.double()) * 2 * relu_a
+    check(grad_a, exact, 2 * relu_a * float32_sum_slack(grad_y, w_proj), 2**-6, "grad_a")
+
+
+@pytest.mark.skipif("cuda" not in devices(), reason="needs a Hopper GPU with Triton's Gluon")
+def test_kernels_with_many_tiles_and_steps_a_program():
+    # several tiles a program on every SM and more steps along K than the ring has stages: the shapes at which the
+    # two warpgroups share the ring
+    n, d, h = 64 * 1024, 512, 1024
+    x, w_fc, w_proj = bf16(n, d, device="cuda"), bf16(h, d, scale=0.05, device="cuda", seed=1), bf16(
+        d, h, scale=0.05, device="cuda", seed=2)
+    grad_y = bf16(n, d, device="cuda", seed=3)
+    hidden = matmul_relu2(x, w_fc)
+    assert_rounds_as_float64_matmuls(x, w_fc, w_proj, grad_y, hidden, matmul_relu2_grad(grad_y, w_proj, hidden))
+
+
 def test_fused_gpt_matches_the_plain_gpt(monkeypatch):
     def loss_and_grads(fused: bool):
         monkeypatch.setattr(train_gpt, "relu2_mlp", relu2_mlp_fused if fused else relu2_mlp_reference)
@@ -95,3 +131,11 @@ def test_fused_mlp_is_off_without_hopper(restore_ops):
     lines = train_gpt.bind_ops(train_gpt.Hyperparameters(), torch.device("cpu"))
     assert train_gpt.relu2_mlp is relu2_mlp_reference
     assert "fused_mlp: off (no Triton on cpu); its matmuls and ReLU^2 run as plain PyTorch" in lines
+
+
+def test_fused_mlp_is_off_without_gluon(restore_ops, monkeypatch):
+    monkeypatch.setattr(train_gpt, "triton_on_hopper", lambda device: (True, ""))
+    monkeypatch.setattr(train_gpt, "HAS_GLUON", False)
+    lines = train_gpt.bind_ops(train_gpt.Hyperparameters(), torch.device("cpu"))
+    assert train_gpt.relu2_mlp is relu2_mlp_reference
+    assert "fused_mlp: off (this Triton has no Gluon); its matmuls and ReLU^2 run as plain PyTorch" in lines

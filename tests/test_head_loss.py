@@ -7,7 +7,11 @@
   to e5m2 with grad_s = 2^13 T) followed by the same soft cap and cross entropy, also when the gradient for w
   is one matmul over a span of chunks, and when the last span is short;
 - on a GPU, inductor's coordinate-descent tuning (--coordinate_descent_tuning=1) leaves its FP8 results unchanged;
-- on a GPU, the row sums' tanh sigmoid keeps the log-sum-exp and the losses within 1.2e-4 of float64's.
+- on a GPU, the row sums' tanh sigmoid keeps the log-sum-exp and the losses within 1.2e-4 of float64's;
+- on a GPU, the kernels' two bf16 roundings (_bf16, _bf16_bits) give torch's bits for any finite float32;
+- bind_ops binds the FP8 head with its row sums in the matmul on Hopper with Gluon, else without;
+- on Hopper, the Gluon FP8 logits matmul gives _scaled_mm's logits and the row sums of the row-sum kernel, and the
+  op with it (sums_in_matmul) the loss and gradients of the op without it.
 The FP8 tests run wherever float8 matmuls do (recent PyTorch on CPU; GPUs of compute capability 8.9+). On the CPU
 the op runs the torch function _loss_and_logit_grad; on a GPU its Triton kernels, so there these tests pin them."""
 import pytest
@@ -15,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt
-from train_gpt import FP8_GRAD_SCALE_PER_TOKEN, FP8_W_SCALE, FP8_X_SCALE, fp8_available, fused_head_loss, softcap
+from train_gpt import (FP8_GRAD_SCALE_PER_TOKEN, FP8_W_SCALE, FP8_X_SCALE, fp8_available, fused_head_loss, softcap,
+                       triton_on_hopper)
 
 
 def fp8_devices() -> list[str]:
@@ -185,3 +190,82 @@ def test_triton_row_sums_within_tanh_bound_at_every_bf16_logit():
     expected_losses = expected_lse - z.gather(1, targets[:, None])[:, 0]
     assert (lse.double() - expected_lse).abs().max() <= 1.2e-4
     assert (losses.double() - expected_losses).abs().max() <= 1.2e-4
+
+
+HOPPER = torch.cuda.is_available() and triton_on_hopper(torch.device("cuda"))[0] and train_gpt.HAS_GLUON
+
+
+def test_sums_in_matmul_is_the_same_reference(monkeypatch):
+    monkeypatch.setattr(train_gpt, "HEAD_CHUNK", 32)
+    x, w, targets = inputs("cpu")
+    for plain, summed in zip(fused_head_loss(x, w, targets, False), fused_head_loss(x, w, targets, False, True)):
+        assert torch.equal(plain, summed)
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU with Triton's Gluon")
+def test_gluon_logits_and_row_sums():
+    """At a chunk of the model's shape, with a short last row block: the logits as _scaled_mm makes them (its fast
+    accumulation may round a logit a bf16 step apart), and the row sums whose log-sum-exp and losses are those of
+    the row-sum kernel, to float32's summation order."""
+    gen = torch.Generator().manual_seed(0)
+    n = train_gpt.HEAD_CHUNK - 64
+    x_q = train_gpt._e4m3(torch.randn(n, 768, generator=gen).bfloat16().cuda(), FP8_X_SCALE)
+    w_q = train_gpt._e4m3((0.05 * torch.randn(50304, 768, generator=gen)).cuda(), FP8_W_SCALE)
+    targets = torch.randint(0, 50257, (n,), generator=gen).cuda()
+    logits, sums = train_gpt._logits_gluon(x_q, w_q)
+    expected, none = train_gpt._logits(x_q, w_q)
+    assert none is None and sums.shape == (50304 // train_gpt.HEAD_MATMUL.block[1], n)
+    torch.testing.assert_close(logits.float(), expected.float(), rtol=2.0**-7, atol=1e-3)
+    assert (logits != expected).float().mean() < 1e-3  # nearly all the same bits
+    lse, losses = train_gpt._lse_of_sums_triton(sums, expected, targets)
+    expected_lse, expected_losses = train_gpt._row_lse_triton(expected, targets)
+    torch.testing.assert_close(lse, expected_lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(losses, expected_losses, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU with Triton's Gluon")
+def test_sums_in_matmul_gives_the_losses_and_gradients_of_the_plain_fp8_head():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2 * train_gpt.HEAD_CHUNK + 512, 768, generator=gen).bfloat16().cuda()  # a short last span
+    w = (0.05 * torch.randn(50304, 768, generator=gen)).cuda()
+    targets = torch.randint(0, 50257, (len(x),), generator=gen).cuda()
+    plain, summed = fused_head_loss(x, w, targets, True), fused_head_loss(x, w, targets, True, True)
+    torch.testing.assert_close(summed[0], plain[0], rtol=1e-5, atol=0)
+    for name, got, expected in zip(["grad_x", "grad_w"], summed[1:], plain[1:]):
+        assert relative_error(got, expected) < 1e-2, name
+
+
+@pytest.mark.parametrize("gluon", [True, False])
+def test_fp8_head_sums_in_its_matmul_on_hopper_with_gluon(restore_ops, monkeypatch, gluon):
+    monkeypatch.setattr(train_gpt, "triton_on_hopper", lambda device: (True, ""))
+    monkeypatch.setattr(train_gpt, "fp8_available", lambda device: (True, ""))
+    monkeypatch.setattr(train_gpt, "HAS_GLUON", gluon)
+    train_gpt.bind_ops(train_gpt.Hyperparameters(), torch.device("cpu"))
+    assert train_gpt.head_loss is (train_gpt.head_loss_fp8_hopper if gluon else train_gpt.head_loss_fp8)
+
+
+if train_gpt.HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _rounded(x, packed, by_bits, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        value = tl.load(x + i, mask=i < n)
+        tl.store(packed + i, train_gpt._bf16(value), mask=i < n)
+        bits = train_gpt._bf16_bits(value)
+        tl.store(by_bits + i, (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True), mask=i < n)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not train_gpt.HAS_TRITON, reason="needs a CUDA GPU and Triton")
+def test_kernel_bf16_roundings_are_torchs():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(-2**31, 2**31 - 1, (1 << 20,), generator=gen).to(torch.int32).view(torch.float32)
+    ties = torch.arange(1 << 16, dtype=torch.int32).mul(1 << 16).add(1 << 15).view(torch.float32)  # halfway cases
+    x = torch.cat([x, ties, 1e-38 * torch.randn(1 << 16, generator=gen)])  # and subnormals
+    x = x[torch.isfinite(x)].cuda()
+    packed, by_bits = (torch.empty(len(x), dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    _rounded[(triton.cdiv(len(x), 1024),)](x, packed, by_bits, len(x), 1024)
+    expected = x.bfloat16().view(torch.int16)
+    assert torch.equal(packed.view(torch.int16), expected)
+    assert torch.equal(by_bits.view(torch.int16), expected)

@@ -1,16 +1,20 @@
 """The GPU kernels' logic on the CPU, through tests/kernel_emulator.py: each kernel's body runs program by program
 (with its tiles, ranges, masks and pipelines as written) and meets the bar of its GPU test, at shapes that give a
 program several tiles and a loop more steps along K than the pipeline has stages:
-- the MLP's matmul with ReLU^2, forward and backward: relu(a) within a bf16 step of float64's and h its square
-  rounded, the backward within a bf16 step or two of float64 matmuls rounded as the kernel rounds;
+- the MLP's matmul with ReLU^2, forward and backward: within a rounding or two of float64 matmuls, and what a float32
+  sum may lose, h relu(a)'s square rounded;
 - the windowed attention, forward and backward, for windows of 0 to 14 blocks, long and short, on documents shorter
   than a block, spanning several or ending on a block boundary: its output and gradients within 2^-7 of the
   largest value of float64 attention's (its probabilities go to bf16 for their matmul; a key tile missed or masked
   wrongly moves values by their own size), its log-sum-exp within 1e-5 of the reference body's;
 - attention_inputs' kernels (QK norm, rotary, value mix, and their backward): the reference bodies' numbers within a
-  bf16 step;
+  bf16 step; the attention's backward kernels with attention_inputs' backward in their epilogues: the separate
+  kernels' gradients within a bf16 step, with and without a value embedding;
 - the head's two kernels: the reference body's loss, its logits' gradient within a rounding step, in bf16 and in
-  FP8, both FP8 layouts the same numbers.
+  FP8, both FP8 layouts the same numbers;
+- the head's FP8 logits matmul with the row sums in its epilogue: logits within a bf16 step of float64's, and the
+  sums' log-sum-exp and losses within the GPU's tanh bound of float64's; the integer rounding to bf16 gives
+  torch's bits; the whole FP8 head op with those sums, the reference body's loss and gradients.
 The emulator's special-function instructions are exact and its matmuls add in float32 in another order, so these
 bars are the GPU tests' where those have one; speed, registers and the compiler's own shared memory are the
 GPU's to check."""
@@ -19,9 +23,9 @@ import pytest
 import torch
 
 import train_gpt as tg
-from kernel_emulator import emulate
-from test_attention import qkv
-from test_fused_mlp import bf16
+from kernel_emulator import T, emulate
+from test_attention import block_grad_args, qkv
+from test_fused_mlp import assert_rounds_as_float64_matmuls, bf16
 from test_masks import EOT, random_tokens
 
 
@@ -33,12 +37,7 @@ def test_mlp_kernel_rounds_as_float64_matmuls_do():
     with emulate(tg, sms=3):
         hidden = tg._matmul_relu2_cuda(x, w_fc)
         grad_a = tg._matmul_relu2_grad_cuda(grad_y, w_proj, hidden)
-    relu_a = tg.relu_of_square(hidden).float()  # relu(a) within a bf16 step, h its square rounded: as on the GPU
-    assert torch.equal(hidden, (relu_a ** 2).bfloat16())
-    y = (x.double() @ w_fc.double().T).bfloat16().float()
-    torch.testing.assert_close(relu_a, torch.relu(y), rtol=2**-7, atol=1e-6)
-    expected = (grad_y.double() @ w_proj.double()).bfloat16().float() * 2 * relu_a
-    torch.testing.assert_close(grad_a.float(), expected.bfloat16().float(), rtol=2**-6, atol=1e-6)
+    assert_rounds_as_float64_matmuls(x, w_fc, w_proj, grad_y, hidden, grad_a)  # the GPU test's bar
 
 
 @pytest.mark.parametrize("window", [0, 1, 2, 5, 14])
@@ -81,6 +80,26 @@ def test_attention_inputs_kernels_give_the_reference_numbers(with_ve):
         torch.testing.assert_close(got.double(), expected.double(), rtol=2**-7, atol=1e-6 * largest, msg=part)
 
 
+@pytest.mark.parametrize("with_ve", [False, True])
+def test_attention_block_backward_gives_the_separate_kernels_gradients(with_ve):
+    T, H = 8 * 128, 2
+    docs = tg.document_ids(random_tokens(np.random.default_rng(10), num_blocks=T // 128), EOT)
+    for window in (1, 3, 8):
+        for name, mask in zip(("long", "short"), tg.document_windows(docs, torch.tensor(window, dtype=torch.int32))):
+            args = block_grad_args(T, H, mask, with_ve, "cpu", seed=window)
+            grad_out, qkv_in, ve, lambdas, cos, sin, q, k, v, out, lse = args[:11]
+            with emulate(tg):
+                fused = tg._window_attention_inputs_grad_triton(*args)
+                grads = tg._window_attention_grad_triton(grad_out, q, k, v, out, lse, *mask)
+                separate = tg._qkv_prep_grad_triton(*grads, qkv_in, ve, lambdas, cos, sin)
+            for part, got, expected in zip(("grad_qkv", "grad_ve", "grad_lambdas"), fused, separate):
+                if part == "grad_ve" and not with_ve:
+                    continue  # both empty
+                largest = expected.abs().max().item()
+                torch.testing.assert_close(got.double(), expected.double(), rtol=2**-7, atol=1e-6 * largest,
+                                           msg=f"window {window} {name} {part}")
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_head_kernels_give_the_reference_loss_and_gradient(fp8):
     n, v = 3 * tg.HEAD_GRAD.block[0], 5 * tg.HEAD_GRAD.block[1] + 17  # a short last tile of columns
@@ -96,3 +115,51 @@ def test_head_kernels_give_the_reference_loss_and_gradient(fp8):
                                atol=2.0**-16 if fp8 else 0.0)
     if fp8:
         assert torch.equal(g_t.float(), g.float().T)
+
+
+def test_logits_kernel_gives_the_logits_and_their_row_sums():
+    (block_m, block_n, block_k), _, stages = tg.HEAD_MATMUL
+    n, v, d = 3 * block_m - 40, 3 * block_n, (stages + 1) * block_k  # a short last row block; 9 tiles, 4 programs
+    gen = torch.Generator().manual_seed(0)
+    x_q = tg._e4m3(torch.randn(n, d, generator=gen).bfloat16(), tg.FP8_X_SCALE)
+    w_q = tg._e4m3(0.05 * torch.randn(v, d, generator=gen), tg.FP8_W_SCALE)
+    targets = torch.randint(0, v, (n,), generator=gen)
+    with emulate(tg, sms=4):
+        logits, sums = tg._logits_gluon(x_q, w_q)
+        lse, losses = tg._lse_of_sums_triton(sums, logits, targets)
+    exact = x_q.double() @ w_q.double().T / (tg.FP8_X_SCALE * tg.FP8_W_SCALE)
+    torch.testing.assert_close(logits.float(), exact.bfloat16().float(), rtol=2**-7, atol=1e-6)
+    z = tg.SOFTCAP * torch.sigmoid(logits.double() / tg.SOFTCAP_TEMPERATURE)
+    assert (lse.double() - z.logsumexp(-1)).abs().max() <= 1.2e-4
+    assert (losses.double() - (z.logsumexp(-1) - z.gather(1, targets[:, None])[:, 0])).abs().max() <= 1.2e-4
+
+
+@pytest.mark.parametrize("w_scale", [0.0, 0.05])  # 0: the first step's lm_head, zero-initialised
+def test_fp8_head_op_with_the_sums_in_its_matmul_gives_the_reference(monkeypatch, w_scale):
+    # the whole op on the GPU path, chunk by chunk over two spans (the Gluon logits kernel, the sums' and the
+    # gradient's kernels), against its reference body: the loss within 1e-5, the gradients within 1e-3
+    monkeypatch.setattr(tg, "HEAD_CHUNK", 256)
+    for step in ["e4m3_both", "grad_x", "add_grad_w"]:  # eager: inductor's CPU kernels would only slow this down
+        monkeypatch.setattr(tg, f"_{step}_compiled", getattr(tg, f"_{step}"))
+    gen = torch.Generator().manual_seed(0)
+    x = tg.norm(torch.randn(4 * 256, 256, generator=gen)).bfloat16()
+    w = w_scale * torch.randn(512, 256, generator=gen)
+    targets = torch.randint(0, 511, (len(x),), generator=gen)
+    with emulate(tg, sms=2):
+        loss, grad_x, grad_w = tg._fused_head_loss_cuda(x, w, targets, True, True)
+    steps = tg.HeadSteps(tg._logits, tg._loss_and_logit_grad, tg._e4m3_both, tg._grad_x, tg._add_grad_w)
+    expected = tg._head_loss_chunks(x, w, targets, True, steps)
+    torch.testing.assert_close(loss, expected[0], rtol=1e-5, atol=0)
+    for got, want in zip((grad_x, grad_w), expected[1:]):
+        assert (got.float() - want.float()).norm() <= 1e-3 * want.float().norm()
+
+
+def test_bf16_bits_rounds_as_torch():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(-2**31, 2**31 - 1, (1 << 16,), generator=gen).to(torch.int32).view(torch.float32)
+    ties = torch.arange(1 << 16, dtype=torch.int32).mul(1 << 16).add(1 << 15).view(torch.float32)  # halfway cases
+    x = torch.cat([x, ties, 1e-38 * torch.randn(1 << 12, generator=gen)])  # and subnormals
+    x = x[torch.isfinite(x)]
+    with emulate(tg):
+        bits = tg._bf16_bits(T(x)).t
+    assert torch.equal((bits >> 16).to(torch.int16), x.bfloat16().view(torch.int16))

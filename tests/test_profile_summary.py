@@ -22,6 +22,8 @@ from profile_summary import category  # noqa: E402
     ("triton_red_fused__to_copy_arange_div_eq_exp_log_mul_rsub_sigmoid_sub_sum_unsqueeze_where_3",
      "lm_head loss: soft cap, cross entropy, FP8 casts"),
     ("_logit_grad_kernel", "lm_head loss: soft cap, cross entropy, FP8 casts"),
+    ("_lse_of_sums_kernel", "lm_head loss: soft cap, cross entropy, FP8 casts"),
+    ("_logits_kernel", "matmul, FP8 (lm_head)"),  # its epilogue sums the rows too
     ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<"
      "at::native::float8_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda(c10::Float8_e4m3fn)#1}>",
      "lm_head loss: soft cap, cross entropy, FP8 casts"),
