@@ -28,7 +28,7 @@ from profile_summary import category  # noqa: E402
      "at::native::float8_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda(c10::Float8_e4m3fn)#1}>",
      "lm_head loss: soft cap, cross entropy, FP8 casts"),
     ("triton_poi_fused__unsafe_view_pow_relu_15", "ReLU^2"),
-    ("_matmul_relu2_kernel", "MLP matmuls with ReLU^2 (Triton)"),  # train_gpt's fused MLP, not "other"
+    ("_matmul_relu2_kernel", "MLP matmuls with ReLU^2 (Gluon)"),  # train_gpt's fused MLP, not "other"
     ("_qkv_prep_grad_kernel", "RMS norms, rotary, residuals"),
     ("triton_per_fused__fused_rms_norm__fused_rms_norm_backward_add_matmul_relu2_grad_mul_select_view_8",
      "RMS norms, rotary, residuals"),  # a norm's backward, named after the fused MLP's op beside it
@@ -62,7 +62,7 @@ def test_summary(tmp_path):
     text = profile_summary.summary(write_profiled_run(tmp_path))
     assert text.startswith("measured step (profiled): 115.0 ms")
     assert "| matmul, bf16 | 60.0 | 52% |" in text and "| ReLU^2 | 30.0 | 26% |" in text
-    assert "| MLP matmuls with ReLU^2 (Triton) | 10.0 | 9% |" in text
+    assert "| MLP matmuls with ReLU^2 (Gluon) | 10.0 | 9% |" in text
     assert "| not covered by a compute kernel | 15.0 | 13% |" in text  # NCCL overlaps: not subtracted
     assert "forward_backward 100.0 ms" in text
 
