@@ -5,7 +5,9 @@ data/synthetic.py makes them).
 
 Prints, for every long window of the schedule (1..14 blocks), the GPU kernel time (torch.profiler) of the forward
 and of the backward, for the long mask and for the short one, and a step's worth for one sequence: 3 long and 8
-short layers (the 8th layer has none). Then the mean over the schedule's windows, which the run spends about
+short layers (the 8th layer has none); for the kernels also their useful work in TFLOP/s: the matmul FLOPs of the
+query-key pairs the mask keeps (4 a pair and head dimension forward, 10 backward, as FlashAttention counts), not of
+the masked parts of their tiles. Then the mean over the schedule's windows, which the run spends about
 equal steps in, and the largest difference between the two paths' outputs and gradients at the last window.
 With --forward=, --grad_kv=, --grad_q= (tiles as rows x keys x warps x stages, comma separated), first the time of
 that kernel alone at windows 7 and 14 for each tile; the comparison then uses the committed tiles.
@@ -44,6 +46,15 @@ def documents(tokens: int, seed: int = 0) -> torch.Tensor:
     ids = torch.zeros(tokens, dtype=torch.int64)
     ids[torch.from_numpy(starts[starts < tokens])] = train_gpt.EOT_TOKEN
     return train_gpt.document_ids(ids, train_gpt.EOT_TOKEN).cuda()
+
+
+def useful_tflop(mask: train_gpt.DocumentWindows) -> float:
+    """The forward's matmul TFLOP over the query-key pairs the mask keeps (window_dense_mask's rule, counted
+    without building the (T, T) matrix); the backward's is 2.5 times this."""
+    pos = torch.arange(T, device=mask.starts.device)
+    first = torch.maximum(mask.starts, (pos // train_gpt.BLOCK_SIZE - mask.window_blocks.clamp_min(1) + 1)
+                          * train_gpt.BLOCK_SIZE)
+    return 4 * (pos - first + 1).sum().item() * H * HEAD_DIM / 1e12
 
 
 def tiles(name: str) -> list[train_gpt.Tile]:
@@ -185,6 +196,10 @@ def main():
             step_ms[fused].append(step)
             line += (f"  {'kernels' if fused else 'flex'}: fwd {fwd[0]:.3f}/{fwd[1]:.3f} bwd {bwd[0]:.3f}/{bwd[1]:.3f}"
                      f" (long/short) a step {step:.2f} ms")
+            if fused:  # TFLOP / ms * 1000 = TFLOP/s
+                work = [useful_tflop(m) * 1000 for m in (long_mask, short_mask)]
+                line += (f" (useful TFLOP/s: fwd {work[0] / fwd[0]:.0f}/{work[1] / fwd[1]:.0f}"
+                         f" bwd {2.5 * work[0] / bwd[0]:.0f}/{2.5 * work[1] / bwd[1]:.0f})")
         print(line + f"  ratio {step_ms[True][-1] / step_ms[False][-1]:.3f}", flush=True)
     flex_ms, kernels_ms = (sum(step_ms[f]) / len(step_ms[f]) for f in (False, True))
     print(f"mean over the schedule, one sequence's 11 layers: flex {flex_ms:.2f} ms, kernels {kernels_ms:.2f} ms, "
