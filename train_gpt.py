@@ -2787,6 +2787,8 @@ def _logits_gluon(x_q: Tensor, w_q: Tensor) -> tuple[Tensor, Tensor]:
     padded to a multiple of 128)."""
     (BM, BN, BK), warps, stages = HEAD_MATMUL
     n, V = len(x_q), len(w_q)
+    if V % BN:  # a last, partial tile of columns would be left out of the logits and their sums
+        raise ValueError(f"HEAD_MATMUL's {BN} columns a tile must divide the lm_head's {V} rows: take 128 or 64")
     logits = x_q.new_empty((n, V), dtype=torch.bfloat16)
     sums = x_q.new_empty((V // BN, n), dtype=torch.float32)
     num_sms = torch.cuda.get_device_properties(x_q.device).multi_processor_count

@@ -9,7 +9,7 @@ the FP8 matmul (versions that have it; Hopper); with --logits_tiles=a,b,... (row
 the row sums in the matmul at each of those HEAD_MATMUL settings; the memory column is the peak the head adds.
 
 Usage: python benchmarks/head_loss_bench.py [path/to/train_gpt.py] [--chunks=4096,8192] [--grad_w_chunks=1,2]
-                                            [--sums_in_matmul=0,1] [--logits_tiles=128x128x128x4,64x256x128x3]
+                                            [--sums_in_matmul=0,1] [--logits_tiles=128x128x128x4,64x128x128x5]
 """
 import hashlib
 import importlib.util

@@ -134,6 +134,14 @@ def test_logits_kernel_gives_the_logits_and_their_row_sums():
     assert (losses.double() - (z.logsumexp(-1) - z.gather(1, targets[:, None])[:, 0])).abs().max() <= 1.2e-4
 
 
+def test_logits_kernel_refuses_tiles_that_do_not_divide_the_vocabulary(monkeypatch):
+    (block_m, block_n, block_k), warps, stages = tg.HEAD_MATMUL
+    monkeypatch.setattr(tg, "HEAD_MATMUL", tg.Tile((block_m, 256, block_k), warps, stages))
+    x_q, w_q = torch.zeros(block_m, block_k).to(torch.float8_e4m3fn), torch.zeros(384, block_k).to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="256 columns a tile must divide the lm_head's 384 rows"):
+        tg._logits_gluon(x_q, w_q)
+
+
 @pytest.mark.parametrize("w_scale", [0.0, 0.05])  # 0: the first step's lm_head, zero-initialised
 def test_fp8_head_op_with_the_sums_in_its_matmul_gives_the_reference(monkeypatch, w_scale):
     # the whole op on the GPU path, chunk by chunk over two spans (the Gluon logits kernel, the sums' and the
