@@ -2845,11 +2845,7 @@ def _lse_kernel(logits, targets, lse, losses, n, V, CAP: tl.constexpr, TEMPERATU
         s = _sigmoid_tanh_kernel(tl.load(logits + row_start[:, None] + cols[None, :], mask=ok).to(tl.float32),
                                  TEMPERATURE)
         total += tl.sum(tl.where(ok, _exp_kernel(CAP * s), 0.0), axis=1)
-    row_lse = tl.log(total)
-    z_target = CAP * _sigmoid_kernel(tl.load(logits + row_start + tl.load(targets + rows, mask=row_ok),
-                                             mask=row_ok).to(tl.float32), TEMPERATURE)
-    tl.store(lse + rows, row_lse, mask=row_ok)
-    tl.store(losses + rows, row_lse - z_target, mask=row_ok)
+    _store_lse_and_losses(total, logits, targets, lse, losses, rows, row_ok, V, CAP, TEMPERATURE)
 
 
 @triton.jit
@@ -2863,6 +2859,13 @@ def _lse_of_sums_kernel(sums, logits, targets, lse, losses, n, V, PARTS, CAP: tl
         parts = start + tl.arange(0, BLOCK)
         ok = (parts < PARTS)[:, None] & row_ok[None, :]
         total += tl.sum(tl.load(sums + parts[:, None] * n + rows[None, :], mask=ok, other=0.0), axis=0)
+    _store_lse_and_losses(total, logits, targets, lse, losses, rows, row_ok, V, CAP, TEMPERATURE)
+
+
+@triton.jit
+def _store_lse_and_losses(total, logits, targets, lse, losses, rows, row_ok, V, CAP: tl.constexpr,
+                          TEMPERATURE: tl.constexpr):
+    # the rows' sums of exp(z) -> lse = log(total) and the loss lse - z[target], stored
     row_lse = tl.log(total)
     z_target = CAP * _sigmoid_kernel(tl.load(logits + rows.to(tl.int64) * V + tl.load(targets + rows, mask=row_ok),
                                              mask=row_ok).to(tl.float32), TEMPERATURE)
