@@ -424,10 +424,17 @@ def document_windows(docs: Tensor, window_blocks: Tensor) -> tuple[DocumentWindo
     return DocumentWindows(starts, ends, window_blocks), DocumentWindows(starts, ends, window_blocks // 2)
 
 
-def window_dense_mask(starts: Tensor, window_blocks: Tensor) -> Tensor:
-    """The kernels' rule as a (T, T) bool matrix: query q sees max(start(q), 128 (q // 128 - w + 1)) <= k <= q."""
+def window_first_keys(starts: Tensor, window_blocks: Tensor) -> Tensor:
+    """The kernels' rule: per query q, the first key it sees, max(start(q), 128 (q // 128 - w + 1)); it sees the
+    keys from there to q."""
     pos = torch.arange(len(starts), device=starts.device)
-    first = torch.maximum(starts, (pos // BLOCK_SIZE - window_blocks.clamp_min(1) + 1) * BLOCK_SIZE)
+    return torch.maximum(starts, (pos // BLOCK_SIZE - window_blocks.clamp_min(1) + 1) * BLOCK_SIZE)
+
+
+def window_dense_mask(starts: Tensor, window_blocks: Tensor) -> Tensor:
+    """The kernels' rule as a (T, T) bool matrix: query q sees window_first_keys(...)[q] <= k <= q."""
+    pos = torch.arange(len(starts), device=starts.device)
+    first = window_first_keys(starts, window_blocks)
     return (pos[None, :] >= first[:, None]) & (pos[None, :] <= pos[:, None])
 
 

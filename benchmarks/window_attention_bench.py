@@ -49,11 +49,10 @@ def documents(tokens: int, seed: int = 0) -> torch.Tensor:
 
 
 def useful_tflop(mask: train_gpt.DocumentWindows) -> float:
-    """The forward's matmul TFLOP over the query-key pairs the mask keeps (window_dense_mask's rule, counted
+    """The forward's matmul TFLOP over the query-key pairs the mask keeps (counted from each query's first key,
     without building the (T, T) matrix); the backward's is 2.5 times this."""
     pos = torch.arange(T, device=mask.starts.device)
-    first = torch.maximum(mask.starts, (pos // train_gpt.BLOCK_SIZE - mask.window_blocks.clamp_min(1) + 1)
-                          * train_gpt.BLOCK_SIZE)
+    first = train_gpt.window_first_keys(mask.starts, mask.window_blocks)
     return 4 * (pos - first + 1).sum().item() * H * HEAD_DIM / 1e12
 
 
