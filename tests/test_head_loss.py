@@ -257,13 +257,18 @@ if train_gpt.HAS_TRITON:
         tl.store(by_bits + i, (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True), mask=i < n)
 
 
+def float32_cases(randoms: int, subnormals: int) -> torch.Tensor:
+    """Finite float32s to round to bf16: `randoms` of random bits, every halfway case, and `subnormals`."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(-2**31, 2**31 - 1, (randoms,), generator=gen).to(torch.int32).view(torch.float32)
+    ties = torch.arange(1 << 16, dtype=torch.int32).mul(1 << 16).add(1 << 15).view(torch.float32)
+    x = torch.cat([x, ties, 1e-38 * torch.randn(subnormals, generator=gen)])
+    return x[torch.isfinite(x)]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or not train_gpt.HAS_TRITON, reason="needs a CUDA GPU and Triton")
 def test_kernel_bf16_roundings_are_torchs():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randint(-2**31, 2**31 - 1, (1 << 20,), generator=gen).to(torch.int32).view(torch.float32)
-    ties = torch.arange(1 << 16, dtype=torch.int32).mul(1 << 16).add(1 << 15).view(torch.float32)  # halfway cases
-    x = torch.cat([x, ties, 1e-38 * torch.randn(1 << 16, generator=gen)])  # and subnormals
-    x = x[torch.isfinite(x)].cuda()
+    x = float32_cases(1 << 20, 1 << 16).cuda()
     packed, by_bits = (torch.empty(len(x), dtype=torch.bfloat16, device="cuda") for _ in range(2))
     _rounded[(triton.cdiv(len(x), 1024),)](x, packed, by_bits, len(x), 1024)
     expected = x.bfloat16().view(torch.int16)

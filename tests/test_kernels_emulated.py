@@ -26,6 +26,7 @@ import train_gpt as tg
 from kernel_emulator import T, emulate
 from test_attention import block_grad_args, qkv
 from test_fused_mlp import assert_rounds_as_float64_matmuls, bf16
+from test_head_loss import float32_cases
 from test_masks import EOT, random_tokens
 
 
@@ -155,19 +156,14 @@ def test_fp8_head_op_with_the_sums_in_its_matmul_gives_the_reference(monkeypatch
     targets = torch.randint(0, 511, (len(x),), generator=gen)
     with emulate(tg, sms=2):
         loss, grad_x, grad_w = tg._fused_head_loss_cuda(x, w, targets, True, True)
-    steps = tg.HeadSteps(tg._logits, tg._loss_and_logit_grad, tg._e4m3_both, tg._grad_x, tg._add_grad_w)
-    expected = tg._head_loss_chunks(x, w, targets, True, steps)
+    expected = tg.fused_head_loss(x, w, targets, True)  # on the CPU, its reference body
     torch.testing.assert_close(loss, expected[0], rtol=1e-5, atol=0)
     for got, want in zip((grad_x, grad_w), expected[1:]):
         assert (got.float() - want.float()).norm() <= 1e-3 * want.float().norm()
 
 
 def test_bf16_bits_rounds_as_torch():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randint(-2**31, 2**31 - 1, (1 << 16,), generator=gen).to(torch.int32).view(torch.float32)
-    ties = torch.arange(1 << 16, dtype=torch.int32).mul(1 << 16).add(1 << 15).view(torch.float32)  # halfway cases
-    x = torch.cat([x, ties, 1e-38 * torch.randn(1 << 12, generator=gen)])  # and subnormals
-    x = x[torch.isfinite(x)]
+    x = float32_cases(1 << 16, 1 << 12)
     with emulate(tg):
         bits = tg._bf16_bits(T(x)).t
     assert torch.equal((bits >> 16).to(torch.int16), x.bfloat16().view(torch.int16))
