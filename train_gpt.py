@@ -1828,13 +1828,13 @@ def _window_attention_grad_kernels(grad_out: Tensor, q: Tensor, k: Tensor, v: Te
                                    starts: Tensor, ends: Tensor, window_blocks: Tensor, grads: tuple[Tensor, ...],
                                    inputs: tuple = ()):
     """Launches the query kernel, then the key kernel, which store into grads = (grad_q, grad_k, grad_v). Given
-    inputs = (qkv, ve, lambdas, cos, sin, partial, has_ve), the kernels go on with attention_inputs' backward, and
-    grads are (grad_qkv, grad_qkv, grad_ve): see window_attention_inputs_grad."""
+    inputs = (qkv, rstd, ve, lambdas, cos, sin, partial, has_ve), the kernels go on with attention_inputs'
+    backward, and grads are (grad_qkv, grad_qkv, grad_ve): see window_attention_inputs_grad."""
     _, T, H, head_dim = q.shape
     grad_out, q, k, v, out = (t.contiguous() for t in (grad_out, q, k, v, out))
     delta = torch.empty_like(lse)  # per query: the sum of grad_out * out, which the query kernel computes and stores
     fused = bool(inputs)
-    qkv, ve, lambdas, cos, sin, partial, has_ve = inputs or (q,) * 6 + (False,)  # placeholders, unread unfused
+    qkv, rstd, ve, lambdas, cos, sin, partial, has_ve = inputs or (q,) * 7 + (False,)  # placeholders, unread unfused
 
     def grid(block: int) -> tuple[int, int]:
         # fused, heads first: the H programs of a tile run side by side, and all but the first find its rows of cos
@@ -1846,12 +1846,12 @@ def _window_attention_grad_kernels(grad_out: Tensor, q: Tensor, k: Tensor, v: Te
     (block_m, block_n), warps, stages = ATTENTION_GRAD_Q
     _window_attention_grad_q_kernel[grid(block_m)](
         _tiles_of(q, block_m), _tiles_of(k, block_n), _tiles_of(v, block_n), _tiles_of(grad_out, block_m), out, lse,
-        delta, starts, window_blocks, grads[0], qkv, cos, sin, T, ATTENTION_SCALE * LOG2E, ATTENTION_SCALE, H,
+        delta, starts, window_blocks, grads[0], rstd, cos, sin, T, ATTENTION_SCALE * LOG2E, ATTENTION_SCALE, H,
         head_dim, BLOCK_SIZE, block_m, block_n, fused, num_warps=warps, num_stages=stages)
     (block_m, block_n), warps, stages = ATTENTION_GRAD_KV
     _window_attention_grad_kv_kernel[grid(block_n)](
         _tiles_of(q, block_m), _tiles_of(k, block_n), _tiles_of(v, block_n), _tiles_of(grad_out, block_m), lse, delta,
-        ends, window_blocks, *grads[1:], qkv, ve, lambdas, cos, sin, partial, T, ATTENTION_SCALE * LOG2E,
+        ends, window_blocks, *grads[1:], qkv, rstd, ve, lambdas, cos, sin, partial, T, ATTENTION_SCALE * LOG2E,
         ATTENTION_SCALE, H, head_dim, BLOCK_SIZE, block_m, block_n, fused, has_ve, num_warps=warps,
         num_stages=stages)
 
@@ -1916,7 +1916,7 @@ def _window_attention_kernel(q_desc, k_desc, v_desc, out, lse, starts, window_bl
 
 @triton.jit
 def _window_attention_grad_q_kernel(q_desc, k_desc, v_desc, grad_out_desc, out, lse, delta, starts,
-                                    window_blocks, grad_q, qkv, cos, sin, T, qk_scale, scale, H: tl.constexpr,
+                                    window_blocks, grad_q, rstd, cos, sin, T, qk_scale, scale, H: tl.constexpr,
                                     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                                     BLOCK_N: tl.constexpr, INPUTS: tl.constexpr):
     # one tile of BLOCK_M queries of one head, over the keys it sees, as in the forward; it also stores its
@@ -1945,14 +1945,14 @@ def _window_attention_grad_q_kernel(q_desc, k_desc, v_desc, grad_out_desc, out, 
         grad_q_tile += tl.dot(grad_s.to(k_tile.dtype), k_tile)
     grad_q_tile = (grad_q_tile * scale).to(q_tile.dtype)  # bf16 either way: the separate ops' numbers
     if INPUTS:
-        _qk_grad_tile(grad_q_tile, qkv, cos, sin, grad_q, rows, head, HEAD_DIM, 3 * H)
+        _qk_grad_tile(grad_q_tile, q_tile, rstd, cos, sin, grad_q, rows, head, HEAD_DIM, 3 * H)
     else:
         tl.store(grad_q + at, grad_q_tile)
 
 
 @triton.jit
 def _window_attention_grad_kv_kernel(q_desc, k_desc, v_desc, grad_out_desc, lse, delta, ends, window_blocks,
-                                     grad_k, grad_v, qkv, ve, lambdas, cos, sin, partial, T, qk_scale, scale,
+                                     grad_k, grad_v, qkv, rstd, ve, lambdas, cos, sin, partial, T, qk_scale, scale,
                                      H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
                                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUTS: tl.constexpr,
                                      HAS_VE: tl.constexpr):
@@ -1986,8 +1986,10 @@ def _window_attention_grad_kv_kernel(q_desc, k_desc, v_desc, grad_out_desc, lse,
         grad_k_tile += tl.dot(grad_s_t.to(q_tile.dtype), q_tile)
     grad_k_tile, grad_v_tile = (grad_k_tile * scale).to(k_tile.dtype), grad_v_tile.to(k_tile.dtype)
     if INPUTS:
-        _qk_grad_tile(grad_k_tile, qkv, cos, sin, grad_k, keys, H + head, HEAD_DIM, 3 * H)
+        # v's first: k's then has fewer registers live beside k_tile, which spills past the loop (64 bytes a thread,
+        # stored once and loaded once, where loading the tile again could come from HBM)
         _v_grad_tile(grad_v_tile, qkv, ve, lambdas, grad_k, grad_v, partial, keys, head, H, HEAD_DIM, HAS_VE)
+        _qk_grad_tile(grad_k_tile, k_tile, rstd, cos, sin, grad_k, keys, H + head, HEAD_DIM, 3 * H)
     else:
         at = keys[:, None] * (H * HEAD_DIM) + col + dims[None, :]
         tl.store(grad_k + at, grad_k_tile)
@@ -2028,7 +2030,7 @@ class FusedAttentionInputs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor):
         ctx.save_for_backward(qkv, ve, lambdas, cos, sin)
-        return qkv_prep(qkv, ve, lambdas, cos, sin)
+        return qkv_prep(qkv, ve, lambdas, cos, sin)[:3]
 
     @staticmethod
     def backward(ctx, grad_q: Tensor, grad_k: Tensor, grad_v: Tensor):
@@ -2039,21 +2041,24 @@ class FusedAttentionInputs(torch.autograd.Function):
 
 @torch.library.custom_op("speedrun::qkv_prep", mutates_args=())
 def qkv_prep(qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
-             sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+             sin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """attention_inputs' forward: qkv (B, T, 3 * H, head_dim) bf16, lambdas (2,) float32, cos and sin (T,
-    head_dim / 2) float32 -> q, k, v (B, T, H, head_dim) bf16. This body is the reference; on CUDA the Triton
+    head_dim / 2) float32 -> q, k, v (B, T, H, head_dim) bf16, and the norms' rstd (B, T, 2 * H) float32, q's
+    heads then k's, for a backward that starts from q and k. This body is the reference; on CUDA the Triton
     kernel runs instead."""
     x = qkv.float()
     q, k, v = x.chunk(3, dim=-2)
+    rstd = torch.rsqrt(torch.cat((q, k), dim=-2).square().mean(-1) + torch.finfo(torch.float32).eps)
     q, k = (rotate(F.rms_norm(t, (t.size(-1),)), cos, sin).bfloat16() for t in (q, k))
     v = lambdas[0] * v + (lambdas[1] * ve.float().view_as(v) if ve is not None else 0)
-    return q.contiguous(), k.contiguous(), v.bfloat16().contiguous()
+    return q.contiguous(), k.contiguous(), v.bfloat16().contiguous(), rstd
 
 
 @qkv_prep.register_fake
 def _(qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor):
     B, T, H3, head_dim = qkv.shape
-    return tuple(qkv.new_empty(B, T, H3 // 3, head_dim) for _ in range(3))
+    q, k, v = (qkv.new_empty(B, T, H3 // 3, head_dim) for _ in range(3))
+    return q, k, v, qkv.new_empty(B, T, H3 // 3 * 2, dtype=torch.float32)
 
 
 @torch.library.custom_op("speedrun::qkv_prep_grad", mutates_args=())
@@ -2084,15 +2089,16 @@ def _(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, qkv: Tensor, ve: Tensor | 
 
 @qkv_prep.register_kernel("cuda")
 def _qkv_prep_triton(qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
-                     sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                     sin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     B, T, H3, head_dim = qkv.shape
     (rows,), warps, stages = QKV
     q, k, v = (qkv.new_empty(B, T, H3 // 3, head_dim) for _ in range(3))
+    rstd = qkv.new_empty(B, T, H3 // 3 * 2, dtype=torch.float32)
     has_ve = ve is not None
     qkv, ve = qkv.contiguous(), ve.contiguous() if has_ve else qkv  # ve: a placeholder when there is none
-    _qkv_prep_kernel[(triton.cdiv(B * T, rows),)](qkv, ve, lambdas, cos, sin, q, k, v, B * T, T, has_ve, H3 // 3,
-                                                  head_dim, rows, num_warps=warps, num_stages=stages)
-    return q, k, v
+    _qkv_prep_kernel[(triton.cdiv(B * T, rows),)](qkv, ve, lambdas, cos, sin, q, k, v, rstd, B * T, T, has_ve,
+                                                  H3 // 3, head_dim, rows, num_warps=warps, num_stages=stages)
+    return q, k, v, rstd
 
 
 @qkv_prep_grad.register_kernel("cuda")
@@ -2124,9 +2130,9 @@ def _qk_rows(qkv, rows, head, HD: tl.constexpr, H3: tl.constexpr):
 
 
 @triton.jit
-def _qkv_prep_kernel(qkv, ve, lambdas, cos, sin, q, k, v, n, T, HAS_VE: tl.constexpr, H: tl.constexpr,
+def _qkv_prep_kernel(qkv, ve, lambdas, cos, sin, q, k, v, rstd_out, n, T, HAS_VE: tl.constexpr, H: tl.constexpr,
                      HD: tl.constexpr, ROWS: tl.constexpr):
-    # ROWS tokens, all heads: q and k normed and rotated, v = lambdas[0] v + lambdas[1] ve
+    # ROWS tokens, all heads: q and k normed and rotated, with their rstd, v = lambdas[0] v + lambdas[1] ve
     rows = tl.minimum(tl.program_id(0) * ROWS + tl.arange(0, ROWS), n - 1)  # the last rows are done twice
     half = tl.arange(0, HD // 2)[None, :]
     table = (rows % T)[:, None] * (HD // 2) + half
@@ -2134,6 +2140,7 @@ def _qkv_prep_kernel(qkv, ve, lambdas, cos, sin, q, k, v, n, T, HAS_VE: tl.const
     out_rows = rows.to(tl.int64)[:, None] * (H * HD)
     for head in tl.static_range(2 * H):  # the heads of q, then those of k
         x1, x2, rstd = _qk_rows(qkv, rows, head, HD, 3 * H)
+        tl.store(rstd_out + rows.to(tl.int64)[:, None] * (2 * H) + head, rstd)
         x1, x2 = x1 * rstd, x2 * rstd
         out = (q if head < H else k) + out_rows + (head % H) * HD + half
         tl.store(out, (x1 * c + x2 * s).to(tl.bfloat16))
@@ -2194,7 +2201,13 @@ def _qk_rows_grad(g1, g2, c, s, qkv, grad_qkv, rows, head, HD: tl.constexpr, H3:
     the norm's backward, with rstd recomputed from qkv."""
     d1, d2 = g1 * c - g2 * s, g1 * s + g2 * c  # the gradient of the normed halves: the inverse rotation
     x1, x2, rstd = _qk_rows(qkv, rows, head, HD, H3)
-    x1, x2 = x1 * rstd, x2 * rstd
+    _qk_norm_grad(d1, d2, x1 * rstd, x2 * rstd, rstd, grad_qkv, rows, head, HD, H3)
+
+
+@triton.jit
+def _qk_norm_grad(d1, d2, x1, x2, rstd, grad_qkv, rows, head, HD: tl.constexpr, H3: tl.constexpr):
+    """The norm's backward: the gradient of head `head` of qkv's rows, stored bf16 in grad_qkv, from those of the
+    normed halves d1, d2, the normed halves x1, x2 and rstd (rows, 1), all float32."""
     mean_dot = ((tl.sum(d1 * x1, axis=1) + tl.sum(d2 * x2, axis=1)) / HD)[:, None]
     out = grad_qkv + rows.to(tl.int64)[:, None] * (H3 * HD) + head * HD + tl.arange(0, HD // 2)[None, :]
     tl.store(out, (rstd * (d1 - x1 * mean_dot)).to(tl.bfloat16))
@@ -2228,9 +2241,9 @@ class WindowAttentionBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor, starts: Tensor,
                 ends: Tensor, window_blocks: Tensor):
-        q, k, v = qkv_prep(qkv, ve, lambdas, cos, sin)
+        q, k, v, rstd = qkv_prep(qkv, ve, lambdas, cos, sin)
         out, lse = window_attention(q, k, v, starts, window_blocks)
-        ctx.save_for_backward(qkv, ve, lambdas, cos, sin, q, k, v, out, lse, starts, ends, window_blocks)
+        ctx.save_for_backward(qkv, ve, lambdas, cos, sin, q, k, v, rstd, out, lse, starts, ends, window_blocks)
         return out
 
     @staticmethod
@@ -2242,27 +2255,28 @@ class WindowAttentionBlock(torch.autograd.Function):
 
 @torch.library.custom_op("speedrun::window_attention_inputs_grad", mutates_args=())
 def window_attention_inputs_grad(grad_out: Tensor, qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
-                                 sin: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                                 starts: Tensor, ends: Tensor,
+                                 sin: Tensor, q: Tensor, k: Tensor, v: Tensor, rstd: Tensor, out: Tensor,
+                                 lse: Tensor, starts: Tensor, ends: Tensor,
                                  window_blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """window_attention_grad, then qkv_prep_grad: the gradient of the attention's output -> those of qkv, of ve
     (empty without ve) and of lambdas. This body is the reference; on CUDA _window_attention_inputs_grad_triton
-    runs instead."""
+    runs instead, which takes the norms' rstd and q and k where the reference reads qkv."""
     grad_q, grad_k, grad_v = window_attention_grad(grad_out, q, k, v, out, lse, starts, ends, window_blocks)
     return qkv_prep_grad(grad_q, grad_k, grad_v, qkv, ve, lambdas, cos, sin)
 
 
 @window_attention_inputs_grad.register_fake
 def _(grad_out: Tensor, qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor, q: Tensor,
-      k: Tensor, v: Tensor, out: Tensor, lse: Tensor, starts: Tensor, ends: Tensor, window_blocks: Tensor):
+      k: Tensor, v: Tensor, rstd: Tensor, out: Tensor, lse: Tensor, starts: Tensor, ends: Tensor,
+      window_blocks: Tensor):
     grad_ve = ve.new_empty(ve.shape) if ve is not None else qkv.new_empty(0)
     return qkv.new_empty(qkv.shape), grad_ve, lambdas.new_empty(2)
 
 
 @window_attention_inputs_grad.register_kernel("cuda")
 def _window_attention_inputs_grad_triton(grad_out: Tensor, qkv: Tensor, ve: Tensor | None, lambdas: Tensor,
-                                         cos: Tensor, sin: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                                         lse: Tensor, starts: Tensor, ends: Tensor,
+                                         cos: Tensor, sin: Tensor, q: Tensor, k: Tensor, v: Tensor, rstd: Tensor,
+                                         out: Tensor, lse: Tensor, starts: Tensor, ends: Tensor,
                                          window_blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     _, T, H, _ = q.shape
     has_ve = ve is not None
@@ -2271,7 +2285,7 @@ def _window_attention_inputs_grad_triton(grad_out: Tensor, qkv: Tensor, ve: Tens
     qkv, ve = qkv.contiguous(), ve.contiguous() if has_ve else qkv  # ve: a placeholder when there is none
     _window_attention_grad_kernels(grad_out, q, k, v, out, lse, starts, ends, window_blocks,
                                    (grad_qkv, grad_qkv, grad_ve if has_ve else grad_qkv),
-                                   (qkv, ve, lambdas, cos, sin, partial, has_ve))
+                                   (qkv, rstd.contiguous(), ve, lambdas, cos, sin, partial, has_ve))
     return grad_qkv, grad_ve, partial.sum(0).bfloat16().float()
 
 
@@ -2281,12 +2295,25 @@ def _window_attention_inputs_grad_triton(grad_out: Tensor, qkv: Tensor, ve: Tens
 
 
 @triton.jit
-def _qk_grad_tile(grad, qkv, cos, sin, grad_qkv, rows, head, HD: tl.constexpr, H3: tl.constexpr):
-    """grad (rows, HD), the gradient of q or k at head `head` of qkv's H3 -> that of qkv, stored."""
-    # the rotation's halves of each row: (rows, HD) -> (rows, 2, HD / 2) -> (rows, HD / 2, 2), split on the last
-    g1, g2 = tl.split(tl.permute(tl.reshape(grad.to(tl.float32), (grad.shape[0], 2, HD // 2)), (0, 2, 1)))
+def _qk_grad_tile(grad, tile, rstd, cos, sin, grad_qkv, rows, head, HD: tl.constexpr, H3: tl.constexpr):
+    """grad (rows, HD), the gradient of q or k at head `head` of qkv's H3, and tile, the rows of q or k itself
+    (normed and rotated, bf16) -> the gradient of qkv, stored. The normed rows come back from the tile by the
+    inverse rotation, and rstd from the forward, so q and k are read once a tile, not also qkv: rounded to bf16,
+    they leave the gradient as close to float64's as the plain path's is (tests/test_attention.py)."""
     table = rows[:, None] * (HD // 2) + tl.arange(0, HD // 2)[None, :]
-    _qk_rows_grad(g1, g2, tl.load(cos + table), tl.load(sin + table), qkv, grad_qkv, rows, head, HD, H3)
+    c, s = tl.load(cos + table), tl.load(sin + table)
+    g1, g2 = _halves(grad)
+    y1, y2 = _halves(tile)
+    d1, d2 = g1 * c - g2 * s, g1 * s + g2 * c  # the gradient of the normed halves: the inverse rotation
+    x1, x2 = y1 * c - y2 * s, y1 * s + y2 * c  # the normed halves, likewise
+    r = tl.load(rstd + rows.to(tl.int64)[:, None] * (H3 // 3 * 2) + head)
+    _qk_norm_grad(d1, d2, x1, x2, r, grad_qkv, rows, head, HD, H3)
+
+
+@triton.jit
+def _halves(tile):
+    """(rows, HD) -> its rotation's halves, float32: (rows, 2, HD / 2) -> (rows, HD / 2, 2), split on the last."""
+    return tl.split(tl.permute(tl.reshape(tile.to(tl.float32), (tile.shape[0], 2, tile.shape[1] // 2)), (0, 2, 1)))
 
 
 @triton.jit
