@@ -2165,6 +2165,152 @@ def _qkv_prep_kernel(qkv, ve, lambdas, cos, sin, q, k, v, rstd_out, n, T, HAS_VE
         tl.store(v + out_rows + head * HD + cols, y.to(tl.bfloat16))
 
 
+# The qkv projection with attention_inputs' forward in its epilogue, on Hopper: the MLP's ping-pong matmul (its
+# loading warp and ring), each warpgroup's 128 x 128 tile of qkv being one head of q, k or v, computed as two halves
+# of 64 columns, the rotation's halves, so that the epilogue pairs them element by element: q and k normed and
+# rotated, v mixed with ve; qkv itself is neither stored nor read back.
+QKV_MATMUL = Tile((128, 128, 64), warps=4, stages=4)
+
+
+@torch.library.custom_op("speedrun::qkv_matmul_prep", mutates_args=())
+def qkv_matmul_prep(x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
+                    sin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """qkv_prep of qkv = x @ w.T, for x (B, T, dim) and w (3 dim, dim) bf16. This body is the reference; on CUDA
+    the Gluon kernel runs instead."""
+    B, T, _ = x.shape
+    H3, head_dim = w.size(0) // cos.size(1) // 2, 2 * cos.size(1)
+    return qkv_prep(F.linear(x, w).view(B, T, H3, head_dim), ve, lambdas, cos, sin)
+
+
+@qkv_matmul_prep.register_fake
+def _(x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor):
+    B, T, _ = x.shape
+    H, head_dim = w.size(0) // 3 // (2 * cos.size(1)), 2 * cos.size(1)
+    q, k, v = (x.new_empty(B, T, H, head_dim) for _ in range(3))
+    return q, k, v, x.new_empty(B, T, 2 * H, dtype=torch.float32)
+
+
+@qkv_matmul_prep.register_kernel("cuda")
+def _qkv_matmul_prep_gluon(x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
+                           sin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    B, T, dim = x.shape
+    head_dim = 2 * cos.size(1)
+    H = w.size(0) // 3 // head_dim
+    (BM, BN, BK), warps, stages = QKV_MATMUL
+    if BN != head_dim:
+        raise ValueError(f"QKV_MATMUL's {BN} columns a tile must be the head dimension, {head_dim}")
+    x2 = x.reshape(B * T, dim).contiguous()
+    q, k, v = (x.new_empty(B * T, H * head_dim) for _ in range(3))
+    rstd = x.new_empty(B * T, 2 * H, dtype=torch.float32)
+    has_ve = ve is not None
+    ve = ve.reshape(B * T, H * head_dim).contiguous() if has_ve else q  # a placeholder when there is none
+    num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    grid = (min(num_sms, triton.cdiv(B * T, BM) * 3 * H),)
+    half = [BM, BN // 2]
+    _qkv_matmul_prep_kernel[grid](_gluon_tiles(x2, [BM, BK]), _gluon_tiles(w.contiguous(), [BN, BK]),
+                                  _gluon_tiles(q, half), _gluon_tiles(k, half), _gluon_tiles(v, half), ve, lambdas,
+                                  cos, sin, rstd, B * T, dim, T, has_ve, H, BM, BN, BK, stages, num_warps=warps,
+                                  maxnreg=168)
+    return *(t.view(B, T, H, head_dim) for t in (q, k, v)), rstd.view(B, T, 2 * H)
+
+
+@gluon.jit
+def _qkv_matmul_prep_kernel(x_desc, w_desc, q_desc, k_desc, v_desc, ve, lambdas, cos, sin, rstd, M, K, T,
+                            HAS_VE: gl.constexpr, H: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                            BK: gl.constexpr, STAGES: gl.constexpr):
+    # q, k, v (M, H * BN) bf16 as qkv_prep makes them from qkv = x @ w.T rounded to bf16, and rstd (M, 2 H)
+    x_bufs, w_bufs, ready, empty, out_a, turn = _matmul_buffers(x_desc, w_desc, q_desc, STAGES)
+    out_b = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+    gl.warp_specialize([
+        (_qkv_matmul_prep_consumer, (q_desc, k_desc, v_desc, ve, lambdas, cos, sin, rstd, x_bufs, w_bufs, ready,
+                                     empty, out_a, out_b, turn, M, K, T, HAS_VE, H, BM, BN, BK, STAGES, 0)),
+        (_qkv_matmul_prep_consumer, (q_desc, k_desc, v_desc, ve, lambdas, cos, sin, rstd, x_bufs, w_bufs, ready,
+                                     empty, out_a, out_b, turn, M, K, T, HAS_VE, H, BM, BN, BK, STAGES, 1)),
+        (_matmul_loads, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, M, 3 * H * BN, K, False, False, BM, BN, BK,
+                         STAGES)),
+    ], [4, 1], [240, 24])
+
+
+@gluon.jit
+def _matmul_tile_halves(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layout: gl.constexpr,
+                        BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr, WHICH: gl.constexpr):
+    """_matmul_tile for w (N, K), its tile's columns as two accumulators of BN / 2, each against one half of the
+    w tile's rows."""
+    acc_a = gl.zeros((BM, BN // 2), dtype=gl.float32, layout=layout)
+    acc_b = gl.zeros((BM, BN // 2), dtype=gl.float32, layout=layout)
+    mbarrier.wait(turn.index(WHICH), phase ^ (1 - WHICH))
+    for k in range(k_steps):
+        stage = count % STAGES
+        mbarrier.wait(ready.index(stage), count // STAGES & 1)
+        w_tile = w_bufs.index(stage)
+        acc_a = warpgroup_mma(x_bufs.index(stage), w_tile.slice(0, BN // 2).permute((1, 0)), acc_a, is_async=True)
+        acc_b = warpgroup_mma(x_bufs.index(stage), w_tile.slice(BN // 2, BN // 2).permute((1, 0)), acc_b,
+                              is_async=True)
+        acc_a, acc_b = warpgroup_mma_wait(num_outstanding=2, deps=(acc_a, acc_b))
+        mbarrier.arrive(empty.index((count + STAGES - 1) % STAGES), count=1, pred=k > 0)
+        count += 1
+    mbarrier.arrive(turn.index(1 - WHICH), count=1)
+    acc_a, acc_b = warpgroup_mma_wait(num_outstanding=0, deps=(acc_a, acc_b))
+    mbarrier.arrive(empty.index((count + STAGES - 1) % STAGES), count=1)
+    return acc_a, acc_b, count + k_steps
+
+
+@gluon.jit
+def _qkv_matmul_prep_consumer(q_desc, k_desc, v_desc, ve, lambdas, cos, sin, rstd, x_bufs, w_bufs, ready, empty,
+                              out_a, out_b, turn, M, K, T, HAS_VE: gl.constexpr, H: gl.constexpr, BM: gl.constexpr,
+                              BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, WHICH: gl.constexpr):
+    # warpgroup WHICH, as _matmul_relu2_consumer: every other tile, its matmul, then its epilogue, _qkv_prep_kernel's
+    # arithmetic on the tile's two halves (the rotation pairs column c with c + BN / 2)
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                     instr_shape=[16, BN // 2, 16])
+    HALF: gl.constexpr = BN // 2
+    k_steps = (K + BK - 1) // BK
+    count = WHICH * k_steps
+    out_a, out_b, phase = out_a.index(WHICH), out_b.index(WHICH), 0  # this warpgroup's tiles of the two halves
+    tile_rows = gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
+    half_cols = gl.arange(0, HALF, layout=gl.SliceLayout(0, layout))
+    for tile in range(gl.program_id(0) + WHICH * gl.num_programs(0), (M + BM - 1) // BM * 3 * H,
+                      2 * gl.num_programs(0)):
+        off_m, head = _tile_at(tile, M, 3 * H * BN, BM, BN, False)
+        head = head // BN  # of q's H, then k's, then v's
+        acc_a, acc_b, count = _matmul_tile_halves(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layout,
+                                                  BM, BN, STAGES, WHICH)
+        y1, y2 = _bf16(acc_a).to(gl.float32), _bf16(acc_b).to(gl.float32)  # qkv's halves, rounded as stored
+        rows = gl.minimum(off_m + tile_rows, M - 1)  # rows past M (x's are zeros) read row M - 1's tables
+        at = rows.to(gl.int64)[:, None] * (H * BN) + (head % H) * BN + half_cols[None, :]
+        if head < 2 * H:  # q or k: normed, then rotated
+            r = gl.rsqrt((gl.sum(y1 * y1, axis=1) + gl.sum(y2 * y2, axis=1)) / BN + 1.1920928955078125e-07)
+            gl.store(rstd + rows.to(gl.int64) * (2 * H) + head, r, mask=off_m + tile_rows < M)
+            y1, y2 = y1 * r[:, None], y2 * r[:, None]
+            table = (rows % T)[:, None] * HALF + half_cols[None, :]
+            c, s = gl.load(cos + table), gl.load(sin + table)
+            y1, y2 = y1 * c + y2 * s, y2 * c - y1 * s
+        else:  # v: lambdas[0] v + lambdas[1] ve
+            l0 = gl.load(lambdas)
+            if HAS_VE:
+                l1 = gl.load(lambdas + 1)
+                y1 = l0 * y1 + l1 * gl.load(ve + at).to(gl.float32)
+                y2 = l0 * y2 + l1 * gl.load(ve + at + HALF).to(gl.float32)
+            else:
+                y1, y2 = l0 * y1, l0 * y2
+        tma.store_wait(0)  # the last tile's halves have left out_a and out_b
+        out_a.store(y1.to(gl.bfloat16))
+        out_b.store(y2.to(gl.bfloat16))
+        fence_async_shared()
+        col = (head % H) * BN
+        if head < H:
+            _tma_store(q_desc, [off_m, col], out_a)
+            _tma_store(q_desc, [off_m, col + HALF], out_b)
+        elif head < 2 * H:
+            _tma_store(k_desc, [off_m, col], out_a)
+            _tma_store(k_desc, [off_m, col + HALF], out_b)
+        else:
+            _tma_store(v_desc, [off_m, col], out_a)
+            _tma_store(v_desc, [off_m, col + HALF], out_b)
+        phase ^= 1
+    tma.store_wait(0)
+
+
 @triton.jit
 def _qkv_prep_grad_kernel(grad_q, grad_k, grad_v, gq_b, gq_t, gq_h, gk_b, gk_t, gk_h, gv_b, gv_t, gv_h, qkv, ve,
                           lambdas, cos, sin, grad_qkv, grad_ve, partial, n, T, HAS_VE: tl.constexpr,

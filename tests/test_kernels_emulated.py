@@ -21,6 +21,7 @@ GPU's to check."""
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import train_gpt as tg
 from kernel_emulator import T, emulate
@@ -78,6 +79,30 @@ def test_attention_inputs_kernels_give_the_reference_numbers(with_ve):
         assert got.dtype == expected.dtype and got.shape == expected.shape, part
         largest = expected.abs().max().item() if expected.numel() else 0.0
         torch.testing.assert_close(got.double(), expected.double(), rtol=2**-7, atol=1e-6 * largest, msg=part)
+
+
+@pytest.mark.parametrize("with_ve", [False, True])
+def test_qkv_matmul_prep_kernel_gives_the_reference_numbers(with_ve):
+    (block_m, _, block_k), _, stages = tg.QKV_MATMUL
+    H, T = 3, 3 * block_m + 40  # a last, partial row block; K = 384, more steps along it than the ring has stages
+    dim = H * 128
+    assert dim > stages * block_k
+    x, w = bf16(1, T, dim), bf16(3 * dim, dim, scale=dim**-0.5, seed=1)
+    ve = bf16(T, dim, seed=2) if with_ve else None
+    lambdas, rotary = torch.tensor([0.7, 0.4]), tg.Rotary(128, T)
+    with emulate(tg):
+        fused = tg._qkv_matmul_prep_gluon(x, w, ve, lambdas, rotary.cos, rotary.sin)
+    reference = tg.qkv_matmul_prep(x, w, ve, lambdas, rotary.cos, rotary.sin)
+    # the two matmuls' float32 sums may round an element of qkv to neighbouring bf16 values: v takes that step
+    # times lambdas[0]; q and k, normed, stay within a step of the larger
+    raw_v = F.linear(x, w).view(1, T, 3 * H, 128)[:, :, 2 * H:].double()
+    for part, got, expected in zip(("q", "k", "v", "rstd"), fused, reference):
+        assert got.dtype == expected.dtype and got.shape == expected.shape, part
+        got, expected = got.double(), expected.double()
+        step = torch.maximum(got.abs(), expected.abs()) * 2**-7 + 1e-6 * expected.abs().max()
+        if part == "v":
+            step = step + lambdas[0].item() * raw_v.abs() * 2**-7
+        assert ((got - expected).abs() <= step).all(), f"{part}: up to {(got - expected).abs().max().item():.3e}"
 
 
 @pytest.mark.parametrize("with_ve", [False, True])
