@@ -17,9 +17,9 @@ logits. Credits for single tricks are in the comments where they are used. This 
 
 It reads top to bottom: hyperparameters, the model, the attention masks, Muon, the data, the training steps and
 main(); then what goes on around a run (the command line, launch checks, smoke data, checkpoints, profiles); then
-the ops that have GPU kernels. The model calls ops by name (attention_masks, attention_block: attention_inputs
-then attention, relu2_mlp, head_loss); bind_ops() binds each of these six, once a run, to its implementation,
-whose plain-PyTorch reference is what the CPU runs and what the tests compare the kernels with.
+the ops that have GPU kernels. The model calls ops by name (attention_masks, attention_block: the qkv matmul,
+attention_inputs then attention, relu2_mlp, head_loss); bind_ops() binds each of these six, once a run, to its
+implementation, whose plain-PyTorch reference is what the CPU runs and what the tests compare the kernels with.
 """
 import copy
 import ctypes
@@ -270,8 +270,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: Tensor, ve: Tensor | None, mask: "BlockMask | DocumentWindows", residual: Tensor) -> Tensor:
         """residual + the attention's output for x."""
         B, T, D = x.shape
-        qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).type_as(x)).view(B, T, 3 * self.num_heads, self.head_dim)
-        out = attention_block(qkv, ve, self.lambdas, self.rotary, mask).reshape(B, T, D)
+        out = attention_block(x, self.qkv_w.flatten(end_dim=1).type_as(x), ve, self.lambdas, self.rotary, mask)
+        out = out.reshape(B, T, D)
         return linear_add(residual, out, self.c_proj.weight.type_as(out))
 
 
@@ -1607,10 +1607,10 @@ def write_profile(profiler: torch.profiler.profile, path: Path, steps: int):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Ops and their implementations
-# The model calls ops by name: attention_masks, attention_block (attention_inputs, then attention), relu2_mlp and
-# head_loss. bind_ops() binds each of these six names once a run, from the run's switches and what the device can
-# do; until then they name the plain implementations, which run anywhere (the end of this section). Each op's
-# section holds, in this order: its tile settings, its implementations, its plain-PyTorch reference (what the CPU
+# The model calls ops by name: attention_masks, attention_block (the qkv matmul, attention_inputs, attention),
+# relu2_mlp and head_loss. bind_ops() binds each of these six names once a run, from the run's switches and what the
+# device can do; until then they name the plain implementations, which run anywhere (the end of this section). Each
+# op's section holds, in this order: its tile settings, its implementations, its plain-PyTorch reference (what the CPU
 # runs, and what the tests compare the kernels with), its custom ops with their fakes, their launchers, and their
 # Triton kernels.
 
@@ -1693,7 +1693,7 @@ def bind_ops(args: Hyperparameters, device: torch.device) -> list[str]:
     else:
         masks, attend = block_masks, attention_dense  # FlexAttention has no backward on the CPU
     fused_qkv = args.fused_qkv and triton_here
-    fused_block = fused_qkv and args.fused_attention and hopper  # then attention and attention_inputs go unused
+    fused_block = fused_qkv and args.fused_attention and gluon_here  # then attention and attention_inputs go unused
     ops = dict(attention_masks=masks, attention=attend,
                attention_inputs=attention_inputs_fused if fused_qkv else attention_inputs_reference,
                attention_block=attention_block_fused if fused_block else attention_block_reference,
@@ -1838,13 +1838,13 @@ def _window_attention_grad_kernels(grad_out: Tensor, q: Tensor, k: Tensor, v: Te
                                    starts: Tensor, ends: Tensor, window_blocks: Tensor, grads: tuple[Tensor, ...],
                                    inputs: tuple = ()):
     """Launches the query kernel, then the key kernel, which store into grads = (grad_q, grad_k, grad_v). Given
-    inputs = (qkv, rstd, ve, lambdas, cos, sin, partial, has_ve), the kernels go on with attention_inputs'
+    inputs = (raw_v, rstd, ve, lambdas, cos, sin, partial, has_ve), the kernels go on with attention_inputs'
     backward, and grads are (grad_qkv, grad_qkv, grad_ve): see window_attention_inputs_grad."""
     _, T, H, head_dim = q.shape
     grad_out, q, k, v, out = (t.contiguous() for t in (grad_out, q, k, v, out))
     delta = torch.empty_like(lse)  # per query: the sum of grad_out * out, which the query kernel computes and stores
     fused = bool(inputs)
-    qkv, rstd, ve, lambdas, cos, sin, partial, has_ve = inputs or (q,) * 7 + (False,)  # placeholders, unread unfused
+    raw_v, rstd, ve, lambdas, cos, sin, partial, has_ve = inputs or (q,) * 7 + (False,)  # placeholders if unfused
 
     def grid(block: int) -> tuple[int, int]:
         # fused, heads first: the H programs of a tile run side by side, and all but the first find its rows of cos
@@ -1861,7 +1861,7 @@ def _window_attention_grad_kernels(grad_out: Tensor, q: Tensor, k: Tensor, v: Te
     (block_m, block_n), warps, stages = ATTENTION_GRAD_KV
     _window_attention_grad_kv_kernel[grid(block_n)](
         _tiles_of(q, block_m), _tiles_of(k, block_n), _tiles_of(v, block_n), _tiles_of(grad_out, block_m), lse, delta,
-        ends, window_blocks, *grads[1:], qkv, rstd, ve, lambdas, cos, sin, partial, T, ATTENTION_SCALE * LOG2E,
+        ends, window_blocks, *grads[1:], raw_v, rstd, ve, lambdas, cos, sin, partial, T, ATTENTION_SCALE * LOG2E,
         ATTENTION_SCALE, H, head_dim, BLOCK_SIZE, block_m, block_n, fused, has_ve, num_warps=warps,
         num_stages=stages)
 
@@ -1962,7 +1962,8 @@ def _window_attention_grad_q_kernel(q_desc, k_desc, v_desc, grad_out_desc, out, 
 
 @triton.jit
 def _window_attention_grad_kv_kernel(q_desc, k_desc, v_desc, grad_out_desc, lse, delta, ends, window_blocks,
-                                     grad_k, grad_v, qkv, rstd, ve, lambdas, cos, sin, partial, T, qk_scale, scale,
+                                     grad_k, grad_v, raw_v, rstd, ve, lambdas, cos, sin, partial, T, qk_scale,
+                                     scale,
                                      H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
                                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUTS: tl.constexpr,
                                      HAS_VE: tl.constexpr):
@@ -1998,7 +1999,7 @@ def _window_attention_grad_kv_kernel(q_desc, k_desc, v_desc, grad_out_desc, lse,
     if INPUTS:
         # v's first: k's then has fewer registers live beside k_tile, which spills past the loop (64 bytes a thread,
         # stored once and loaded once, where loading the tile again could come from HBM)
-        _v_grad_tile(grad_v_tile, qkv, ve, lambdas, grad_k, grad_v, partial, keys, head, H, HEAD_DIM, HAS_VE)
+        _v_grad_tile(grad_v_tile, raw_v, ve, lambdas, grad_k, grad_v, partial, keys, head, H, HEAD_DIM, HAS_VE)
         _qk_grad_tile(grad_k_tile, k_tile, rstd, cos, sin, grad_k, keys, H + head, HEAD_DIM, 3 * H)
     else:
         at = keys[:, None] * (H * HEAD_DIM) + col + dims[None, :]
@@ -2077,14 +2078,31 @@ def qkv_prep_grad(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, qkv: Tensor, v
     """attention_inputs' backward: the gradients of q, k, v -> those of qkv, of ve (empty without ve) and of
     lambdas. This body is the reference; on CUDA the Triton kernel runs instead."""
     q, k, v = qkv.float().chunk(3, dim=-2)
+    rstd = [torch.rsqrt(t.square().mean(-1, keepdim=True) + torch.finfo(torch.float32).eps) for t in (q, k)]
+    return _prep_grad(grad_q, grad_k, grad_v, q * rstd[0], k * rstd[1], *rstd, v, ve, lambdas, cos, sin)
+
+
+def qkv_prep_grad_of_outputs(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, q: Tensor, k: Tensor, rstd: Tensor,
+                             raw_v: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
+                             sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """qkv_prep_grad from qkv_prep's outputs q and k (normed and rotated, bf16) and rstd, and qkv's v, raw_v:
+    the normed rows come back from q and k by the inverse rotation."""
+    normed = [rotate(t.float(), cos, -sin) for t in (q, k)]
+    return _prep_grad(grad_q, grad_k, grad_v, *normed, *rstd[..., None].chunk(2, dim=-2), raw_v.float(), ve,
+                      lambdas, cos, sin)
+
+
+def _prep_grad(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, normed_q: Tensor, normed_k: Tensor, rstd_q: Tensor,
+               rstd_k: Tensor, v: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
+               sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """attention_inputs' backward from the normed q and k, float32, their rstd (B, T, H, 1) and qkv's v."""
     grads = []
-    for grad, t in zip((grad_q, grad_k), (q, k)):
-        rstd = torch.rsqrt(t.square().mean(-1, keepdim=True) + torch.finfo(torch.float32).eps)
-        grad_normed, normed = rotate(grad.float(), cos, -sin), t * rstd
+    for grad, normed, rstd in zip((grad_q, grad_k), (normed_q, normed_k), (rstd_q, rstd_k)):
+        grad_normed = rotate(grad.float(), cos, -sin)
         grads.append(rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True)))
     g_v = grad_v.float()
     grad_qkv = torch.cat((*grads, lambdas[0] * g_v), dim=-2).bfloat16().contiguous()
-    grad_ve = (lambdas[1] * g_v).bfloat16().reshape(ve.shape) if ve is not None else qkv.new_empty(0)
+    grad_ve = (lambdas[1] * g_v).bfloat16().reshape(ve.shape) if ve is not None else grad_v.new_empty(0)
     dot_ve = (g_v * ve.float().view_as(g_v)).sum() if ve is not None else g_v.new_zeros(())
     grad_lambdas = torch.stack([(g_v * v).sum(), dot_ve])
     return grad_qkv, grad_ve, grad_lambdas.bfloat16().float()  # bf16, as autograd makes it from bf16 products
@@ -2174,25 +2192,27 @@ QKV_MATMUL = Tile((128, 128, 64), warps=4, stages=4)
 
 @torch.library.custom_op("speedrun::qkv_matmul_prep", mutates_args=())
 def qkv_matmul_prep(x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
-                    sin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """qkv_prep of qkv = x @ w.T, for x (B, T, dim) and w (3 dim, dim) bf16. This body is the reference; on CUDA
-    the Gluon kernel runs instead."""
+                    sin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """qkv_prep of qkv = x @ w.T, for x (B, T, dim) and w (3 dim, dim) bf16, and qkv's v before the mix (B, T, H,
+    head_dim), which the lambdas' gradient takes. This body is the reference; on CUDA the Gluon kernel runs
+    instead."""
     B, T, _ = x.shape
     H3, head_dim = w.size(0) // cos.size(1) // 2, 2 * cos.size(1)
-    return qkv_prep(F.linear(x, w).view(B, T, H3, head_dim), ve, lambdas, cos, sin)
+    qkv = F.linear(x, w).view(B, T, H3, head_dim)
+    return *qkv_prep(qkv, ve, lambdas, cos, sin), qkv[:, :, 2 * H3 // 3:].contiguous()
 
 
 @qkv_matmul_prep.register_fake
 def _(x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor):
     B, T, _ = x.shape
     H, head_dim = w.size(0) // 3 // (2 * cos.size(1)), 2 * cos.size(1)
-    q, k, v = (x.new_empty(B, T, H, head_dim) for _ in range(3))
-    return q, k, v, x.new_empty(B, T, 2 * H, dtype=torch.float32)
+    q, k, v, raw_v = (x.new_empty(B, T, H, head_dim) for _ in range(4))
+    return q, k, v, x.new_empty(B, T, 2 * H, dtype=torch.float32), raw_v
 
 
 @qkv_matmul_prep.register_kernel("cuda")
 def _qkv_matmul_prep_gluon(x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
-                           sin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                           sin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     B, T, dim = x.shape
     head_dim = 2 * cos.size(1)
     H = w.size(0) // 3 // head_dim
@@ -2200,7 +2220,7 @@ def _qkv_matmul_prep_gluon(x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Ten
     if BN != head_dim:
         raise ValueError(f"QKV_MATMUL's {BN} columns a tile must be the head dimension, {head_dim}")
     x2 = x.reshape(B * T, dim).contiguous()
-    q, k, v = (x.new_empty(B * T, H * head_dim) for _ in range(3))
+    q, k, v, raw_v = (x.new_empty(B * T, H * head_dim) for _ in range(4))
     rstd = x.new_empty(B * T, 2 * H, dtype=torch.float32)
     has_ve = ve is not None
     ve = ve.reshape(B * T, H * head_dim).contiguous() if has_ve else q  # a placeholder when there is none
@@ -2208,24 +2228,27 @@ def _qkv_matmul_prep_gluon(x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Ten
     grid = (min(num_sms, triton.cdiv(B * T, BM) * 3 * H),)
     half = [BM, BN // 2]
     _qkv_matmul_prep_kernel[grid](_gluon_tiles(x2, [BM, BK]), _gluon_tiles(w.contiguous(), [BN, BK]),
-                                  _gluon_tiles(q, half), _gluon_tiles(k, half), _gluon_tiles(v, half), ve, lambdas,
-                                  cos, sin, rstd, B * T, dim, T, has_ve, H, BM, BN, BK, stages, num_warps=warps,
-                                  maxnreg=168)
-    return *(t.view(B, T, H, head_dim) for t in (q, k, v)), rstd.view(B, T, 2 * H)
+                                  *(_gluon_tiles(t, half) for t in (q, k, v, raw_v)), ve, lambdas, cos, sin, rstd,
+                                  B * T, dim, T, has_ve, H, BM, BN, BK, stages, num_warps=warps, maxnreg=168)
+    q, k, v, raw_v = (t.view(B, T, H, head_dim) for t in (q, k, v, raw_v))
+    return q, k, v, rstd.view(B, T, 2 * H), raw_v
 
 
 @gluon.jit
-def _qkv_matmul_prep_kernel(x_desc, w_desc, q_desc, k_desc, v_desc, ve, lambdas, cos, sin, rstd, M, K, T,
-                            HAS_VE: gl.constexpr, H: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+def _qkv_matmul_prep_kernel(x_desc, w_desc, q_desc, k_desc, v_desc, raw_v_desc, ve, lambdas, cos, sin, rstd, M,
+                            K, T, HAS_VE: gl.constexpr, H: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                             BK: gl.constexpr, STAGES: gl.constexpr):
-    # q, k, v (M, H * BN) bf16 as qkv_prep makes them from qkv = x @ w.T rounded to bf16, and rstd (M, 2 H)
+    # q, k, v (M, H * BN) bf16 as qkv_prep makes them from qkv = x @ w.T rounded to bf16, rstd (M, 2 H), and
+    # raw_v (M, H * BN), qkv's v
     x_bufs, w_bufs, ready, empty, out_a, turn = _matmul_buffers(x_desc, w_desc, q_desc, STAGES)
     out_b = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
     gl.warp_specialize([
-        (_qkv_matmul_prep_consumer, (q_desc, k_desc, v_desc, ve, lambdas, cos, sin, rstd, x_bufs, w_bufs, ready,
-                                     empty, out_a, out_b, turn, M, K, T, HAS_VE, H, BM, BN, BK, STAGES, 0)),
-        (_qkv_matmul_prep_consumer, (q_desc, k_desc, v_desc, ve, lambdas, cos, sin, rstd, x_bufs, w_bufs, ready,
-                                     empty, out_a, out_b, turn, M, K, T, HAS_VE, H, BM, BN, BK, STAGES, 1)),
+        (_qkv_matmul_prep_consumer, (q_desc, k_desc, v_desc, raw_v_desc, ve, lambdas, cos, sin, rstd, x_bufs,
+                                     w_bufs, ready, empty, out_a, out_b, turn, M, K, T, HAS_VE, H, BM, BN, BK, STAGES,
+                                     0)),
+        (_qkv_matmul_prep_consumer, (q_desc, k_desc, v_desc, raw_v_desc, ve, lambdas, cos, sin, rstd, x_bufs,
+                                     w_bufs, ready, empty, out_a, out_b, turn, M, K, T, HAS_VE, H, BM, BN, BK, STAGES,
+                                     1)),
         (_matmul_loads, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, M, 3 * H * BN, K, False, False, BM, BN, BK,
                          STAGES)),
     ], [4, 1], [240, 24])
@@ -2256,9 +2279,10 @@ def _matmul_tile_halves(x_bufs, w_bufs, ready, empty, turn, count, phase, k_step
 
 
 @gluon.jit
-def _qkv_matmul_prep_consumer(q_desc, k_desc, v_desc, ve, lambdas, cos, sin, rstd, x_bufs, w_bufs, ready, empty,
-                              out_a, out_b, turn, M, K, T, HAS_VE: gl.constexpr, H: gl.constexpr, BM: gl.constexpr,
-                              BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, WHICH: gl.constexpr):
+def _qkv_matmul_prep_consumer(q_desc, k_desc, v_desc, raw_v_desc, ve, lambdas, cos, sin, rstd, x_bufs, w_bufs,
+                              ready, empty, out_a, out_b, turn, M, K, T, HAS_VE: gl.constexpr, H: gl.constexpr,
+                              BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+                              WHICH: gl.constexpr):
     # warpgroup WHICH, as _matmul_relu2_consumer: every other tile, its matmul, then its epilogue, _qkv_prep_kernel's
     # arithmetic on the tile's two halves (the rotation pairs column c with c + BN / 2)
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -2285,7 +2309,13 @@ def _qkv_matmul_prep_consumer(q_desc, k_desc, v_desc, ve, lambdas, cos, sin, rst
             table = (rows % T)[:, None] * HALF + half_cols[None, :]
             c, s = gl.load(cos + table), gl.load(sin + table)
             y1, y2 = y1 * c + y2 * s, y2 * c - y1 * s
-        else:  # v: lambdas[0] v + lambdas[1] ve
+        else:  # v: stored as it is, then lambdas[0] v + lambdas[1] ve
+            tma.store_wait(0)
+            out_a.store(y1.to(gl.bfloat16))
+            out_b.store(y2.to(gl.bfloat16))
+            fence_async_shared()
+            _tma_store(raw_v_desc, [off_m, (head - 2 * H) * BN], out_a)
+            _tma_store(raw_v_desc, [off_m, (head - 2 * H) * BN + HALF], out_b)
             l0 = gl.load(lambdas)
             if HAS_VE:
                 l1 = gl.load(lambdas + 1)
@@ -2293,7 +2323,7 @@ def _qkv_matmul_prep_consumer(q_desc, k_desc, v_desc, ve, lambdas, cos, sin, rst
                 y2 = l0 * y2 + l1 * gl.load(ve + at + HALF).to(gl.float32)
             else:
                 y1, y2 = l0 * y1, l0 * y2
-        tma.store_wait(0)  # the last tile's halves have left out_a and out_b
+        tma.store_wait(0)  # the last stores have left out_a and out_b
         out_a.store(y1.to(gl.bfloat16))
         out_b.store(y2.to(gl.bfloat16))
         fence_async_shared()
@@ -2370,78 +2400,87 @@ def _qk_norm_grad(d1, d2, x1, x2, rstd, grad_qkv, rows, head, HD: tl.constexpr, 
     tl.store(out + HD // 2, (rstd * (d2 - x2 * mean_dot)).to(tl.bfloat16))
 
 
-# --- attention_block: attention_inputs, then attention, as the model calls them. With both fused on Hopper, their
-# backward is one op: the attention's backward kernels go on with attention_inputs' backward of their tiles, so the
-# gradients of q, k and v (bf16, 100 MB each a layer at 64K tokens) are neither stored nor read back.
+# --- attention_block: the qkv matmul, attention_inputs, then attention, as the model calls them. With both fused on
+# Hopper, the forward is two ops: the qkv matmul with attention_inputs in its epilogue (qkv_matmul_prep: qkv, 300 MB a
+# layer at 64K tokens, is neither stored nor read back), then the attention. The backward is one op and the matmul's
+# two: the attention's backward kernels go on with attention_inputs' backward of their tiles, from q, k, rstd and
+# qkv's v, so the gradients of q, k and v (bf16, 100 MB each) are neither stored nor read back either.
 
 
-def attention_block_fused(qkv: Tensor, ve: Tensor | None, lambdas: Tensor, rotary: Rotary,
+def attention_block_fused(x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, rotary: Rotary,
                           mask: DocumentWindows) -> Tensor:
-    """attention_block_reference by attention_inputs_fused's and attention_windows' forward ops, and one op for
-    their backward."""
-    T = qkv.size(1)
-    return WindowAttentionBlock.apply(qkv, ve, lambdas, rotary.cos[:T], rotary.sin[:T], *mask)
+    """attention_block_reference by qkv_matmul_prep's and window_attention's forward ops, and one op for their
+    backward (the matmul's own backward aside)."""
+    T = x.size(1)
+    return WindowAttentionBlock.apply(x, w, ve, lambdas, rotary.cos[:T], rotary.sin[:T], *mask)
 
 
-def attention_block_reference(qkv: Tensor, ve: Tensor | None, lambdas: Tensor, rotary: Rotary,
+def attention_block_reference(x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, rotary: Rotary,
                               mask: "BlockMask | DocumentWindows") -> Tensor:
-    """qkv (B, T, 3 * H, head_dim) -> the attention's output (B, T, H, head_dim): attention_inputs, then
-    attention, as bound."""
+    """x (B, T, dim) and the merged qkv weight w (3 dim, dim) bf16 -> the attention's output (B, T, H, head_dim):
+    the qkv projection, attention_inputs, then attention, as bound."""
+    B, T, _ = x.shape
+    qkv = F.linear(x, w).view(B, T, -1, 2 * rotary.cos.size(1))
     return attention(*attention_inputs(qkv, ve, lambdas, rotary), mask)
 
 
 class WindowAttentionBlock(torch.autograd.Function):
-    """attention_block_fused: qkv_prep and window_attention forward, window_attention_inputs_grad backward; saves
-    what the two backwards take, as FusedAttentionInputs and WindowAttention do."""
+    """attention_block_fused: qkv_matmul_prep and window_attention forward; backward, window_attention_inputs_grad
+    and the qkv matmul's two gradients. qkv itself is never stored: what the backward takes is the forward's
+    outputs, rstd and qkv's v."""
 
     @staticmethod
-    def forward(ctx, qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor, starts: Tensor,
-                ends: Tensor, window_blocks: Tensor):
-        q, k, v, rstd = qkv_prep(qkv, ve, lambdas, cos, sin)
+    def forward(ctx, x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor,
+                starts: Tensor, ends: Tensor, window_blocks: Tensor):
+        q, k, v, rstd, raw_v = qkv_matmul_prep(x, w, ve, lambdas, cos, sin)
         out, lse = window_attention(q, k, v, starts, window_blocks)
-        ctx.save_for_backward(qkv, ve, lambdas, cos, sin, q, k, v, rstd, out, lse, starts, ends, window_blocks)
+        ctx.save_for_backward(x, w, raw_v, ve, lambdas, cos, sin, q, k, v, rstd, out, lse, starts, ends,
+                              window_blocks)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        has_ve = ctx.saved_tensors[1] is not None
-        grad_qkv, grad_ve, grad_lambdas = window_attention_inputs_grad(grad_out, *ctx.saved_tensors)
-        return grad_qkv, grad_ve if has_ve else None, grad_lambdas, None, None, None, None, None
+        x, w, *saved = ctx.saved_tensors
+        grad_qkv, grad_ve, grad_lambdas = window_attention_inputs_grad(grad_out, *saved)
+        grad_qkv = grad_qkv.flatten(end_dim=1).flatten(1)  # (B T, 3 dim), as qkv's matmul made it
+        grad_x, grad_w = (grad_qkv @ w).view_as(x), grad_qkv.T @ x.flatten(end_dim=1)
+        return grad_x, grad_w, grad_ve if saved[1] is not None else None, grad_lambdas, *[None] * 5
 
 
 @torch.library.custom_op("speedrun::window_attention_inputs_grad", mutates_args=())
-def window_attention_inputs_grad(grad_out: Tensor, qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
+def window_attention_inputs_grad(grad_out: Tensor, raw_v: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
                                  sin: Tensor, q: Tensor, k: Tensor, v: Tensor, rstd: Tensor, out: Tensor,
                                  lse: Tensor, starts: Tensor, ends: Tensor,
                                  window_blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """window_attention_grad, then qkv_prep_grad: the gradient of the attention's output -> those of qkv, of ve
-    (empty without ve) and of lambdas. This body is the reference; on CUDA _window_attention_inputs_grad_triton
-    runs instead, which takes the norms' rstd and q and k where the reference reads qkv."""
+    """window_attention_grad, then attention_inputs' backward from qkv_prep's outputs (qkv_prep_grad_of_outputs):
+    the gradient of the attention's output -> those of qkv, of ve (empty without ve) and of lambdas. raw_v is
+    qkv's v. This body is the reference; on CUDA _window_attention_inputs_grad_triton runs instead."""
     grad_q, grad_k, grad_v = window_attention_grad(grad_out, q, k, v, out, lse, starts, ends, window_blocks)
-    return qkv_prep_grad(grad_q, grad_k, grad_v, qkv, ve, lambdas, cos, sin)
+    return qkv_prep_grad_of_outputs(grad_q, grad_k, grad_v, q, k, rstd, raw_v, ve, lambdas, cos, sin)
 
 
 @window_attention_inputs_grad.register_fake
-def _(grad_out: Tensor, qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor, q: Tensor,
+def _(grad_out: Tensor, raw_v: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor, q: Tensor,
       k: Tensor, v: Tensor, rstd: Tensor, out: Tensor, lse: Tensor, starts: Tensor, ends: Tensor,
       window_blocks: Tensor):
-    grad_ve = ve.new_empty(ve.shape) if ve is not None else qkv.new_empty(0)
-    return qkv.new_empty(qkv.shape), grad_ve, lambdas.new_empty(2)
+    B, T, H, head_dim = q.shape
+    grad_ve = ve.new_empty(ve.shape) if ve is not None else q.new_empty(0)
+    return q.new_empty(B, T, 3 * H, head_dim), grad_ve, lambdas.new_empty(2)
 
 
 @window_attention_inputs_grad.register_kernel("cuda")
-def _window_attention_inputs_grad_triton(grad_out: Tensor, qkv: Tensor, ve: Tensor | None, lambdas: Tensor,
+def _window_attention_inputs_grad_triton(grad_out: Tensor, raw_v: Tensor, ve: Tensor | None, lambdas: Tensor,
                                          cos: Tensor, sin: Tensor, q: Tensor, k: Tensor, v: Tensor, rstd: Tensor,
                                          out: Tensor, lse: Tensor, starts: Tensor, ends: Tensor,
                                          window_blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    _, T, H, _ = q.shape
+    B, T, H, head_dim = q.shape
     has_ve = ve is not None
-    grad_qkv, grad_ve = qkv.new_empty(qkv.shape), ve.new_empty(ve.shape) if has_ve else qkv.new_empty(0)
+    grad_qkv, grad_ve = q.new_empty(B, T, 3 * H, head_dim), ve.new_empty(ve.shape) if has_ve else q.new_empty(0)
     partial = lambdas.new_empty(T // ATTENTION_GRAD_KV.block[1] * H, 2)  # each key program's share of grad_lambdas
-    qkv, ve = qkv.contiguous(), ve.contiguous() if has_ve else qkv  # ve: a placeholder when there is none
+    raw_v, ve = raw_v.contiguous(), ve.contiguous() if has_ve else raw_v  # ve: a placeholder when there is none
     _window_attention_grad_kernels(grad_out, q, k, v, out, lse, starts, ends, window_blocks,
                                    (grad_qkv, grad_qkv, grad_ve if has_ve else grad_qkv),
-                                   (qkv, rstd.contiguous(), ve, lambdas, cos, sin, partial, has_ve))
+                                   (raw_v, rstd.contiguous(), ve, lambdas, cos, sin, partial, has_ve))
     return grad_qkv, grad_ve, partial.sum(0).bfloat16().float()
 
 
@@ -2473,18 +2512,18 @@ def _halves(tile):
 
 
 @triton.jit
-def _v_grad_tile(grad, qkv, ve, lambdas, grad_qkv, grad_ve, partial, rows, head, H: tl.constexpr, HD: tl.constexpr,
-                 HAS_VE: tl.constexpr):
+def _v_grad_tile(grad, raw_v, ve, lambdas, grad_qkv, grad_ve, partial, rows, head, H: tl.constexpr,
+                 HD: tl.constexpr, HAS_VE: tl.constexpr):
     """grad (rows, HD), the gradient of v at head `head` -> those of qkv and ve, stored, and the tile's sums for the
-    lambdas' gradient, stored in this program's row of partial."""
+    lambdas' gradient (with qkv's v, raw_v (rows, H HD)), stored in this program's row of partial."""
     g = grad.to(tl.float32)
     cols = tl.arange(0, HD)[None, :]
-    at = rows.to(tl.int64)[:, None] * (3 * H * HD) + (2 * H + head) * HD + cols
-    tl.store(grad_qkv + at, (tl.load(lambdas) * g).to(tl.bfloat16))
+    tl.store(grad_qkv + rows.to(tl.int64)[:, None] * (3 * H * HD) + (2 * H + head) * HD + cols,
+             (tl.load(lambdas) * g).to(tl.bfloat16))
     program = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    tl.store(partial + 2 * program, tl.sum(tl.sum(g * tl.load(qkv + at).to(tl.float32), axis=1), axis=0))
+    at_ve = rows.to(tl.int64)[:, None] * (H * HD) + head * HD + cols  # raw_v and ve share the layout
+    tl.store(partial + 2 * program, tl.sum(tl.sum(g * tl.load(raw_v + at_ve).to(tl.float32), axis=1), axis=0))
     if HAS_VE:
-        at_ve = rows.to(tl.int64)[:, None] * (H * HD) + head * HD + cols
         tl.store(grad_ve + at_ve, (tl.load(lambdas + 1) * g).to(tl.bfloat16))
         tl.store(partial + 2 * program + 1, tl.sum(tl.sum(g * tl.load(ve + at_ve).to(tl.float32), axis=1), axis=0))
     else:

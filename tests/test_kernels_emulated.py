@@ -8,8 +8,10 @@ program several tiles and a loop more steps along K than the pipeline has stages
   largest value of float64 attention's (its probabilities go to bf16 for their matmul; a key tile missed or masked
   wrongly moves values by their own size), its log-sum-exp within 1e-5 of the reference body's;
 - attention_inputs' kernels (QK norm, rotary, value mix, and their backward): the reference bodies' numbers within a
-  bf16 step; the attention's backward kernels with attention_inputs' backward in their epilogues: gradients as
-  close to float64's as the plain path's, with and without a value embedding;
+  bf16 step; the qkv matmul with attention_inputs' forward in its epilogue: its reference body's numbers within a
+  step of the larger (v: and lambdas[0] times a step of qkv); the attention's backward kernels with
+  attention_inputs' backward in their epilogues: gradients as close to float64's as the plain path's, with and
+  without a value embedding;
 - the head's two kernels: the reference body's loss, its logits' gradient within a rounding step, in bf16 and in
   FP8, both FP8 layouts the same numbers;
 - the head's FP8 logits matmul with the row sums in its epilogue: logits within a bf16 step of float64's, and the
@@ -21,11 +23,11 @@ GPU's to check."""
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import train_gpt as tg
 from kernel_emulator import T, emulate
 from test_attention import assert_as_close_to_float64_as_the_plain_path, block_grad_args, qkv
+from test_attention_inputs import assert_close_to_the_reference
 from test_fused_mlp import assert_rounds_as_float64_matmuls, bf16
 from test_masks import EOT, random_tokens
 
@@ -93,16 +95,7 @@ def test_qkv_matmul_prep_kernel_gives_the_reference_numbers(with_ve):
     with emulate(tg):
         fused = tg._qkv_matmul_prep_gluon(x, w, ve, lambdas, rotary.cos, rotary.sin)
     reference = tg.qkv_matmul_prep(x, w, ve, lambdas, rotary.cos, rotary.sin)
-    # the two matmuls' float32 sums may round an element of qkv to neighbouring bf16 values: v takes that step
-    # times lambdas[0]; q and k, normed, stay within a step of the larger
-    raw_v = F.linear(x, w).view(1, T, 3 * H, 128)[:, :, 2 * H:].double()
-    for part, got, expected in zip(("q", "k", "v", "rstd"), fused, reference):
-        assert got.dtype == expected.dtype and got.shape == expected.shape, part
-        got, expected = got.double(), expected.double()
-        step = torch.maximum(got.abs(), expected.abs()) * 2**-7 + 1e-6 * expected.abs().max()
-        if part == "v":
-            step = step + lambdas[0].item() * raw_v.abs() * 2**-7
-        assert ((got - expected).abs() <= step).all(), f"{part}: up to {(got - expected).abs().max().item():.3e}"
+    assert_close_to_the_reference(fused, reference, x, w, lambdas)  # the GPU test's bar
 
 
 @pytest.mark.parametrize("with_ve", [False, True])
@@ -111,8 +104,8 @@ def test_attention_block_backward_is_as_close_to_float64_as_the_plain_path(with_
     docs = tg.document_ids(random_tokens(np.random.default_rng(10), num_blocks=T // 128), EOT)
     for window in (1, 3, 8):
         for name, mask in zip(("long", "short"), tg.document_windows(docs, torch.tensor(window, dtype=torch.int32))):
-            args = block_grad_args(T, H, mask, with_ve, "cpu", seed=window)
-            grad_out, qkv_in, ve, lambdas, _, _, q, k, v, _, out, lse = args[:12]
+            args, qkv_in = block_grad_args(T, H, mask, with_ve, "cpu", seed=window)
+            grad_out, _, ve, lambdas, _, _, q, k, v, _, out, lse = args[:12]
             with emulate(tg):
                 fused = tg._window_attention_inputs_grad_triton(*args)
                 grads = tg._window_attention_grad_triton(grad_out, q, k, v, out, lse, *mask)
