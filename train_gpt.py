@@ -267,7 +267,8 @@ class CausalSelfAttention(nn.Module):
         self.rotary = Rotary(self.head_dim, max_seq_len)
         self.c_proj = CastedLinear(dim, dim, zero_init=True)
 
-    def forward(self, x: Tensor, ve: Tensor | None, mask: "BlockMask | DocumentWindows", residual: Tensor) -> Tensor:
+    def forward(self, x: Tensor, ve: Tensor | None, mask: "BlockMask | DocumentWindows",
+                residual: Tensor) -> Tensor:
         """residual + the attention's output for x."""
         B, T, D = x.shape
         out = attention_block(x, self.qkv_w.flatten(end_dim=1).type_as(x), ve, self.lambdas, self.rotary, mask)

@@ -182,7 +182,8 @@ def assert_as_close_to_float64_as_the_plain_path(fused: tuple, grads: tuple, qkv
     for name, g, p, exact in zip(names, got, plain, truth):
         assert g.dtype == p.dtype and g.shape == p.shape, f"{where} {name}"
         fused_err, plain_err = ((t.double() - exact).abs().max().item() for t in (g, p))
-        assert fused_err <= plain_err * 1.01 + 1e-12, f"{where} {name}: {fused_err:.3e}, the plain path {plain_err:.3e}"
+        message = f"{where} {name}: {fused_err:.3e}, the plain path's {plain_err:.3e}"
+        assert fused_err <= plain_err * 1.01 + 1e-12, message
 
 
 @pytest.mark.parametrize("device", devices())
