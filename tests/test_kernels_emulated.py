@@ -11,7 +11,8 @@ program several tiles and a loop more steps along K than the pipeline has stages
   bf16 step; the qkv matmul with attention_inputs' forward in its epilogue: its reference body's numbers within a
   step of the larger (v: and lambdas[0] times a step of qkv); the attention's backward kernels with
   attention_inputs' backward in their epilogues: gradients as close to float64's as the plain path's, with and
-  without a value embedding;
+  without a value embedding; a GPT through all of these (attention_block_fused) has its reference path's loss
+  within 1e-3 and gradients within 2^-5 of their largest value;
 - the head's two kernels: the reference body's loss, its logits' gradient within a rounding step, in bf16 and in
   FP8, both FP8 layouts the same numbers;
 - the head's FP8 logits matmul with the row sums in its epilogue: logits within a bf16 step of float64's, and the
@@ -183,3 +184,40 @@ def test_bf16_bits_rounds_as_torch():
     with emulate(tg):
         bits = tg._bf16_bits(T(x)).t
     assert torch.equal((bits >> 16).to(torch.int16), x.bfloat16().view(torch.int16))
+
+
+def test_gpt_through_the_block_kernels_has_about_the_reference_loss_and_gradients(monkeypatch):
+    # attention_block_fused with its ops' CUDA kernels (the Gluon qkv matmul, the attention forward, the backward
+    # with attention_inputs' in its epilogues) against the two ops' reference bodies, in a GPT whose attention
+    # moves: WindowAttentionBlock's wiring, the kernels' arguments and layouts. The paths round differently (bf16
+    # probabilities, float32 sums in other orders), so the loss moves by 1e-3 at most and the gradients by a few
+    # bf16 steps of their largest value; a wrong wire moves them by their own size
+    def detached(fn):  # the emulator runs a kernel's partitions as threads, where autograd would record
+        return lambda *args: fn(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+
+    def loss_and_grads(kernels: bool):
+        monkeypatch.setattr(tg, "attention_masks", tg.document_windows)
+        monkeypatch.setattr(tg, "attention", tg.attention_windows)
+        monkeypatch.setattr(tg, "attention_inputs", tg.attention_inputs_fused)
+        monkeypatch.setattr(tg, "attention_block", tg.attention_block_fused if kernels else tg.attention_block_reference)
+        torch.manual_seed(0)
+        model = tg.GPT(vocab_size=128, num_layers=2, num_heads=2, model_dim=256, max_seq_len=512)
+        torch.nn.init.normal_(model.lm_head.weight, std=0.1)  # not the zero inits: gradients reach every weight
+        for block in model.blocks:
+            torch.nn.init.normal_(block.attn.c_proj.weight, std=0.05)
+        tokens = torch.randint(0, 128, (513,), generator=torch.Generator().manual_seed(1))
+        tokens[torch.tensor([0, 100, 300])] = 127  # documents
+        with emulate(tg):
+            if kernels:
+                tg.qkv_matmul_prep = detached(tg._qkv_matmul_prep_gluon)
+                tg.window_attention = detached(tg._window_attention_triton)
+                tg.window_attention_inputs_grad = detached(tg._window_attention_inputs_grad_triton)
+            loss = model(tokens[:-1], tokens[1:], torch.tensor(2, dtype=torch.int32))
+            loss.backward()
+        return loss.item(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    (loss, grads), (reference_loss, reference_grads) = loss_and_grads(True), loss_and_grads(False)
+    assert abs(loss - reference_loss) <= 1e-3
+    assert grads.keys() == reference_grads.keys()
+    for name, expected in reference_grads.items():
+        torch.testing.assert_close(grads[name], expected, rtol=0, atol=2**-5 * expected.abs().max().item(), msg=name)
