@@ -199,7 +199,8 @@ def test_gpt_through_the_block_kernels_has_about_the_reference_loss_and_gradient
         monkeypatch.setattr(tg, "attention_masks", tg.document_windows)
         monkeypatch.setattr(tg, "attention", tg.attention_windows)
         monkeypatch.setattr(tg, "attention_inputs", tg.attention_inputs_fused)
-        monkeypatch.setattr(tg, "attention_block", tg.attention_block_fused if kernels else tg.attention_block_reference)
+        block = tg.attention_block_fused if kernels else tg.attention_block_reference
+        monkeypatch.setattr(tg, "attention_block", block)
         torch.manual_seed(0)
         model = tg.GPT(vocab_size=128, num_layers=2, num_heads=2, model_dim=256, max_seq_len=512)
         torch.nn.init.normal_(model.lm_head.weight, std=0.1)  # not the zero inits: gradients reach every weight
