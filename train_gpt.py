@@ -2042,7 +2042,7 @@ class FusedAttentionInputs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor):
         ctx.save_for_backward(qkv, ve, lambdas, cos, sin)
-        return qkv_prep(qkv, ve, lambdas, cos, sin)[:3]
+        return qkv_prep(qkv, ve, lambdas, cos, sin)
 
     @staticmethod
     def backward(ctx, grad_q: Tensor, grad_k: Tensor, grad_v: Tensor):
@@ -2053,24 +2053,21 @@ class FusedAttentionInputs(torch.autograd.Function):
 
 @torch.library.custom_op("speedrun::qkv_prep", mutates_args=())
 def qkv_prep(qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
-             sin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """attention_inputs' forward: qkv (B, T, 3 * H, head_dim) bf16, lambdas (2,) float32, cos and sin (T,
-    head_dim / 2) float32 -> q, k, v (B, T, H, head_dim) bf16, and the norms' rstd (B, T, 2 * H) float32, q's
-    heads then k's, for a backward that starts from q and k. This body is the reference; on CUDA the Triton
+    head_dim / 2) float32 -> q, k, v (B, T, H, head_dim) bf16. This body is the reference; on CUDA the Triton
     kernel runs instead."""
     x = qkv.float()
     q, k, v = x.chunk(3, dim=-2)
-    rstd = torch.rsqrt(torch.cat((q, k), dim=-2).square().mean(-1) + torch.finfo(torch.float32).eps)
     q, k = (rotate(F.rms_norm(t, (t.size(-1),)), cos, sin).bfloat16() for t in (q, k))
     v = lambdas[0] * v + (lambdas[1] * ve.float().view_as(v) if ve is not None else 0)
-    return q.contiguous(), k.contiguous(), v.bfloat16().contiguous(), rstd
+    return q.contiguous(), k.contiguous(), v.bfloat16().contiguous()
 
 
 @qkv_prep.register_fake
 def _(qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor):
     B, T, H3, head_dim = qkv.shape
-    q, k, v = (qkv.new_empty(B, T, H3 // 3, head_dim) for _ in range(3))
-    return q, k, v, qkv.new_empty(B, T, H3 // 3 * 2, dtype=torch.float32)
+    return tuple(qkv.new_empty(B, T, H3 // 3, head_dim) for _ in range(3))
 
 
 @torch.library.custom_op("speedrun::qkv_prep_grad", mutates_args=())
@@ -2118,16 +2115,15 @@ def _(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, qkv: Tensor, ve: Tensor | 
 
 @qkv_prep.register_kernel("cuda")
 def _qkv_prep_triton(qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
-                     sin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     B, T, H3, head_dim = qkv.shape
     (rows,), warps, stages = QKV
     q, k, v = (qkv.new_empty(B, T, H3 // 3, head_dim) for _ in range(3))
-    rstd = qkv.new_empty(B, T, H3 // 3 * 2, dtype=torch.float32)
     has_ve = ve is not None
     qkv, ve = qkv.contiguous(), ve.contiguous() if has_ve else qkv  # ve: a placeholder when there is none
-    _qkv_prep_kernel[(triton.cdiv(B * T, rows),)](qkv, ve, lambdas, cos, sin, q, k, v, rstd, B * T, T, has_ve,
-                                                  H3 // 3, head_dim, rows, num_warps=warps, num_stages=stages)
-    return q, k, v, rstd
+    _qkv_prep_kernel[(triton.cdiv(B * T, rows),)](qkv, ve, lambdas, cos, sin, q, k, v, B * T, T, has_ve, H3 // 3,
+                                                  head_dim, rows, num_warps=warps, num_stages=stages)
+    return q, k, v
 
 
 @qkv_prep_grad.register_kernel("cuda")
@@ -2159,9 +2155,9 @@ def _qk_rows(qkv, rows, head, HD: tl.constexpr, H3: tl.constexpr):
 
 
 @triton.jit
-def _qkv_prep_kernel(qkv, ve, lambdas, cos, sin, q, k, v, rstd_out, n, T, HAS_VE: tl.constexpr, H: tl.constexpr,
+def _qkv_prep_kernel(qkv, ve, lambdas, cos, sin, q, k, v, n, T, HAS_VE: tl.constexpr, H: tl.constexpr,
                      HD: tl.constexpr, ROWS: tl.constexpr):
-    # ROWS tokens, all heads: q and k normed and rotated, with their rstd, v = lambdas[0] v + lambdas[1] ve
+    # ROWS tokens, all heads: q and k normed and rotated, v = lambdas[0] v + lambdas[1] ve
     rows = tl.minimum(tl.program_id(0) * ROWS + tl.arange(0, ROWS), n - 1)  # the last rows are done twice
     half = tl.arange(0, HD // 2)[None, :]
     table = (rows % T)[:, None] * (HD // 2) + half
@@ -2169,7 +2165,6 @@ def _qkv_prep_kernel(qkv, ve, lambdas, cos, sin, q, k, v, rstd_out, n, T, HAS_VE
     out_rows = rows.to(tl.int64)[:, None] * (H * HD)
     for head in tl.static_range(2 * H):  # the heads of q, then those of k
         x1, x2, rstd = _qk_rows(qkv, rows, head, HD, 3 * H)
-        tl.store(rstd_out + rows.to(tl.int64)[:, None] * (2 * H) + head, rstd)
         x1, x2 = x1 * rstd, x2 * rstd
         out = (q if head < H else k) + out_rows + (head % H) * HD + half
         tl.store(out, (x1 * c + x2 * s).to(tl.bfloat16))
@@ -2200,7 +2195,14 @@ def qkv_matmul_prep(x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, co
     B, T, _ = x.shape
     H3, head_dim = w.size(0) // cos.size(1) // 2, 2 * cos.size(1)
     qkv = F.linear(x, w).view(B, T, H3, head_dim)
-    return *qkv_prep(qkv, ve, lambdas, cos, sin), qkv[:, :, 2 * H3 // 3:].contiguous()
+    return *qkv_prep(qkv, ve, lambdas, cos, sin), qk_rstd(qkv), qkv[:, :, 2 * H3 // 3:].contiguous()
+
+
+def qk_rstd(qkv: Tensor) -> Tensor:
+    """The QK norms' rsqrt(mean square + eps) of qkv (B, T, 3 H, head_dim) -> (B, T, 2 H) float32, q's heads then
+    k's: what attention_inputs' backward from its outputs takes."""
+    qk = qkv[:, :, :qkv.size(2) // 3 * 2].float()
+    return torch.rsqrt(qk.square().mean(-1) + torch.finfo(torch.float32).eps)
 
 
 @qkv_matmul_prep.register_fake

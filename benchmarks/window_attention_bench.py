@@ -84,9 +84,9 @@ def block_backward():
 
     def backward_args(mask: train_gpt.DocumentWindows, with_ve: bool) -> tuple:
         ve = value_embed if with_ve else None
-        q, k, v, rstd = train_gpt.qkv_prep(qkv, ve, lambdas, rotary.cos, rotary.sin)
+        q, k, v = train_gpt.qkv_prep(qkv, ve, lambdas, rotary.cos, rotary.sin)
         out, lse = train_gpt.window_attention(q, k, v, mask.starts, mask.window_blocks)
-        raw_v = qkv[:, :, 2 * H:].contiguous()  # qkv's v
+        raw_v, rstd = qkv[:, :, 2 * H:].contiguous(), train_gpt.qk_rstd(qkv)  # qkv's v, the QK norms' rstd
         return grad_out, raw_v, ve, lambdas, rotary.cos, rotary.sin, q, k, v, rstd, out, lse, *mask
 
     def separate(args: tuple) -> tuple:

@@ -26,8 +26,8 @@ from test_attention_inputs import float64_truth, run
 from test_masks import EOT, random_tokens, schedule_windows
 from train_gpt import (ATTENTION_SCALE, Rotary, attention_block_fused, attention_block_reference,
                        attention_flex_compiled, attention_windows, block_masks, dense_mask, document_ids,
-                       document_windows, qkv_prep, qkv_prep_grad_of_outputs, window_attention, window_attention_grad,
-                       window_attention_inputs_grad, window_dense_mask)
+                       document_windows, qk_rstd, qkv_prep, qkv_prep_grad_of_outputs, window_attention,
+                       window_attention_grad, window_attention_inputs_grad, window_dense_mask)
 
 CUDA = torch.cuda.is_available() and train_gpt.HAS_TRITON
 
@@ -163,9 +163,9 @@ def block_grad_args(T: int, H: int, mask: train_gpt.DocumentWindows, with_ve: bo
     ve = torch.randn(T, H * 128, generator=gen).bfloat16().to(device) if with_ve else None
     grad_out = torch.randn(1, T, H, 128, generator=gen).bfloat16().to(device)
     lambdas, rotary = torch.tensor([0.7, 0.4], device=device), Rotary(128, T).to(device)
-    q, k, v, rstd = qkv_prep(qkv_in, ve, lambdas, rotary.cos, rotary.sin)
+    q, k, v = qkv_prep(qkv_in, ve, lambdas, rotary.cos, rotary.sin)
     out, lse = window_attention(q, k, v, mask.starts, mask.window_blocks)
-    raw_v = qkv_in[:, :, 2 * H:].contiguous()
+    raw_v, rstd = qkv_in[:, :, 2 * H:].contiguous(), qk_rstd(qkv_in)
     return (grad_out, raw_v, ve, lambdas, rotary.cos, rotary.sin, q, k, v, rstd, out, lse, *mask), qkv_in
 
 

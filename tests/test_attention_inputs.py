@@ -15,8 +15,8 @@ import torch
 
 import train_gpt
 from test_fused_mlp import devices as gluon_devices  # the CPU, and a Hopper GPU with Gluon
-from train_gpt import (Rotary, attention_inputs_fused, attention_inputs_reference, qkv_matmul_prep, qkv_prep,
-                       qkv_prep_grad)
+from train_gpt import (Rotary, attention_inputs_fused, attention_inputs_reference, qk_rstd, qkv_matmul_prep,
+                       qkv_prep, qkv_prep_grad)
 
 
 def devices() -> list[str]:
@@ -134,5 +134,5 @@ def test_qkv_matmul_prep_kernel_gives_the_reference_at_the_models_sizes(with_ve)
     lambdas, rotary = torch.tensor([0.7, 0.4]).cuda(), Rotary(128, T).cuda()
     fused = qkv_matmul_prep(x, w, ve, lambdas, rotary.cos, rotary.sin)
     qkv = torch.nn.functional.linear(x, w).view(1, T, 3 * H, 128)  # the ops it replaces: cuBLAS, then qkv_prep's
-    reference = (*qkv_prep(qkv, ve, lambdas, rotary.cos, rotary.sin), qkv[:, :, 2 * H:])
+    reference = (*qkv_prep(qkv, ve, lambdas, rotary.cos, rotary.sin), qk_rstd(qkv), qkv[:, :, 2 * H:])
     assert_close_to_the_reference(fused, reference, x, w, lambdas)

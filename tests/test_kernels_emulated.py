@@ -77,8 +77,8 @@ def test_attention_inputs_kernels_give_the_reference_numbers(with_ve):
         fused_grads = tg._qkv_prep_grad_triton(*grads, qkv_in, ve, lambdas, rotary.cos, rotary.sin)
     reference = tg.qkv_prep(qkv_in, ve, lambdas, rotary.cos, rotary.sin)
     reference_grads = tg.qkv_prep_grad(*grads, qkv_in, ve, lambdas, rotary.cos, rotary.sin)
-    parts = ("q", "k", "v", "rstd", "grad_qkv", "grad_ve", "grad_lambdas")
-    for part, got, expected in zip(parts, (*fused, *fused_grads), (*reference, *reference_grads)):
+    for part, got, expected in zip(("q", "k", "v", "grad_qkv", "grad_ve", "grad_lambdas"), (*fused, *fused_grads),
+                                   (*reference, *reference_grads)):
         assert got.dtype == expected.dtype and got.shape == expected.shape, part
         largest = expected.abs().max().item() if expected.numel() else 0.0
         torch.testing.assert_close(got.double(), expected.double(), rtol=2**-7, atol=1e-6 * largest, msg=part)
