@@ -2229,9 +2229,8 @@ def _qkv_matmul_prep_gluon(x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Ten
     ve = ve.reshape(B * T, H * head_dim).contiguous() if has_ve else q  # a placeholder when there is none
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     grid = (min(num_sms, triton.cdiv(B * T, BM) * 3 * H),)
-    half = [BM, BN // 2]
     _qkv_matmul_prep_kernel[grid](_gluon_tiles(x2, [BM, BK]), _gluon_tiles(w.contiguous(), [BN, BK]),
-                                  *(_gluon_tiles(t, half) for t in (q, k, v, raw_v)), ve, lambdas, cos, sin, rstd,
+                                  *(_gluon_tiles(t, [BM, BN]) for t in (q, k, v, raw_v)), ve, lambdas, cos, sin, rstd,
                                   B * T, dim, T, has_ve, H, BM, BN, BK, stages, num_warps=warps, maxnreg=168)
     q, k, v, raw_v = (t.view(B, T, H, head_dim) for t in (q, k, v, raw_v))
     return q, k, v, rstd.view(B, T, 2 * H), raw_v
@@ -2243,14 +2242,13 @@ def _qkv_matmul_prep_kernel(x_desc, w_desc, q_desc, k_desc, v_desc, raw_v_desc, 
                             BK: gl.constexpr, STAGES: gl.constexpr):
     # q, k, v (M, H * BN) bf16 as qkv_prep makes them from qkv = x @ w.T rounded to bf16, rstd (M, 2 H), and
     # raw_v (M, H * BN), qkv's v
-    x_bufs, w_bufs, ready, empty, out_a, turn = _matmul_buffers(x_desc, w_desc, q_desc, STAGES)
-    out_b = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+    x_bufs, w_bufs, ready, empty, out_bufs, turn = _matmul_buffers(x_desc, w_desc, q_desc, STAGES)
     gl.warp_specialize([
         (_qkv_matmul_prep_consumer, (q_desc, k_desc, v_desc, raw_v_desc, ve, lambdas, cos, sin, rstd, x_bufs,
-                                     w_bufs, ready, empty, out_a, out_b, turn, M, K, T, HAS_VE, H, BM, BN, BK, STAGES,
+                                     w_bufs, ready, empty, out_bufs, turn, M, K, T, HAS_VE, H, BM, BN, BK, STAGES,
                                      0)),
         (_qkv_matmul_prep_consumer, (q_desc, k_desc, v_desc, raw_v_desc, ve, lambdas, cos, sin, rstd, x_bufs,
-                                     w_bufs, ready, empty, out_a, out_b, turn, M, K, T, HAS_VE, H, BM, BN, BK, STAGES,
+                                     w_bufs, ready, empty, out_bufs, turn, M, K, T, HAS_VE, H, BM, BN, BK, STAGES,
                                      1)),
         (_matmul_loads, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, M, 3 * H * BN, K, False, False, BM, BN, BK,
                          STAGES)),
@@ -2258,53 +2256,35 @@ def _qkv_matmul_prep_kernel(x_desc, w_desc, q_desc, k_desc, v_desc, raw_v_desc, 
 
 
 @gluon.jit
-def _matmul_tile_halves(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layout: gl.constexpr,
-                        BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr, WHICH: gl.constexpr):
-    """_matmul_tile for w (N, K), its tile's columns as two accumulators of BN / 2, each against one half of the
-    w tile's rows."""
-    acc_a = gl.zeros((BM, BN // 2), dtype=gl.float32, layout=layout)
-    acc_b = gl.zeros((BM, BN // 2), dtype=gl.float32, layout=layout)
-    mbarrier.wait(turn.index(WHICH), phase ^ (1 - WHICH))
-    for k in range(k_steps):
-        stage = count % STAGES
-        mbarrier.wait(ready.index(stage), count // STAGES & 1)
-        w_tile = w_bufs.index(stage)
-        acc_a = warpgroup_mma(x_bufs.index(stage), w_tile.slice(0, BN // 2).permute((1, 0)), acc_a, is_async=True)
-        acc_b = warpgroup_mma(x_bufs.index(stage), w_tile.slice(BN // 2, BN // 2).permute((1, 0)), acc_b,
-                              is_async=True)
-        acc_a, acc_b = warpgroup_mma_wait(num_outstanding=2, deps=(acc_a, acc_b))
-        mbarrier.arrive(empty.index((count + STAGES - 1) % STAGES), count=1, pred=k > 0)
-        count += 1
-    mbarrier.arrive(turn.index(1 - WHICH), count=1)
-    acc_a, acc_b = warpgroup_mma_wait(num_outstanding=0, deps=(acc_a, acc_b))
-    mbarrier.arrive(empty.index((count + STAGES - 1) % STAGES), count=1)
-    return acc_a, acc_b, count + k_steps
-
-
-@gluon.jit
 def _qkv_matmul_prep_consumer(q_desc, k_desc, v_desc, raw_v_desc, ve, lambdas, cos, sin, rstd, x_bufs, w_bufs,
-                              ready, empty, out_a, out_b, turn, M, K, T, HAS_VE: gl.constexpr, H: gl.constexpr,
+                              ready, empty, out_bufs, turn, M, K, T, HAS_VE: gl.constexpr, H: gl.constexpr,
                               BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
                               WHICH: gl.constexpr):
     # warpgroup WHICH, as _matmul_relu2_consumer: every other tile, its matmul, then its epilogue, _qkv_prep_kernel's
-    # arithmetic on the tile's two halves (the rotation pairs column c with c + BN / 2)
-    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                     instr_shape=[16, BN // 2, 16])
+    # arithmetic. qkv's tile goes to shared memory, whence its two halves come back in one layout, so that the
+    # rotation pairs column c with c + BN / 2 element by element
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
+    halves: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1],
+                                            order=[1, 0])
     HALF: gl.constexpr = BN // 2
     k_steps = (K + BK - 1) // BK
     count = WHICH * k_steps
-    out_a, out_b, phase = out_a.index(WHICH), out_b.index(WHICH), 0  # this warpgroup's tiles of the two halves
-    tile_rows = gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
-    half_cols = gl.arange(0, HALF, layout=gl.SliceLayout(0, layout))
+    out_tile, phase = out_bufs.index(WHICH), 0
+    tile_rows = gl.arange(0, BM, layout=gl.SliceLayout(1, halves))
+    half_cols = gl.arange(0, HALF, layout=gl.SliceLayout(0, halves))
     for tile in range(gl.program_id(0) + WHICH * gl.num_programs(0), (M + BM - 1) // BM * 3 * H,
                       2 * gl.num_programs(0)):
         off_m, head = _tile_at(tile, M, 3 * H * BN, BM, BN, False)
         head = head // BN  # of q's H, then k's, then v's
-        acc_a, acc_b, count = _matmul_tile_halves(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layout,
-                                                  BM, BN, STAGES, WHICH)
-        y1, y2 = _bf16(acc_a).to(gl.float32), _bf16(acc_b).to(gl.float32)  # qkv's halves, rounded as stored
+        col = (head % H) * BN
+        acc, count = _matmul_tile(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layout, False, BM, BN,
+                                  STAGES, WHICH)
+        tma.store_wait(0)  # the last tile's stores have left out_tile
+        out_tile.store(_bf16(acc))  # qkv's tile, rounded as stored
+        gl.thread_barrier()  # all of it, before each thread reads its halves back
+        first, second = out_tile.slice(0, HALF, dim=1), out_tile.slice(HALF, HALF, dim=1)
+        y1, y2 = first.load(halves).to(gl.float32), second.load(halves).to(gl.float32)
         rows = gl.minimum(off_m + tile_rows, M - 1)  # rows past M (x's are zeros) read row M - 1's tables
-        at = rows.to(gl.int64)[:, None] * (H * BN) + (head % H) * BN + half_cols[None, :]
         if head < 2 * H:  # q or k: normed, then rotated
             r = gl.rsqrt((gl.sum(y1 * y1, axis=1) + gl.sum(y2 * y2, axis=1)) / BN + 1.1920928955078125e-07)
             gl.store(rstd + rows.to(gl.int64) * (2 * H) + head, r, mask=off_m + tile_rows < M)
@@ -2313,33 +2293,26 @@ def _qkv_matmul_prep_consumer(q_desc, k_desc, v_desc, raw_v_desc, ve, lambdas, c
             c, s = gl.load(cos + table), gl.load(sin + table)
             y1, y2 = y1 * c + y2 * s, y2 * c - y1 * s
         else:  # v: stored as it is, then lambdas[0] v + lambdas[1] ve
-            tma.store_wait(0)
-            out_a.store(y1.to(gl.bfloat16))
-            out_b.store(y2.to(gl.bfloat16))
             fence_async_shared()
-            _tma_store(raw_v_desc, [off_m, (head - 2 * H) * BN], out_a)
-            _tma_store(raw_v_desc, [off_m, (head - 2 * H) * BN + HALF], out_b)
+            _tma_store(raw_v_desc, [off_m, col], out_tile)
             l0 = gl.load(lambdas)
             if HAS_VE:
                 l1 = gl.load(lambdas + 1)
+                at = rows.to(gl.int64)[:, None] * (H * BN) + col + half_cols[None, :]
                 y1 = l0 * y1 + l1 * gl.load(ve + at).to(gl.float32)
                 y2 = l0 * y2 + l1 * gl.load(ve + at + HALF).to(gl.float32)
             else:
                 y1, y2 = l0 * y1, l0 * y2
-        tma.store_wait(0)  # the last stores have left out_a and out_b
-        out_a.store(y1.to(gl.bfloat16))
-        out_b.store(y2.to(gl.bfloat16))
+            tma.store_wait(0)  # qkv's v has left out_tile
+        first.store(y1.to(gl.bfloat16))  # each thread writes back where it read
+        second.store(y2.to(gl.bfloat16))
         fence_async_shared()
-        col = (head % H) * BN
         if head < H:
-            _tma_store(q_desc, [off_m, col], out_a)
-            _tma_store(q_desc, [off_m, col + HALF], out_b)
+            _tma_store(q_desc, [off_m, col], out_tile)
         elif head < 2 * H:
-            _tma_store(k_desc, [off_m, col], out_a)
-            _tma_store(k_desc, [off_m, col + HALF], out_b)
+            _tma_store(k_desc, [off_m, col], out_tile)
         else:
-            _tma_store(v_desc, [off_m, col], out_a)
-            _tma_store(v_desc, [off_m, col + HALF], out_b)
+            _tma_store(v_desc, [off_m, col], out_tile)
         phase ^= 1
     tma.store_wait(0)
 
