@@ -17,9 +17,9 @@ logits. Credits for single tricks are in the comments where they are used. This 
 
 It reads top to bottom: hyperparameters, the model, the attention masks, Muon, the data, the training steps and
 main(); then what goes on around a run (the command line, launch checks, smoke data, checkpoints, profiles); then
-the ops that have GPU kernels. The model calls ops by name (attention_masks, attention_block: attention_inputs
-then attention, relu2_mlp, head_loss); bind_ops() binds each of these six, once a run, to its implementation,
-whose plain-PyTorch reference is what the CPU runs and what the tests compare the kernels with.
+the ops that have GPU kernels. The model calls ops by name (attention_masks, attention_block: the qkv matmul,
+attention_inputs then attention, relu2_mlp, head_loss); bind_ops() binds each of these six, once a run, to its
+implementation, whose plain-PyTorch reference is what the CPU runs and what the tests compare the kernels with.
 """
 import copy
 import ctypes
@@ -201,6 +201,12 @@ def norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+def linear_add(residual: Tensor, x: Tensor, w: Tensor) -> Tensor:
+    """residual + x @ w.T for (..., dim) tensors as one matmul (addmm) that reads residual in its epilogue: the sum
+    is rounded to bf16 once, and no pass over memory reads the product back to add it."""
+    return torch.addmm(residual.flatten(end_dim=-2), x.flatten(end_dim=-2), w.T).view_as(residual)
+
+
 def softcap(logits: Tensor) -> Tensor:
     """SOFTCAP * sigmoid(logits / SOFTCAP_TEMPERATURE), in float32."""
     return SOFTCAP * torch.sigmoid(logits.float() / SOFTCAP_TEMPERATURE)
@@ -261,10 +267,13 @@ class CausalSelfAttention(nn.Module):
         self.rotary = Rotary(self.head_dim, max_seq_len)
         self.c_proj = CastedLinear(dim, dim, zero_init=True)
 
-    def forward(self, x: Tensor, ve: Tensor | None, mask: "BlockMask | DocumentWindows") -> Tensor:
+    def forward(self, x: Tensor, ve: Tensor | None, mask: "BlockMask | DocumentWindows",
+                residual: Tensor) -> Tensor:
+        """residual + the attention's output for x."""
         B, T, D = x.shape
-        qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).type_as(x)).view(B, T, 3 * self.num_heads, self.head_dim)
-        return self.c_proj(attention_block(qkv, ve, self.lambdas, self.rotary, mask).reshape(B, T, D))
+        out = attention_block(x, self.qkv_w.flatten(end_dim=1).type_as(x), ve, self.lambdas, self.rotary, mask)
+        out = out.reshape(B, T, D)
+        return linear_add(residual, out, self.c_proj.weight.type_as(out))
 
 
 class MLP(nn.Module):
@@ -273,8 +282,9 @@ class MLP(nn.Module):
         self.c_fc = CastedLinear(dim, 4 * dim)
         self.c_proj = CastedLinear(4 * dim, dim, zero_init=True)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return relu2_mlp(x, self.c_fc.weight.type_as(x), self.c_proj.weight.type_as(x))
+    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
+        """residual + the MLP's output for x."""
+        return relu2_mlp(x, self.c_fc.weight.type_as(x), self.c_proj.weight.type_as(x), residual)
 
 
 class Block(nn.Module):
@@ -286,9 +296,10 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, mask: "BlockMask | DocumentWindows") -> Tensor:
         x = self.lambdas[0] * x + self.lambdas[1] * x0
+        # x + attn(norm(x)), then x + mlp(norm(x)): each add in the matmul of the output projection (linear_add)
         if self.attn is not None:
-            x = x + self.attn(norm(x), ve, mask)
-        return x + self.mlp(norm(x))
+            x = self.attn(norm(x), ve, mask, residual=x)
+        return self.mlp(norm(x), residual=x)
 
 
 def layer_tables(num_layers: int) -> tuple[tuple, tuple]:
@@ -1597,10 +1608,10 @@ def write_profile(profiler: torch.profiler.profile, path: Path, steps: int):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Ops and their implementations
-# The model calls ops by name: attention_masks, attention_block (attention_inputs, then attention), relu2_mlp and
-# head_loss. bind_ops() binds each of these six names once a run, from the run's switches and what the device can
-# do; until then they name the plain implementations, which run anywhere (the end of this section). Each op's
-# section holds, in this order: its tile settings, its implementations, its plain-PyTorch reference (what the CPU
+# The model calls ops by name: attention_masks, attention_block (the qkv matmul, attention_inputs, attention),
+# relu2_mlp and head_loss. bind_ops() binds each of these six names once a run, from the run's switches and what the
+# device can do; until then they name the plain implementations, which run anywhere (the end of this section). Each
+# op's section holds, in this order: its tile settings, its implementations, its plain-PyTorch reference (what the CPU
 # runs, and what the tests compare the kernels with), its custom ops with their fakes, their launchers, and their
 # Triton kernels.
 
@@ -1683,7 +1694,7 @@ def bind_ops(args: Hyperparameters, device: torch.device) -> list[str]:
     else:
         masks, attend = block_masks, attention_dense  # FlexAttention has no backward on the CPU
     fused_qkv = args.fused_qkv and triton_here
-    fused_block = fused_qkv and args.fused_attention and hopper  # then attention and attention_inputs go unused
+    fused_block = fused_qkv and args.fused_attention and gluon_here  # then attention and attention_inputs go unused
     ops = dict(attention_masks=masks, attention=attend,
                attention_inputs=attention_inputs_fused if fused_qkv else attention_inputs_reference,
                attention_block=attention_block_fused if fused_block else attention_block_reference,
@@ -1828,13 +1839,13 @@ def _window_attention_grad_kernels(grad_out: Tensor, q: Tensor, k: Tensor, v: Te
                                    starts: Tensor, ends: Tensor, window_blocks: Tensor, grads: tuple[Tensor, ...],
                                    inputs: tuple = ()):
     """Launches the query kernel, then the key kernel, which store into grads = (grad_q, grad_k, grad_v). Given
-    inputs = (qkv, ve, lambdas, cos, sin, partial, has_ve), the kernels go on with attention_inputs' backward, and
-    grads are (grad_qkv, grad_qkv, grad_ve): see window_attention_inputs_grad."""
+    inputs = (raw_v, rstd, ve, lambdas, cos, sin, partial, has_ve), the kernels go on with attention_inputs'
+    backward, and grads are (grad_qkv, grad_qkv, grad_ve): see window_attention_inputs_grad."""
     _, T, H, head_dim = q.shape
     grad_out, q, k, v, out = (t.contiguous() for t in (grad_out, q, k, v, out))
     delta = torch.empty_like(lse)  # per query: the sum of grad_out * out, which the query kernel computes and stores
     fused = bool(inputs)
-    qkv, ve, lambdas, cos, sin, partial, has_ve = inputs or (q,) * 6 + (False,)  # placeholders, unread unfused
+    raw_v, rstd, ve, lambdas, cos, sin, partial, has_ve = inputs or (q,) * 7 + (False,)  # placeholders if unfused
 
     def grid(block: int) -> tuple[int, int]:
         # fused, heads first: the H programs of a tile run side by side, and all but the first find its rows of cos
@@ -1846,12 +1857,12 @@ def _window_attention_grad_kernels(grad_out: Tensor, q: Tensor, k: Tensor, v: Te
     (block_m, block_n), warps, stages = ATTENTION_GRAD_Q
     _window_attention_grad_q_kernel[grid(block_m)](
         _tiles_of(q, block_m), _tiles_of(k, block_n), _tiles_of(v, block_n), _tiles_of(grad_out, block_m), out, lse,
-        delta, starts, window_blocks, grads[0], qkv, cos, sin, T, ATTENTION_SCALE * LOG2E, ATTENTION_SCALE, H,
+        delta, starts, window_blocks, grads[0], rstd, cos, sin, T, ATTENTION_SCALE * LOG2E, ATTENTION_SCALE, H,
         head_dim, BLOCK_SIZE, block_m, block_n, fused, num_warps=warps, num_stages=stages)
     (block_m, block_n), warps, stages = ATTENTION_GRAD_KV
     _window_attention_grad_kv_kernel[grid(block_n)](
         _tiles_of(q, block_m), _tiles_of(k, block_n), _tiles_of(v, block_n), _tiles_of(grad_out, block_m), lse, delta,
-        ends, window_blocks, *grads[1:], qkv, ve, lambdas, cos, sin, partial, T, ATTENTION_SCALE * LOG2E,
+        ends, window_blocks, *grads[1:], raw_v, rstd, ve, lambdas, cos, sin, partial, T, ATTENTION_SCALE * LOG2E,
         ATTENTION_SCALE, H, head_dim, BLOCK_SIZE, block_m, block_n, fused, has_ve, num_warps=warps,
         num_stages=stages)
 
@@ -1916,7 +1927,7 @@ def _window_attention_kernel(q_desc, k_desc, v_desc, out, lse, starts, window_bl
 
 @triton.jit
 def _window_attention_grad_q_kernel(q_desc, k_desc, v_desc, grad_out_desc, out, lse, delta, starts,
-                                    window_blocks, grad_q, qkv, cos, sin, T, qk_scale, scale, H: tl.constexpr,
+                                    window_blocks, grad_q, rstd, cos, sin, T, qk_scale, scale, H: tl.constexpr,
                                     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                                     BLOCK_N: tl.constexpr, INPUTS: tl.constexpr):
     # one tile of BLOCK_M queries of one head, over the keys it sees, as in the forward; it also stores its
@@ -1945,14 +1956,15 @@ def _window_attention_grad_q_kernel(q_desc, k_desc, v_desc, grad_out_desc, out, 
         grad_q_tile += tl.dot(grad_s.to(k_tile.dtype), k_tile)
     grad_q_tile = (grad_q_tile * scale).to(q_tile.dtype)  # bf16 either way: the separate ops' numbers
     if INPUTS:
-        _qk_grad_tile(grad_q_tile, qkv, cos, sin, grad_q, rows, head, HEAD_DIM, 3 * H)
+        _qk_grad_tile(grad_q_tile, q_tile, rstd, cos, sin, grad_q, rows, head, HEAD_DIM, 3 * H)
     else:
         tl.store(grad_q + at, grad_q_tile)
 
 
 @triton.jit
 def _window_attention_grad_kv_kernel(q_desc, k_desc, v_desc, grad_out_desc, lse, delta, ends, window_blocks,
-                                     grad_k, grad_v, qkv, ve, lambdas, cos, sin, partial, T, qk_scale, scale,
+                                     grad_k, grad_v, raw_v, rstd, ve, lambdas, cos, sin, partial, T, qk_scale,
+                                     scale,
                                      H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
                                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUTS: tl.constexpr,
                                      HAS_VE: tl.constexpr):
@@ -1986,8 +1998,10 @@ def _window_attention_grad_kv_kernel(q_desc, k_desc, v_desc, grad_out_desc, lse,
         grad_k_tile += tl.dot(grad_s_t.to(q_tile.dtype), q_tile)
     grad_k_tile, grad_v_tile = (grad_k_tile * scale).to(k_tile.dtype), grad_v_tile.to(k_tile.dtype)
     if INPUTS:
-        _qk_grad_tile(grad_k_tile, qkv, cos, sin, grad_k, keys, H + head, HEAD_DIM, 3 * H)
-        _v_grad_tile(grad_v_tile, qkv, ve, lambdas, grad_k, grad_v, partial, keys, head, H, HEAD_DIM, HAS_VE)
+        # v's first: k's then has fewer registers live beside k_tile, which spills past the loop (64 bytes a thread,
+        # stored once and loaded once, where loading the tile again could come from HBM)
+        _v_grad_tile(grad_v_tile, raw_v, ve, lambdas, grad_k, grad_v, partial, keys, head, H, HEAD_DIM, HAS_VE)
+        _qk_grad_tile(grad_k_tile, k_tile, rstd, cos, sin, grad_k, keys, H + head, HEAD_DIM, 3 * H)
     else:
         at = keys[:, None] * (H * HEAD_DIM) + col + dims[None, :]
         tl.store(grad_k + at, grad_k_tile)
@@ -2062,14 +2076,31 @@ def qkv_prep_grad(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, qkv: Tensor, v
     """attention_inputs' backward: the gradients of q, k, v -> those of qkv, of ve (empty without ve) and of
     lambdas. This body is the reference; on CUDA the Triton kernel runs instead."""
     q, k, v = qkv.float().chunk(3, dim=-2)
+    rstd = [torch.rsqrt(t.square().mean(-1, keepdim=True) + torch.finfo(torch.float32).eps) for t in (q, k)]
+    return _prep_grad(grad_q, grad_k, grad_v, q * rstd[0], k * rstd[1], *rstd, v, ve, lambdas, cos, sin)
+
+
+def qkv_prep_grad_of_outputs(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, q: Tensor, k: Tensor, rstd: Tensor,
+                             raw_v: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
+                             sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """qkv_prep_grad from qkv_prep's outputs q and k (normed and rotated, bf16) and rstd, and qkv's v, raw_v:
+    the normed rows come back from q and k by the inverse rotation."""
+    normed = [rotate(t.float(), cos, -sin) for t in (q, k)]
+    return _prep_grad(grad_q, grad_k, grad_v, *normed, *rstd[..., None].chunk(2, dim=-2), raw_v.float(), ve,
+                      lambdas, cos, sin)
+
+
+def _prep_grad(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, normed_q: Tensor, normed_k: Tensor, rstd_q: Tensor,
+               rstd_k: Tensor, v: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
+               sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """attention_inputs' backward from the normed q and k, float32, their rstd (B, T, H, 1) and qkv's v."""
     grads = []
-    for grad, t in zip((grad_q, grad_k), (q, k)):
-        rstd = torch.rsqrt(t.square().mean(-1, keepdim=True) + torch.finfo(torch.float32).eps)
-        grad_normed, normed = rotate(grad.float(), cos, -sin), t * rstd
+    for grad, normed, rstd in zip((grad_q, grad_k), (normed_q, normed_k), (rstd_q, rstd_k)):
+        grad_normed = rotate(grad.float(), cos, -sin)
         grads.append(rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True)))
     g_v = grad_v.float()
     grad_qkv = torch.cat((*grads, lambdas[0] * g_v), dim=-2).bfloat16().contiguous()
-    grad_ve = (lambdas[1] * g_v).bfloat16().reshape(ve.shape) if ve is not None else qkv.new_empty(0)
+    grad_ve = (lambdas[1] * g_v).bfloat16().reshape(ve.shape) if ve is not None else grad_v.new_empty(0)
     dot_ve = (g_v * ve.float().view_as(g_v)).sum() if ve is not None else g_v.new_zeros(())
     grad_lambdas = torch.stack([(g_v * v).sum(), dot_ve])
     return grad_qkv, grad_ve, grad_lambdas.bfloat16().float()  # bf16, as autograd makes it from bf16 products
@@ -2148,6 +2179,144 @@ def _qkv_prep_kernel(qkv, ve, lambdas, cos, sin, q, k, v, n, T, HAS_VE: tl.const
         tl.store(v + out_rows + head * HD + cols, y.to(tl.bfloat16))
 
 
+# The qkv projection with attention_inputs' forward in its epilogue, on Hopper: the MLP's ping-pong matmul (its
+# loading warp and ring), each warpgroup's 128 x 128 tile of qkv being one head of q, k or v, computed as two halves
+# of 64 columns, the rotation's halves, so that the epilogue pairs them element by element: q and k normed and
+# rotated, v mixed with ve; qkv itself is neither stored nor read back.
+QKV_MATMUL = Tile((128, 128, 64), warps=4, stages=4)
+
+
+@torch.library.custom_op("speedrun::qkv_matmul_prep", mutates_args=())
+def qkv_matmul_prep(x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
+                    sin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """qkv_prep of qkv = x @ w.T, for x (B, T, dim) and w (3 dim, dim) bf16, and qkv's v before the mix (B, T, H,
+    head_dim), which the lambdas' gradient takes. This body is the reference; on CUDA the Gluon kernel runs
+    instead."""
+    B, T, _ = x.shape
+    H3, head_dim = w.size(0) // cos.size(1) // 2, 2 * cos.size(1)
+    qkv = F.linear(x, w).view(B, T, H3, head_dim)
+    return *qkv_prep(qkv, ve, lambdas, cos, sin), qk_rstd(qkv), qkv[:, :, 2 * H3 // 3:].contiguous()
+
+
+def qk_rstd(qkv: Tensor) -> Tensor:
+    """The QK norms' rsqrt(mean square + eps) of qkv (B, T, 3 H, head_dim) -> (B, T, 2 H) float32, q's heads then
+    k's: what attention_inputs' backward from its outputs takes."""
+    qk = qkv[:, :, :qkv.size(2) // 3 * 2].float()
+    return torch.rsqrt(qk.square().mean(-1) + torch.finfo(torch.float32).eps)
+
+
+@qkv_matmul_prep.register_fake
+def _(x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor):
+    B, T, _ = x.shape
+    H, head_dim = w.size(0) // 3 // (2 * cos.size(1)), 2 * cos.size(1)
+    q, k, v, raw_v = (x.new_empty(B, T, H, head_dim) for _ in range(4))
+    return q, k, v, x.new_empty(B, T, 2 * H, dtype=torch.float32), raw_v
+
+
+@qkv_matmul_prep.register_kernel("cuda")
+def _qkv_matmul_prep_gluon(x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
+                           sin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    B, T, dim = x.shape
+    head_dim = 2 * cos.size(1)
+    H = w.size(0) // 3 // head_dim
+    (BM, BN, BK), warps, stages = QKV_MATMUL
+    if BN != head_dim:
+        raise ValueError(f"QKV_MATMUL's {BN} columns a tile must be the head dimension, {head_dim}")
+    x2 = x.reshape(B * T, dim).contiguous()
+    q, k, v, raw_v = (x.new_empty(B * T, H * head_dim) for _ in range(4))
+    rstd = x.new_empty(B * T, 2 * H, dtype=torch.float32)
+    has_ve = ve is not None
+    ve = ve.reshape(B * T, H * head_dim).contiguous() if has_ve else q  # a placeholder when there is none
+    num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    grid = (min(num_sms, triton.cdiv(B * T, BM) * 3 * H),)
+    _qkv_matmul_prep_kernel[grid](_gluon_tiles(x2, [BM, BK]), _gluon_tiles(w.contiguous(), [BN, BK]),
+                                  *(_gluon_tiles(t, [BM, BN]) for t in (q, k, v, raw_v)), ve, lambdas, cos, sin, rstd,
+                                  B * T, dim, T, has_ve, H, BM, BN, BK, stages, num_warps=warps, maxnreg=168)
+    q, k, v, raw_v = (t.view(B, T, H, head_dim) for t in (q, k, v, raw_v))
+    return q, k, v, rstd.view(B, T, 2 * H), raw_v
+
+
+@gluon.jit
+def _qkv_matmul_prep_kernel(x_desc, w_desc, q_desc, k_desc, v_desc, raw_v_desc, ve, lambdas, cos, sin, rstd, M,
+                            K, T, HAS_VE: gl.constexpr, H: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                            BK: gl.constexpr, STAGES: gl.constexpr):
+    # q, k, v (M, H * BN) bf16 as qkv_prep makes them from qkv = x @ w.T rounded to bf16, rstd (M, 2 H), and
+    # raw_v (M, H * BN), qkv's v
+    x_bufs, w_bufs, ready, empty, out_bufs, turn = _matmul_buffers(x_desc, w_desc, q_desc, STAGES)
+    gl.warp_specialize([
+        (_qkv_matmul_prep_consumer, (q_desc, k_desc, v_desc, raw_v_desc, ve, lambdas, cos, sin, rstd, x_bufs,
+                                     w_bufs, ready, empty, out_bufs, turn, M, K, T, HAS_VE, H, BM, BN, BK, STAGES,
+                                     0)),
+        (_qkv_matmul_prep_consumer, (q_desc, k_desc, v_desc, raw_v_desc, ve, lambdas, cos, sin, rstd, x_bufs,
+                                     w_bufs, ready, empty, out_bufs, turn, M, K, T, HAS_VE, H, BM, BN, BK, STAGES,
+                                     1)),
+        (_matmul_loads, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, M, 3 * H * BN, K, False, False, BM, BN, BK,
+                         STAGES)),
+    ], [4, 1], [240, 24])
+
+
+@gluon.jit
+def _qkv_matmul_prep_consumer(q_desc, k_desc, v_desc, raw_v_desc, ve, lambdas, cos, sin, rstd, x_bufs, w_bufs,
+                              ready, empty, out_bufs, turn, M, K, T, HAS_VE: gl.constexpr, H: gl.constexpr,
+                              BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+                              WHICH: gl.constexpr):
+    # warpgroup WHICH, as _matmul_relu2_consumer: every other tile, its matmul, then its epilogue, _qkv_prep_kernel's
+    # arithmetic. qkv's tile goes to shared memory, whence its two halves come back in one layout, so that the
+    # rotation pairs column c with c + BN / 2 element by element
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
+    halves: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1],
+                                            order=[1, 0])
+    HALF: gl.constexpr = BN // 2
+    k_steps = (K + BK - 1) // BK
+    count = WHICH * k_steps
+    out_tile, phase = out_bufs.index(WHICH), 0
+    tile_rows = gl.arange(0, BM, layout=gl.SliceLayout(1, halves))
+    half_cols = gl.arange(0, HALF, layout=gl.SliceLayout(0, halves))
+    for tile in range(gl.program_id(0) + WHICH * gl.num_programs(0), (M + BM - 1) // BM * 3 * H,
+                      2 * gl.num_programs(0)):
+        off_m, head = _tile_at(tile, M, 3 * H * BN, BM, BN, False)
+        head = head // BN  # of q's H, then k's, then v's
+        col = (head % H) * BN
+        acc, count = _matmul_tile(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layout, False, BM, BN,
+                                  STAGES, WHICH)
+        tma.store_wait(0)  # the last tile's stores have left out_tile
+        out_tile.store(_bf16(acc))  # qkv's tile, rounded as stored
+        gl.thread_barrier()  # all of it, before each thread reads its halves back
+        first, second = out_tile.slice(0, HALF, dim=1), out_tile.slice(HALF, HALF, dim=1)
+        y1, y2 = first.load(halves).to(gl.float32), second.load(halves).to(gl.float32)
+        rows = gl.minimum(off_m + tile_rows, M - 1)  # rows past M (x's are zeros) read row M - 1's tables
+        if head < 2 * H:  # q or k: normed, then rotated
+            r = gl.rsqrt((gl.sum(y1 * y1, axis=1) + gl.sum(y2 * y2, axis=1)) / BN + 1.1920928955078125e-07)
+            gl.store(rstd + rows.to(gl.int64) * (2 * H) + head, r, mask=off_m + tile_rows < M)
+            y1, y2 = y1 * r[:, None], y2 * r[:, None]
+            table = (rows % T)[:, None] * HALF + half_cols[None, :]
+            c, s = gl.load(cos + table), gl.load(sin + table)
+            y1, y2 = y1 * c + y2 * s, y2 * c - y1 * s
+        else:  # v: stored as it is, then lambdas[0] v + lambdas[1] ve
+            fence_async_shared()
+            _tma_store(raw_v_desc, [off_m, col], out_tile)
+            l0 = gl.load(lambdas)
+            if HAS_VE:
+                l1 = gl.load(lambdas + 1)
+                at = rows.to(gl.int64)[:, None] * (H * BN) + col + half_cols[None, :]
+                y1 = l0 * y1 + l1 * gl.load(ve + at).to(gl.float32)
+                y2 = l0 * y2 + l1 * gl.load(ve + at + HALF).to(gl.float32)
+            else:
+                y1, y2 = l0 * y1, l0 * y2
+            tma.store_wait(0)  # qkv's v has left out_tile
+        first.store(y1.to(gl.bfloat16))  # each thread writes back where it read
+        second.store(y2.to(gl.bfloat16))
+        fence_async_shared()
+        if head < H:
+            _tma_store(q_desc, [off_m, col], out_tile)
+        elif head < 2 * H:
+            _tma_store(k_desc, [off_m, col], out_tile)
+        else:
+            _tma_store(v_desc, [off_m, col], out_tile)
+        phase ^= 1
+    tma.store_wait(0)
+
+
 @triton.jit
 def _qkv_prep_grad_kernel(grad_q, grad_k, grad_v, gq_b, gq_t, gq_h, gk_b, gk_t, gk_h, gv_b, gv_t, gv_h, qkv, ve,
                           lambdas, cos, sin, grad_qkv, grad_ve, partial, n, T, HAS_VE: tl.constexpr,
@@ -2194,84 +2363,100 @@ def _qk_rows_grad(g1, g2, c, s, qkv, grad_qkv, rows, head, HD: tl.constexpr, H3:
     the norm's backward, with rstd recomputed from qkv."""
     d1, d2 = g1 * c - g2 * s, g1 * s + g2 * c  # the gradient of the normed halves: the inverse rotation
     x1, x2, rstd = _qk_rows(qkv, rows, head, HD, H3)
-    x1, x2 = x1 * rstd, x2 * rstd
+    _qk_norm_grad(d1, d2, x1 * rstd, x2 * rstd, rstd, grad_qkv, rows, head, HD, H3)
+
+
+@triton.jit
+def _qk_norm_grad(d1, d2, x1, x2, rstd, grad_qkv, rows, head, HD: tl.constexpr, H3: tl.constexpr):
+    """The norm's backward: the gradient of head `head` of qkv's rows, stored bf16 in grad_qkv, from those of the
+    normed halves d1, d2, the normed halves x1, x2 and rstd (rows, 1), all float32."""
     mean_dot = ((tl.sum(d1 * x1, axis=1) + tl.sum(d2 * x2, axis=1)) / HD)[:, None]
     out = grad_qkv + rows.to(tl.int64)[:, None] * (H3 * HD) + head * HD + tl.arange(0, HD // 2)[None, :]
     tl.store(out, (rstd * (d1 - x1 * mean_dot)).to(tl.bfloat16))
     tl.store(out + HD // 2, (rstd * (d2 - x2 * mean_dot)).to(tl.bfloat16))
 
 
-# --- attention_block: attention_inputs, then attention, as the model calls them. With both fused on Hopper, their
-# backward is one op: the attention's backward kernels go on with attention_inputs' backward of their tiles, so the
-# gradients of q, k and v (bf16, 100 MB each a layer at 64K tokens) are neither stored nor read back.
+# --- attention_block: the qkv matmul, attention_inputs, then attention, as the model calls them. With both fused on
+# Hopper, the forward is two ops: the qkv matmul with attention_inputs in its epilogue (qkv_matmul_prep: qkv, 300 MB a
+# layer at 64K tokens, is neither stored nor read back), then the attention. The backward is one op and the matmul's
+# two: the attention's backward kernels go on with attention_inputs' backward of their tiles, from q, k, rstd and
+# qkv's v, so the gradients of q, k and v (bf16, 100 MB each) are neither stored nor read back either.
 
 
-def attention_block_fused(qkv: Tensor, ve: Tensor | None, lambdas: Tensor, rotary: Rotary,
+def attention_block_fused(x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, rotary: Rotary,
                           mask: DocumentWindows) -> Tensor:
-    """attention_block_reference by attention_inputs_fused's and attention_windows' forward ops, and one op for
-    their backward."""
-    T = qkv.size(1)
-    return WindowAttentionBlock.apply(qkv, ve, lambdas, rotary.cos[:T], rotary.sin[:T], *mask)
+    """attention_block_reference by qkv_matmul_prep's and window_attention's forward ops, and one op for their
+    backward (the matmul's own backward aside)."""
+    T = x.size(1)
+    return WindowAttentionBlock.apply(x, w, ve, lambdas, rotary.cos[:T], rotary.sin[:T], *mask)
 
 
-def attention_block_reference(qkv: Tensor, ve: Tensor | None, lambdas: Tensor, rotary: Rotary,
+def attention_block_reference(x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, rotary: Rotary,
                               mask: "BlockMask | DocumentWindows") -> Tensor:
-    """qkv (B, T, 3 * H, head_dim) -> the attention's output (B, T, H, head_dim): attention_inputs, then
-    attention, as bound."""
+    """x (B, T, dim) and the merged qkv weight w (3 dim, dim) bf16 -> the attention's output (B, T, H, head_dim):
+    the qkv projection, attention_inputs, then attention, as bound."""
+    B, T, _ = x.shape
+    qkv = F.linear(x, w).view(B, T, -1, 2 * rotary.cos.size(1))
     return attention(*attention_inputs(qkv, ve, lambdas, rotary), mask)
 
 
 class WindowAttentionBlock(torch.autograd.Function):
-    """attention_block_fused: qkv_prep and window_attention forward, window_attention_inputs_grad backward; saves
-    what the two backwards take, as FusedAttentionInputs and WindowAttention do."""
+    """attention_block_fused: qkv_matmul_prep and window_attention forward; backward, window_attention_inputs_grad
+    and the qkv matmul's two gradients. qkv itself is never stored: what the backward takes is the forward's
+    outputs, rstd and qkv's v."""
 
     @staticmethod
-    def forward(ctx, qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor, starts: Tensor,
-                ends: Tensor, window_blocks: Tensor):
-        q, k, v = qkv_prep(qkv, ve, lambdas, cos, sin)
+    def forward(ctx, x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor,
+                starts: Tensor, ends: Tensor, window_blocks: Tensor):
+        q, k, v, rstd, raw_v = qkv_matmul_prep(x, w, ve, lambdas, cos, sin)
         out, lse = window_attention(q, k, v, starts, window_blocks)
-        ctx.save_for_backward(qkv, ve, lambdas, cos, sin, q, k, v, out, lse, starts, ends, window_blocks)
+        ctx.save_for_backward(x, w, raw_v, ve, lambdas, cos, sin, q, k, v, rstd, out, lse, starts, ends,
+                              window_blocks)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        has_ve = ctx.saved_tensors[1] is not None
-        grad_qkv, grad_ve, grad_lambdas = window_attention_inputs_grad(grad_out, *ctx.saved_tensors)
-        return grad_qkv, grad_ve if has_ve else None, grad_lambdas, None, None, None, None, None
+        x, w, *saved = ctx.saved_tensors
+        grad_qkv, grad_ve, grad_lambdas = window_attention_inputs_grad(grad_out, *saved)
+        grad_qkv = grad_qkv.flatten(end_dim=1).flatten(1)  # (B T, 3 dim), as qkv's matmul made it
+        grad_x, grad_w = (grad_qkv @ w).view_as(x), grad_qkv.T @ x.flatten(end_dim=1)
+        return grad_x, grad_w, grad_ve if saved[1] is not None else None, grad_lambdas, *[None] * 5
 
 
 @torch.library.custom_op("speedrun::window_attention_inputs_grad", mutates_args=())
-def window_attention_inputs_grad(grad_out: Tensor, qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
-                                 sin: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                                 starts: Tensor, ends: Tensor,
+def window_attention_inputs_grad(grad_out: Tensor, raw_v: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
+                                 sin: Tensor, q: Tensor, k: Tensor, v: Tensor, rstd: Tensor, out: Tensor,
+                                 lse: Tensor, starts: Tensor, ends: Tensor,
                                  window_blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """window_attention_grad, then qkv_prep_grad: the gradient of the attention's output -> those of qkv, of ve
-    (empty without ve) and of lambdas. This body is the reference; on CUDA _window_attention_inputs_grad_triton
-    runs instead."""
+    """window_attention_grad, then attention_inputs' backward from qkv_prep's outputs (qkv_prep_grad_of_outputs):
+    the gradient of the attention's output -> those of qkv, of ve (empty without ve) and of lambdas. raw_v is
+    qkv's v. This body is the reference; on CUDA _window_attention_inputs_grad_triton runs instead."""
     grad_q, grad_k, grad_v = window_attention_grad(grad_out, q, k, v, out, lse, starts, ends, window_blocks)
-    return qkv_prep_grad(grad_q, grad_k, grad_v, qkv, ve, lambdas, cos, sin)
+    return qkv_prep_grad_of_outputs(grad_q, grad_k, grad_v, q, k, rstd, raw_v, ve, lambdas, cos, sin)
 
 
 @window_attention_inputs_grad.register_fake
-def _(grad_out: Tensor, qkv: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor, q: Tensor,
-      k: Tensor, v: Tensor, out: Tensor, lse: Tensor, starts: Tensor, ends: Tensor, window_blocks: Tensor):
-    grad_ve = ve.new_empty(ve.shape) if ve is not None else qkv.new_empty(0)
-    return qkv.new_empty(qkv.shape), grad_ve, lambdas.new_empty(2)
+def _(grad_out: Tensor, raw_v: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor, q: Tensor,
+      k: Tensor, v: Tensor, rstd: Tensor, out: Tensor, lse: Tensor, starts: Tensor, ends: Tensor,
+      window_blocks: Tensor):
+    B, T, H, head_dim = q.shape
+    grad_ve = ve.new_empty(ve.shape) if ve is not None else q.new_empty(0)
+    return q.new_empty(B, T, 3 * H, head_dim), grad_ve, lambdas.new_empty(2)
 
 
 @window_attention_inputs_grad.register_kernel("cuda")
-def _window_attention_inputs_grad_triton(grad_out: Tensor, qkv: Tensor, ve: Tensor | None, lambdas: Tensor,
-                                         cos: Tensor, sin: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                                         lse: Tensor, starts: Tensor, ends: Tensor,
+def _window_attention_inputs_grad_triton(grad_out: Tensor, raw_v: Tensor, ve: Tensor | None, lambdas: Tensor,
+                                         cos: Tensor, sin: Tensor, q: Tensor, k: Tensor, v: Tensor, rstd: Tensor,
+                                         out: Tensor, lse: Tensor, starts: Tensor, ends: Tensor,
                                          window_blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    _, T, H, _ = q.shape
+    B, T, H, head_dim = q.shape
     has_ve = ve is not None
-    grad_qkv, grad_ve = qkv.new_empty(qkv.shape), ve.new_empty(ve.shape) if has_ve else qkv.new_empty(0)
+    grad_qkv, grad_ve = q.new_empty(B, T, 3 * H, head_dim), ve.new_empty(ve.shape) if has_ve else q.new_empty(0)
     partial = lambdas.new_empty(T // ATTENTION_GRAD_KV.block[1] * H, 2)  # each key program's share of grad_lambdas
-    qkv, ve = qkv.contiguous(), ve.contiguous() if has_ve else qkv  # ve: a placeholder when there is none
+    raw_v, ve = raw_v.contiguous(), ve.contiguous() if has_ve else raw_v  # ve: a placeholder when there is none
     _window_attention_grad_kernels(grad_out, q, k, v, out, lse, starts, ends, window_blocks,
                                    (grad_qkv, grad_qkv, grad_ve if has_ve else grad_qkv),
-                                   (qkv, ve, lambdas, cos, sin, partial, has_ve))
+                                   (raw_v, rstd.contiguous(), ve, lambdas, cos, sin, partial, has_ve))
     return grad_qkv, grad_ve, partial.sum(0).bfloat16().float()
 
 
@@ -2281,27 +2466,40 @@ def _window_attention_inputs_grad_triton(grad_out: Tensor, qkv: Tensor, ve: Tens
 
 
 @triton.jit
-def _qk_grad_tile(grad, qkv, cos, sin, grad_qkv, rows, head, HD: tl.constexpr, H3: tl.constexpr):
-    """grad (rows, HD), the gradient of q or k at head `head` of qkv's H3 -> that of qkv, stored."""
-    # the rotation's halves of each row: (rows, HD) -> (rows, 2, HD / 2) -> (rows, HD / 2, 2), split on the last
-    g1, g2 = tl.split(tl.permute(tl.reshape(grad.to(tl.float32), (grad.shape[0], 2, HD // 2)), (0, 2, 1)))
+def _qk_grad_tile(grad, tile, rstd, cos, sin, grad_qkv, rows, head, HD: tl.constexpr, H3: tl.constexpr):
+    """grad (rows, HD), the gradient of q or k at head `head` of qkv's H3, and tile, the rows of q or k itself
+    (normed and rotated, bf16) -> the gradient of qkv, stored. The normed rows come back from the tile by the
+    inverse rotation, and rstd from the forward, so q and k are read once a tile, not also qkv: rounded to bf16,
+    they leave the gradient as close to float64's as the plain path's is (tests/test_attention.py)."""
     table = rows[:, None] * (HD // 2) + tl.arange(0, HD // 2)[None, :]
-    _qk_rows_grad(g1, g2, tl.load(cos + table), tl.load(sin + table), qkv, grad_qkv, rows, head, HD, H3)
+    c, s = tl.load(cos + table), tl.load(sin + table)
+    g1, g2 = _halves(grad)
+    y1, y2 = _halves(tile)
+    d1, d2 = g1 * c - g2 * s, g1 * s + g2 * c  # the gradient of the normed halves: the inverse rotation
+    x1, x2 = y1 * c - y2 * s, y1 * s + y2 * c  # the normed halves, likewise
+    r = tl.load(rstd + rows.to(tl.int64)[:, None] * (H3 // 3 * 2) + head)
+    _qk_norm_grad(d1, d2, x1, x2, r, grad_qkv, rows, head, HD, H3)
 
 
 @triton.jit
-def _v_grad_tile(grad, qkv, ve, lambdas, grad_qkv, grad_ve, partial, rows, head, H: tl.constexpr, HD: tl.constexpr,
-                 HAS_VE: tl.constexpr):
+def _halves(tile):
+    """(rows, HD) -> its rotation's halves, float32: (rows, 2, HD / 2) -> (rows, HD / 2, 2), split on the last."""
+    return tl.split(tl.permute(tl.reshape(tile.to(tl.float32), (tile.shape[0], 2, tile.shape[1] // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _v_grad_tile(grad, raw_v, ve, lambdas, grad_qkv, grad_ve, partial, rows, head, H: tl.constexpr,
+                 HD: tl.constexpr, HAS_VE: tl.constexpr):
     """grad (rows, HD), the gradient of v at head `head` -> those of qkv and ve, stored, and the tile's sums for the
-    lambdas' gradient, stored in this program's row of partial."""
+    lambdas' gradient (with qkv's v, raw_v (rows, H HD)), stored in this program's row of partial."""
     g = grad.to(tl.float32)
     cols = tl.arange(0, HD)[None, :]
-    at = rows.to(tl.int64)[:, None] * (3 * H * HD) + (2 * H + head) * HD + cols
-    tl.store(grad_qkv + at, (tl.load(lambdas) * g).to(tl.bfloat16))
+    tl.store(grad_qkv + rows.to(tl.int64)[:, None] * (3 * H * HD) + (2 * H + head) * HD + cols,
+             (tl.load(lambdas) * g).to(tl.bfloat16))
     program = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    tl.store(partial + 2 * program, tl.sum(tl.sum(g * tl.load(qkv + at).to(tl.float32), axis=1), axis=0))
+    at_ve = rows.to(tl.int64)[:, None] * (H * HD) + head * HD + cols  # raw_v and ve share the layout
+    tl.store(partial + 2 * program, tl.sum(tl.sum(g * tl.load(raw_v + at_ve).to(tl.float32), axis=1), axis=0))
     if HAS_VE:
-        at_ve = rows.to(tl.int64)[:, None] * (H * HD) + head * HD + cols
         tl.store(grad_ve + at_ve, (tl.load(lambdas + 1) * g).to(tl.bfloat16))
         tl.store(partial + 2 * program + 1, tl.sum(tl.sum(g * tl.load(ve + at_ve).to(tl.float32), axis=1), axis=0))
     else:
@@ -2321,31 +2519,31 @@ def _v_grad_tile(grad, qkv, ve, lambdas, grad_qkv, grad_ve, partial, rows, head,
 MLP_MATMUL = Tile((128, 128, 64), warps=4, stages=4)
 
 
-def relu2_mlp_fused(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
+def relu2_mlp_fused(x: Tensor, w_fc: Tensor, w_proj: Tensor, residual: Tensor) -> Tensor:
     """relu2_mlp_reference with its up-projection and that one's backward as the Gluon matmul below."""
-    return FusedReLU2MLP.apply(x.flatten(end_dim=-2), w_fc, w_proj).view_as(x)
+    return FusedReLU2MLP.apply(x.flatten(end_dim=-2), w_fc, w_proj, residual.flatten(end_dim=-2)).view_as(residual)
 
 
-def relu2_mlp_reference(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
-    """relu(x @ w_fc.T)^2 @ w_proj.T for x (..., dim) and bf16 weights (ReLU^2 suggested by @SKYLINEZ007 and
-    @Grad62304977, after arXiv:2109.08668)."""
-    return F.linear(F.relu(F.linear(x, w_fc)).square(), w_proj)
+def relu2_mlp_reference(x: Tensor, w_fc: Tensor, w_proj: Tensor, residual: Tensor) -> Tensor:
+    """residual + relu(x @ w_fc.T)^2 @ w_proj.T for x and residual (..., dim) and bf16 weights (ReLU^2 suggested by
+    @SKYLINEZ007 and @Grad62304977, after arXiv:2109.08668)."""
+    return linear_add(residual, F.relu(F.linear(x, w_fc)).square(), w_proj)
 
 
 class FusedReLU2MLP(torch.autograd.Function):
-    """relu2_mlp_fused for x (n, dim) with the two custom ops below. Saves x and h, not a."""
+    """relu2_mlp_fused for x and residual (n, dim) with the two custom ops below. Saves x and h, not a."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, w_fc: Tensor, w_proj: Tensor, residual: Tensor) -> Tensor:
         h = matmul_relu2(x, w_fc)
         ctx.save_for_backward(x, w_fc, w_proj, h)
-        return h @ w_proj.T
+        return linear_add(residual, h, w_proj)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         x, w_fc, w_proj, h = ctx.saved_tensors
         grad_a = matmul_relu2_grad(grad_y, w_proj, h)
-        return grad_a @ w_fc, grad_a.T @ x, grad_y.T @ h
+        return grad_a @ w_fc, grad_a.T @ x, grad_y.T @ h, grad_y
 
 
 def relu_of_square(h: Tensor) -> Tensor:

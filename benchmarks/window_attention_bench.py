@@ -86,10 +86,11 @@ def block_backward():
         ve = value_embed if with_ve else None
         q, k, v = train_gpt.qkv_prep(qkv, ve, lambdas, rotary.cos, rotary.sin)
         out, lse = train_gpt.window_attention(q, k, v, mask.starts, mask.window_blocks)
-        return grad_out, qkv, ve, lambdas, rotary.cos, rotary.sin, q, k, v, out, lse, *mask
+        raw_v, rstd = qkv[:, :, 2 * H:].contiguous(), train_gpt.qk_rstd(qkv)  # qkv's v, the QK norms' rstd
+        return grad_out, raw_v, ve, lambdas, rotary.cos, rotary.sin, q, k, v, rstd, out, lse, *mask
 
     def separate(args: tuple) -> tuple:
-        grad_out, qkv, ve, lambdas, cos, sin, q, k, v, out, lse, *mask = args
+        grad_out, _, ve, lambdas, cos, sin, q, k, v, _, out, lse, *mask = args
         grads = train_gpt.window_attention_grad(grad_out, q, k, v, out, lse, *mask)
         return train_gpt.qkv_prep_grad(*grads, qkv, ve, lambdas, cos, sin)
 

@@ -6,12 +6,17 @@ autograd:
   and without a value embedding, for gradients in the strided layout that attention's backward gives, and for a
   token count that is not a multiple of the kernels' row block. On the CPU the ops run their reference bodies; on a
   CUDA GPU their Triton kernels;
-- a GPT with the fused ops gives the plain GPT's loss."""
+- a GPT with the fused ops gives the plain GPT's loss;
+- speedrun::qkv_matmul_prep (the qkv matmul with qkv_prep in its epilogue) passes opcheck, and on a Hopper GPU with
+  Gluon its kernel gives, at the model's sizes, what cuBLAS's matmul and qkv_prep's kernel give, within a bf16 step
+  of the larger (v: and lambdas[0] times a step of qkv's v)."""
 import pytest
 import torch
 
 import train_gpt
-from train_gpt import Rotary, attention_inputs_fused, attention_inputs_reference, qkv_prep, qkv_prep_grad
+from test_fused_mlp import devices as gluon_devices  # the CPU, and a Hopper GPU with Gluon
+from train_gpt import (Rotary, attention_inputs_fused, attention_inputs_reference, qk_rstd, qkv_matmul_prep,
+                       qkv_prep, qkv_prep_grad)
 
 
 def devices() -> list[str]:
@@ -56,6 +61,17 @@ def test_ops_pass_opcheck(device):
         torch.library.opcheck(qkv_prep_grad, (*grads, qkv_in, v_embed, lambdas, cos, sin))
 
 
+@pytest.mark.parametrize("device", gluon_devices())
+def test_qkv_matmul_prep_passes_opcheck(device):
+    # a row block of the Gluon kernel's and one head of 128
+    gen = torch.Generator().manual_seed(3)
+    x, w = (torch.randn(*shape, generator=gen).bfloat16().to(device) for shape in ((1, 128, 128), (384, 128)))
+    ve, lambdas, rotary = torch.randn(128, 128, generator=gen).bfloat16().to(device), torch.tensor([0.7, 0.4]).to(
+        device), Rotary(128, 128).to(device)
+    for v_embed in (ve, None):
+        torch.library.opcheck(qkv_matmul_prep, (x, w * 0.1, v_embed, lambdas, rotary.cos, rotary.sin))
+
+
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("with_ve", [True, False])
 @pytest.mark.parametrize("strided_grads", [False, True])
@@ -89,3 +105,34 @@ def test_fused_qkv_is_off_on_the_cpu(restore_ops):
     lines = train_gpt.bind_ops(train_gpt.Hyperparameters(), torch.device("cpu"))
     assert train_gpt.attention_inputs is attention_inputs_reference
     assert "fused_qkv: off (no Triton on cpu); QK norm, rotary and the value mix run as plain PyTorch" in lines
+
+
+def assert_close_to_the_reference(fused: tuple, reference: tuple, x: torch.Tensor, w: torch.Tensor,
+                                  lambdas: torch.Tensor):
+    """qkv_matmul_prep's kernel against its reference body: the two matmuls' float32 sums may round an element of
+    qkv to neighbouring bf16 values, which v takes times lambdas[0], and q and k, normed, within a step of the
+    larger."""
+    head_dim = fused[0].size(-1)
+    raw_v = torch.nn.functional.linear(x, w).unflatten(-1, (-1, head_dim))[:, :, 2 * fused[0].size(2):].double()
+    for part, got, expected in zip(("q", "k", "v", "rstd", "raw_v"), fused, reference):
+        assert got.dtype == expected.dtype and got.shape == expected.shape, part
+        got, expected = got.double(), expected.double()
+        step = torch.maximum(got.abs(), expected.abs()) * 2**-7 + 1e-6 * expected.abs().max()
+        if part in ("v", "raw_v"):
+            step = step + lambdas[0].item() * raw_v.abs() * 2**-7
+        assert ((got - expected).abs() <= step).all(), f"{part}: up to {(got - expected).abs().max().item():.3e}"
+
+
+@pytest.mark.skipif("cuda" not in gluon_devices(), reason="needs a Hopper GPU with Triton's Gluon")
+@pytest.mark.parametrize("with_ve", [True, False])
+def test_qkv_matmul_prep_kernel_gives_the_reference_at_the_models_sizes(with_ve):
+    T, H = 8 * 1024 + 64, 6  # a last, partial row block
+    gen = torch.Generator().manual_seed(4)
+    x, w = torch.randn(1, T, H * 128, generator=gen).bfloat16().cuda(), (
+        torch.randn(3 * H * 128, H * 128, generator=gen) * (H * 128) ** -0.5).bfloat16().cuda()
+    ve = torch.randn(T, H * 128, generator=gen).bfloat16().cuda() if with_ve else None
+    lambdas, rotary = torch.tensor([0.7, 0.4]).cuda(), Rotary(128, T).cuda()
+    fused = qkv_matmul_prep(x, w, ve, lambdas, rotary.cos, rotary.sin)
+    qkv = torch.nn.functional.linear(x, w).view(1, T, 3 * H, 128)  # the ops it replaces: cuBLAS, then qkv_prep's
+    reference = (*qkv_prep(qkv, ve, lambdas, rotary.cos, rotary.sin), qk_rstd(qkv), qkv[:, :, 2 * H:])
+    assert_close_to_the_reference(fused, reference, x, w, lambdas)

@@ -8,8 +8,11 @@ program several tiles and a loop more steps along K than the pipeline has stages
   largest value of float64 attention's (its probabilities go to bf16 for their matmul; a key tile missed or masked
   wrongly moves values by their own size), its log-sum-exp within 1e-5 of the reference body's;
 - attention_inputs' kernels (QK norm, rotary, value mix, and their backward): the reference bodies' numbers within a
-  bf16 step; the attention's backward kernels with attention_inputs' backward in their epilogues: the separate
-  kernels' gradients within a bf16 step, with and without a value embedding;
+  bf16 step; the qkv matmul with attention_inputs' forward in its epilogue: its reference body's numbers within a
+  step of the larger (v: and lambdas[0] times a step of qkv); the attention's backward kernels with
+  attention_inputs' backward in their epilogues: gradients as close to float64's as the plain path's, with and
+  without a value embedding; a GPT through all of these (attention_block_fused) has its reference path's loss
+  within 1e-3 and gradients within 2^-5 of their largest value;
 - the head's two kernels: the reference body's loss, its logits' gradient within a rounding step, in bf16 and in
   FP8, both FP8 layouts the same numbers;
 - the head's FP8 logits matmul with the row sums in its epilogue: logits within a bf16 step of float64's, and the
@@ -24,7 +27,8 @@ import torch
 
 import train_gpt as tg
 from kernel_emulator import T, emulate
-from test_attention import block_grad_args, qkv
+from test_attention import assert_as_close_to_float64_as_the_plain_path, block_grad_args, qkv
+from test_attention_inputs import assert_close_to_the_reference
 from test_fused_mlp import assert_rounds_as_float64_matmuls, bf16
 from test_head_loss import float32_cases
 from test_masks import EOT, random_tokens
@@ -82,23 +86,32 @@ def test_attention_inputs_kernels_give_the_reference_numbers(with_ve):
 
 
 @pytest.mark.parametrize("with_ve", [False, True])
-def test_attention_block_backward_gives_the_separate_kernels_gradients(with_ve):
+def test_qkv_matmul_prep_kernel_gives_the_reference_numbers(with_ve):
+    (block_m, _, block_k), _, stages = tg.QKV_MATMUL
+    H, T = 3, 3 * block_m + 40  # a last, partial row block; K = 384, more steps along it than the ring has stages
+    dim = H * 128
+    assert dim > stages * block_k
+    x, w = bf16(1, T, dim), bf16(3 * dim, dim, scale=dim**-0.5, seed=1)
+    ve = bf16(T, dim, seed=2) if with_ve else None
+    lambdas, rotary = torch.tensor([0.7, 0.4]), tg.Rotary(128, T)
+    with emulate(tg):
+        fused = tg._qkv_matmul_prep_gluon(x, w, ve, lambdas, rotary.cos, rotary.sin)
+    reference = tg.qkv_matmul_prep(x, w, ve, lambdas, rotary.cos, rotary.sin)
+    assert_close_to_the_reference(fused, reference, x, w, lambdas)  # the GPU test's bar
+
+
+@pytest.mark.parametrize("with_ve", [False, True])
+def test_attention_block_backward_is_as_close_to_float64_as_the_plain_path(with_ve):
     T, H = 8 * 128, 2
     docs = tg.document_ids(random_tokens(np.random.default_rng(10), num_blocks=T // 128), EOT)
     for window in (1, 3, 8):
         for name, mask in zip(("long", "short"), tg.document_windows(docs, torch.tensor(window, dtype=torch.int32))):
-            args = block_grad_args(T, H, mask, with_ve, "cpu", seed=window)
-            grad_out, qkv_in, ve, lambdas, cos, sin, q, k, v, out, lse = args[:11]
+            args, qkv_in = block_grad_args(T, H, mask, with_ve, "cpu", seed=window)
+            grad_out, _, ve, lambdas, _, _, q, k, v, _, out, lse = args[:12]
             with emulate(tg):
                 fused = tg._window_attention_inputs_grad_triton(*args)
                 grads = tg._window_attention_grad_triton(grad_out, q, k, v, out, lse, *mask)
-                separate = tg._qkv_prep_grad_triton(*grads, qkv_in, ve, lambdas, cos, sin)
-            for part, got, expected in zip(("grad_qkv", "grad_ve", "grad_lambdas"), fused, separate):
-                if part == "grad_ve" and not with_ve:
-                    continue  # both empty
-                largest = expected.abs().max().item()
-                torch.testing.assert_close(got.double(), expected.double(), rtol=2**-7, atol=1e-6 * largest,
-                                           msg=f"window {window} {name} {part}")
+            assert_as_close_to_float64_as_the_plain_path(fused, grads, qkv_in, ve, lambdas, f"window {window} {name}")
 
 
 @pytest.mark.parametrize("fp8", [False, True])
@@ -167,3 +180,41 @@ def test_bf16_bits_rounds_as_torch():
     with emulate(tg):
         bits = tg._bf16_bits(T(x)).t
     assert torch.equal((bits >> 16).to(torch.int16), x.bfloat16().view(torch.int16))
+
+
+def test_gpt_through_the_block_kernels_has_about_the_reference_loss_and_gradients(monkeypatch):
+    # attention_block_fused with its ops' CUDA kernels (the Gluon qkv matmul, the attention forward, the backward
+    # with attention_inputs' in its epilogues) against the two ops' reference bodies, in a GPT whose attention
+    # moves: WindowAttentionBlock's wiring, the kernels' arguments and layouts. The paths round differently (bf16
+    # probabilities, float32 sums in other orders), so the loss moves by 1e-3 at most and the gradients by a few
+    # bf16 steps of their largest value; a wrong wire moves them by their own size
+    def detached(fn):  # the emulator runs a kernel's partitions as threads, where autograd would record
+        return lambda *args: fn(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+
+    def loss_and_grads(kernels: bool):
+        monkeypatch.setattr(tg, "attention_masks", tg.document_windows)
+        monkeypatch.setattr(tg, "attention", tg.attention_windows)
+        monkeypatch.setattr(tg, "attention_inputs", tg.attention_inputs_fused)
+        block = tg.attention_block_fused if kernels else tg.attention_block_reference
+        monkeypatch.setattr(tg, "attention_block", block)
+        torch.manual_seed(0)
+        model = tg.GPT(vocab_size=128, num_layers=2, num_heads=2, model_dim=256, max_seq_len=512)
+        torch.nn.init.normal_(model.lm_head.weight, std=0.1)  # not the zero inits: gradients reach every weight
+        for block in model.blocks:
+            torch.nn.init.normal_(block.attn.c_proj.weight, std=0.05)
+        tokens = torch.randint(0, 128, (513,), generator=torch.Generator().manual_seed(1))
+        tokens[torch.tensor([0, 100, 300])] = 127  # documents
+        with emulate(tg):
+            if kernels:
+                tg.qkv_matmul_prep = detached(tg._qkv_matmul_prep_gluon)
+                tg.window_attention = detached(tg._window_attention_triton)
+                tg.window_attention_inputs_grad = detached(tg._window_attention_inputs_grad_triton)
+            loss = model(tokens[:-1], tokens[1:], torch.tensor(2, dtype=torch.int32))
+            loss.backward()
+        return loss.item(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    (loss, grads), (reference_loss, reference_grads) = loss_and_grads(True), loss_and_grads(False)
+    assert abs(loss - reference_loss) <= 1e-3
+    assert grads.keys() == reference_grads.keys()
+    for name, expected in reference_grads.items():
+        torch.testing.assert_close(grads[name], expected, rtol=0, atol=2**-5 * expected.abs().max().item(), msg=name)
