@@ -2180,9 +2180,9 @@ def _qkv_prep_kernel(qkv, ve, lambdas, cos, sin, q, k, v, n, T, HAS_VE: tl.const
 
 
 # The qkv projection with attention_inputs' forward in its epilogue, on Hopper: the MLP's ping-pong matmul (its
-# loading warp and ring), each warpgroup's 128 x 128 tile of qkv being one head of q, k or v, computed as two halves
-# of 64 columns, the rotation's halves, so that the epilogue pairs them element by element: q and k normed and
-# rotated, v mixed with ve; qkv itself is neither stored nor read back.
+# loading warp and ring), each warpgroup's 128 x 128 tile of qkv being one head of q, k or v. The epilogue reads the
+# tile's two halves of 64 columns, the rotation's halves, back from shared memory in one layout and pairs them
+# element by element: q and k normed and rotated, v mixed with ve; qkv itself is neither stored nor read back.
 QKV_MATMUL = Tile((128, 128, 64), warps=4, stages=4)
 
 
