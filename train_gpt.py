@@ -2076,8 +2076,8 @@ def qkv_prep_grad(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, qkv: Tensor, v
     """attention_inputs' backward: the gradients of q, k, v -> those of qkv, of ve (empty without ve) and of
     lambdas. This body is the reference; on CUDA the Triton kernel runs instead."""
     q, k, v = qkv.float().chunk(3, dim=-2)
-    rstd = [torch.rsqrt(t.square().mean(-1, keepdim=True) + torch.finfo(torch.float32).eps) for t in (q, k)]
-    return _prep_grad(grad_q, grad_k, grad_v, q * rstd[0], k * rstd[1], *rstd, v, ve, lambdas, cos, sin)
+    rstd_q, rstd_k = qk_rstd(qkv)[..., None].chunk(2, dim=-2)
+    return _prep_grad(grad_q, grad_k, grad_v, q * rstd_q, k * rstd_k, rstd_q, rstd_k, v, ve, lambdas, cos, sin)
 
 
 def qkv_prep_grad_of_outputs(grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, q: Tensor, k: Tensor, rstd: Tensor,
