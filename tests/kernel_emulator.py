@@ -347,10 +347,14 @@ class Descriptor:
     dtype = property(lambda self: self.tensor.dtype)
 
     def _box(self, coord):
-        """The part of the block at coord inside the tensor, and where it lies in the block."""
+        """The part of the block at coord inside the tensor, and where it lies in the block: empty for a block wholly
+        outside, which the TMA loads as zeros and stores nowhere."""
         coord = [int(c) for c in coord]
-        inside = tuple(slice(max(c, 0), min(c + b, n)) for c, b, n in zip(coord, self.block_shape, self.tensor.shape))
-        return inside, tuple(slice(s.start - c, s.stop - c) for s, c in zip(inside, coord))
+        inside = []
+        for c, b, n in zip(coord, self.block_shape, self.tensor.shape):
+            start = min(max(c, 0), n)
+            inside.append(slice(start, max(min(c + b, n), start)))
+        return tuple(inside), tuple(slice(max(s.start - c, 0), max(s.stop - c, 0)) for s, c in zip(inside, coord))
 
     def load(self, coord):
         inside, part = self._box(coord)

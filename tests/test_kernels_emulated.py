@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from kernel_emulator import T, emulate
+from kernel_emulator import Descriptor, T, emulate
 from test_attention import assert_as_close_to_float64_as_the_plain_path, block_grad_args, qkv
 from test_attention_inputs import assert_close_to_the_reference
 from test_fused_mlp import assert_rounds_as_float64_matmuls, bf16
@@ -218,3 +218,15 @@ def test_gpt_through_the_block_kernels_has_about_the_reference_loss_and_gradient
     assert grads.keys() == reference_grads.keys()
     for name, expected in reference_grads.items():
         torch.testing.assert_close(grads[name], expected, rtol=0, atol=2**-5 * expected.abs().max().item(), msg=name)
+
+
+def test_emulated_tma_loads_zeros_and_stores_nothing_outside_the_tensor():
+    # as the TMA does, also for a box wholly outside (a tile of rows past the end, which a kernel need not skip)
+    t = torch.arange(20.0).reshape(4, 5)
+    tiles = Descriptor(t, [2, 4])
+    assert tiles.load([3, 3]).t.tolist() == [[18.0, 19.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+    for wholly_outside in ([4, 0], [5, 0], [-2, 0], [-3, 0], [0, 6], [10, 10]):
+        assert not tiles.load(wholly_outside).t.any()
+        tiles.store(wholly_outside, torch.ones(2, 4))
+    tiles.store([3, 3], torch.full((2, 4), -1.0))
+    assert torch.equal(t, torch.cat([torch.arange(18.0), torch.tensor([-1.0, -1.0])]).reshape(4, 5))
