@@ -1964,8 +1964,7 @@ def _window_attention_grad_q_kernel(q_desc, k_desc, v_desc, grad_out_desc, out, 
 @triton.jit
 def _window_attention_grad_kv_kernel(q_desc, k_desc, v_desc, grad_out_desc, lse, delta, ends, window_blocks,
                                      grad_k, grad_v, raw_v, rstd, ve, lambdas, cos, sin, partial, T, qk_scale,
-                                     scale,
-                                     H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+                                     scale, H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
                                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUTS: tl.constexpr,
                                      HAS_VE: tl.constexpr):
     # one tile of BLOCK_N keys of one head, over the queries that see them: from the tile itself (masked) to
@@ -2417,10 +2416,11 @@ class WindowAttentionBlock(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, w, *saved = ctx.saved_tensors
+        has_ve = saved[1] is not None  # saved: raw_v, ve, ...
         grad_qkv, grad_ve, grad_lambdas = window_attention_inputs_grad(grad_out, *saved)
         grad_qkv = grad_qkv.flatten(end_dim=1).flatten(1)  # (B T, 3 dim), as qkv's matmul made it
         grad_x, grad_w = (grad_qkv @ w).view_as(x), grad_qkv.T @ x.flatten(end_dim=1)
-        return grad_x, grad_w, grad_ve if saved[1] is not None else None, grad_lambdas, *[None] * 5
+        return grad_x, grad_w, grad_ve if has_ve else None, grad_lambdas, *[None] * 5
 
 
 @torch.library.custom_op("speedrun::window_attention_inputs_grad", mutates_args=())

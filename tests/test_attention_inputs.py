@@ -66,8 +66,8 @@ def test_qkv_matmul_prep_passes_opcheck(device):
     # a row block of the Gluon kernel's and one head of 128
     gen = torch.Generator().manual_seed(3)
     x, w = (torch.randn(*shape, generator=gen).bfloat16().to(device) for shape in ((1, 128, 128), (384, 128)))
-    ve, lambdas, rotary = torch.randn(128, 128, generator=gen).bfloat16().to(device), torch.tensor([0.7, 0.4]).to(
-        device), Rotary(128, 128).to(device)
+    ve = torch.randn(128, 128, generator=gen).bfloat16().to(device)
+    lambdas, rotary = torch.tensor([0.7, 0.4]).to(device), Rotary(128, 128).to(device)
     for v_embed in (ve, None):
         torch.library.opcheck(qkv_matmul_prep, (x, w * 0.1, v_embed, lambdas, rotary.cos, rotary.sin))
 
