@@ -187,7 +187,10 @@ def test_gpt_through_the_block_kernels_has_about_the_reference_loss_and_gradient
     # with attention_inputs' in its epilogues) against the two ops' reference bodies, in a GPT whose attention
     # moves: WindowAttentionBlock's wiring, the kernels' arguments and layouts. The paths round differently (bf16
     # probabilities, float32 sums in other orders), so the loss moves by 1e-3 at most and the gradients by a few
-    # bf16 steps of their largest value; a wrong wire moves them by their own size
+    # bf16 steps of their largest value; a wrong wire moves them by their own size. The scalars' gradients are
+    # bf16 sums over every token on the CPU (a 0-d float32 weight times a bf16 tensor multiplies in bf16) that
+    # nearly cancel, so between the paths they move by a few percent of the largest scalar gradient: they are held
+    # to 2^-3 of it
     def detached(fn):  # the emulator runs a kernel's partitions as threads, where autograd would record
         return lambda *args: fn(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
 
@@ -216,8 +219,10 @@ def test_gpt_through_the_block_kernels_has_about_the_reference_loss_and_gradient
     (loss, grads), (reference_loss, reference_grads) = loss_and_grads(True), loss_and_grads(False)
     assert abs(loss - reference_loss) <= 1e-3
     assert grads.keys() == reference_grads.keys()
+    largest_scalar = max(g.abs().max().item() for g in reference_grads.values() if g.ndim < 2)
     for name, expected in reference_grads.items():
-        torch.testing.assert_close(grads[name], expected, rtol=0, atol=2**-5 * expected.abs().max().item(), msg=name)
+        atol = 2**-3 * largest_scalar if expected.ndim < 2 else 2**-5 * expected.abs().max().item()
+        torch.testing.assert_close(grads[name], expected, rtol=0, atol=atol, msg=name)
 
 
 def test_emulated_tma_loads_zeros_and_stores_nothing_outside_the_tensor():
