@@ -164,7 +164,7 @@ def test_sigint_to_torchrun_stops_in_one_line(tmp_path, long_data):
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=60)
     out = "".join(first) + out
-    assert process.returncode == 1  # torchrun's own code, after its SignalException
+    assert process.returncode == 1, err[-4000:]  # torchrun's own code, after its SignalException
     (match,) = INTERRUPTED.finditer(out)
     assert int(match[1]) >= 2 and match[2].endswith(f"step_{int(match[1]):06d}.pt")
     assert (tmp_path / match[2]).is_file() and not list(tmp_path.glob("checkpoints/*/*.tmp"))
