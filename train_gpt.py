@@ -201,12 +201,6 @@ def norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-def linear_add(residual: Tensor, x: Tensor, w: Tensor) -> Tensor:
-    """residual + x @ w.T for (..., dim) tensors as one matmul (addmm) that reads residual in its epilogue: the sum
-    is rounded to bf16 once, and no pass over memory reads the product back to add it."""
-    return torch.addmm(residual.flatten(end_dim=-2), x.flatten(end_dim=-2), w.T).view_as(residual)
-
-
 def softcap(logits: Tensor) -> Tensor:
     """SOFTCAP * sigmoid(logits / SOFTCAP_TEMPERATURE), in float32."""
     return SOFTCAP * torch.sigmoid(logits.float() / SOFTCAP_TEMPERATURE)
@@ -267,13 +261,10 @@ class CausalSelfAttention(nn.Module):
         self.rotary = Rotary(self.head_dim, max_seq_len)
         self.c_proj = CastedLinear(dim, dim, zero_init=True)
 
-    def forward(self, x: Tensor, ve: Tensor | None, mask: "BlockMask | DocumentWindows",
-                residual: Tensor) -> Tensor:
-        """residual + the attention's output for x."""
+    def forward(self, x: Tensor, ve: Tensor | None, mask: "BlockMask | DocumentWindows") -> Tensor:
         B, T, D = x.shape
         out = attention_block(x, self.qkv_w.flatten(end_dim=1).type_as(x), ve, self.lambdas, self.rotary, mask)
-        out = out.reshape(B, T, D)
-        return linear_add(residual, out, self.c_proj.weight.type_as(out))
+        return self.c_proj(out.reshape(B, T, D))
 
 
 class MLP(nn.Module):
@@ -282,9 +273,8 @@ class MLP(nn.Module):
         self.c_fc = CastedLinear(dim, 4 * dim)
         self.c_proj = CastedLinear(4 * dim, dim, zero_init=True)
 
-    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        """residual + the MLP's output for x."""
-        return relu2_mlp(x, self.c_fc.weight.type_as(x), self.c_proj.weight.type_as(x), residual)
+    def forward(self, x: Tensor) -> Tensor:
+        return relu2_mlp(x, self.c_fc.weight.type_as(x), self.c_proj.weight.type_as(x))
 
 
 class Block(nn.Module):
@@ -296,10 +286,10 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, mask: "BlockMask | DocumentWindows") -> Tensor:
         x = self.lambdas[0] * x + self.lambdas[1] * x0
-        # x + attn(norm(x)), then x + mlp(norm(x)): each add in the matmul of the output projection (linear_add)
+        # each residual add lands in the kernel of the norm after it: a pass over x that the norm makes anyway
         if self.attn is not None:
-            x = self.attn(norm(x), ve, mask, residual=x)
-        return self.mlp(norm(x), residual=x)
+            x = x + self.attn(norm(x), ve, mask)
+        return x + self.mlp(norm(x))
 
 
 def layer_tables(num_layers: int) -> tuple[tuple, tuple]:
@@ -2519,31 +2509,31 @@ def _v_grad_tile(grad, raw_v, ve, lambdas, grad_qkv, grad_ve, partial, rows, hea
 MLP_MATMUL = Tile((128, 128, 64), warps=4, stages=4)
 
 
-def relu2_mlp_fused(x: Tensor, w_fc: Tensor, w_proj: Tensor, residual: Tensor) -> Tensor:
+def relu2_mlp_fused(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
     """relu2_mlp_reference with its up-projection and that one's backward as the Gluon matmul below."""
-    return FusedReLU2MLP.apply(x.flatten(end_dim=-2), w_fc, w_proj, residual.flatten(end_dim=-2)).view_as(residual)
+    return FusedReLU2MLP.apply(x.flatten(end_dim=-2), w_fc, w_proj).view_as(x)
 
 
-def relu2_mlp_reference(x: Tensor, w_fc: Tensor, w_proj: Tensor, residual: Tensor) -> Tensor:
-    """residual + relu(x @ w_fc.T)^2 @ w_proj.T for x and residual (..., dim) and bf16 weights (ReLU^2 suggested by
-    @SKYLINEZ007 and @Grad62304977, after arXiv:2109.08668)."""
-    return linear_add(residual, F.relu(F.linear(x, w_fc)).square(), w_proj)
+def relu2_mlp_reference(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
+    """relu(x @ w_fc.T)^2 @ w_proj.T for x (..., dim) and bf16 weights (ReLU^2 suggested by @SKYLINEZ007 and
+    @Grad62304977, after arXiv:2109.08668)."""
+    return F.linear(F.relu(F.linear(x, w_fc)).square(), w_proj)
 
 
 class FusedReLU2MLP(torch.autograd.Function):
-    """relu2_mlp_fused for x and residual (n, dim) with the two custom ops below. Saves x and h, not a."""
+    """relu2_mlp_fused for x (n, dim) with the two custom ops below. Saves x and h, not a."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w_fc: Tensor, w_proj: Tensor, residual: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
         h = matmul_relu2(x, w_fc)
         ctx.save_for_backward(x, w_fc, w_proj, h)
-        return linear_add(residual, h, w_proj)
+        return h @ w_proj.T
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         x, w_fc, w_proj, h = ctx.saved_tensors
         grad_a = matmul_relu2_grad(grad_y, w_proj, h)
-        return grad_a @ w_fc, grad_a.T @ x, grad_y.T @ h, grad_y
+        return grad_a @ w_fc, grad_a.T @ x, grad_y.T @ h
 
 
 def relu_of_square(h: Tensor) -> Tensor:
