@@ -227,6 +227,45 @@ class CastedLinear(nn.Linear):
         return F.linear(x, self.weight.type_as(x))
 
 
+class Embedding(nn.Embedding):
+    """A bf16 table whose gradient is summed in float32, in place, over a step's sequences: each lookup's backward
+    adds into grad_sum, and take_grad() makes the table's .grad of the sum once a step. nn.Embedding's backward
+    would, each sequence, zero a float32 table the size of this one, add into it, round it to bf16 and add that to
+    .grad."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__(num_embeddings, embedding_dim)  # drawn in float32, as the record's tables are, then rounded
+        self.weight = nn.Parameter(self.weight.detach().bfloat16())
+        self.grad_sum = nn.Buffer(torch.zeros(num_embeddings, embedding_dim), persistent=False)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return LookupAddingGrad.apply(self.weight, ids, self.grad_sum)
+
+    def take_grad(self):
+        """The table's .grad: grad_sum rounded to the table's dtype; grad_sum starts again at 0."""
+        self.weight.grad = self.grad_sum.to(self.weight.dtype)
+        self.grad_sum.zero_()
+
+
+def embedding_tables(model: nn.Module) -> list[Embedding]:
+    return [module for module in model.modules() if isinstance(module, Embedding)]
+
+
+class LookupAddingGrad(torch.autograd.Function):
+    """table[ids], whose backward adds the table's gradient into grad_sum and gives the table none."""
+
+    @staticmethod
+    def forward(ctx, table: Tensor, ids: Tensor, grad_sum: Tensor) -> Tensor:
+        ctx.save_for_backward(ids, grad_sum)
+        return F.embedding(ids, table)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        ids, grad_sum = ctx.saved_tensors
+        grad_sum.index_add_(0, ids.flatten(), grad_out.flatten(end_dim=-2).float())
+        return None, None, None
+
+
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """The rotary rotation of x (B, T, H, head_dim) by cos, sin (T, head_dim / 2); rotate(x, cos, -sin) undoes it."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -312,15 +351,13 @@ class GPT(nn.Module):
         super().__init__()
         self.eot_token = vocab_size - 1  # the last token ends a document (GPT-2: 50256)
         self.layer_value_embeds, self.layer_windows = layer_tables(num_layers)
-        self.embed = nn.Embedding(vocab_size, model_dim)
-        self.value_embeds = nn.ModuleList([nn.Embedding(vocab_size, model_dim) for _ in range(min(3, num_layers // 2))])
+        self.embed = Embedding(vocab_size, model_dim)
+        self.value_embeds = nn.ModuleList([Embedding(vocab_size, model_dim) for _ in range(min(3, num_layers // 2))])
         self.blocks = nn.ModuleList([Block(model_dim, num_heads, max_seq_len, i != NO_ATTENTION_LAYER)
                                      for i in range(num_layers)])
         self.skip_weights = nn.Parameter(torch.ones(num_layers // 2))
         # the vocabulary padded to a multiple of 128 for the matmul: suggested by @Grad62304977, after Karpathy
         self.lm_head = CastedLinear(model_dim, next_multiple(vocab_size, 128), zero_init=True)
-        for embed in [self.embed, *self.value_embeds]:
-            embed.bfloat16()
 
     def forward(self, input_seq: Tensor, target_seq: Tensor, window_blocks: Tensor) -> Tensor:
         """input_seq, target_seq: (T,) token ids; window_blocks: 0-d int tensor, the long window in blocks
@@ -755,6 +792,7 @@ def train_step(model: nn.Module, inputs: Tensor, targets: Tensor, window: Tensor
     The gradient is the mean over all batch_seqs sequences, for any world size: each of the `accum`
     sequences a rank holds is weighted 1/accum, then the ranks average."""
     accum = len(inputs) // seq_len
+    tables = embedding_tables(model)
     loss = torch.zeros((), device=inputs.device)
     with record_function("forward_backward"):  # a phase in --profile_at tables, as is each optimizer's step
         for seq_in, seq_target in zip(inputs.split(seq_len), targets.split(seq_len)):
@@ -763,15 +801,19 @@ def train_step(model: nn.Module, inputs: Tensor, targets: Tensor, window: Tensor
             loss += seq_loss.detach()
     if dist.is_initialized():
         # async, in this order on the wire: Muon's reduce-scatters, then the all-reduces of Adam's gradients and
-        # the loss, which run while Muon orthogonalises; its all-gathers queue behind them
+        # the loss, which run while Muon orthogonalises; its all-gathers queue behind them. The tables' float32
+        # sums are averaged before they are rounded, so that any number of ranks rounds them alike.
         muon.reduce_grads()
-        averaged = [dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, async_op=True)
-                    for group in adam.param_groups for p in group["params"]]
-        averaged.append(dist.all_reduce(loss, op=dist.ReduceOp.AVG, async_op=True))
+        table_weights = {id(table.weight) for table in tables}
+        grads = [p.grad for group in adam.param_groups for p in group["params"] if id(p) not in table_weights]
+        averaged = [dist.all_reduce(t, op=dist.ReduceOp.AVG, async_op=True)
+                    for t in [*(table.grad_sum for table in tables), *grads, loss]]
     muon.step()
     if dist.is_initialized():
         for work in averaged:
             work.wait()
+    for table in tables:
+        table.take_grad()
     adam.step()
     model.zero_grad(set_to_none=True)
     return loss
