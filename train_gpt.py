@@ -201,12 +201,6 @@ def norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-def linear_add(residual: Tensor, x: Tensor, w: Tensor) -> Tensor:
-    """residual + x @ w.T for (..., dim) tensors as one matmul (addmm) that reads residual in its epilogue: the sum
-    is rounded to bf16 once, and no pass over memory reads the product back to add it."""
-    return torch.addmm(residual.flatten(end_dim=-2), x.flatten(end_dim=-2), w.T).view_as(residual)
-
-
 def softcap(logits: Tensor) -> Tensor:
     """SOFTCAP * sigmoid(logits / SOFTCAP_TEMPERATURE), in float32."""
     return SOFTCAP * torch.sigmoid(logits.float() / SOFTCAP_TEMPERATURE)
@@ -231,6 +225,45 @@ class CastedLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight.type_as(x))
+
+
+class Embedding(nn.Embedding):
+    """A bf16 table whose gradient is summed in float32, in place, over a step's sequences: each lookup's backward
+    adds into grad_sum, and take_grad() makes the table's .grad of the sum once a step. nn.Embedding's backward
+    would, each sequence, zero a float32 table the size of this one, add into it, round it to bf16 and add that to
+    .grad."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__(num_embeddings, embedding_dim)  # drawn in float32, as the record's tables are, then rounded
+        self.weight = nn.Parameter(self.weight.detach().bfloat16())
+        self.grad_sum = nn.Buffer(torch.zeros(num_embeddings, embedding_dim), persistent=False)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return LookupAddingGrad.apply(self.weight, ids, self.grad_sum)
+
+    def take_grad(self):
+        """The table's .grad: grad_sum rounded to the table's dtype; grad_sum starts again at 0."""
+        self.weight.grad = self.grad_sum.to(self.weight.dtype)
+        self.grad_sum.zero_()
+
+
+def embedding_tables(model: nn.Module) -> list[Embedding]:
+    return [module for module in model.modules() if isinstance(module, Embedding)]
+
+
+class LookupAddingGrad(torch.autograd.Function):
+    """table[ids], whose backward adds the table's gradient into grad_sum and gives the table none."""
+
+    @staticmethod
+    def forward(ctx, table: Tensor, ids: Tensor, grad_sum: Tensor) -> Tensor:
+        ctx.save_for_backward(ids, grad_sum)
+        return F.embedding(ids, table)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        ids, grad_sum = ctx.saved_tensors
+        grad_sum.index_add_(0, ids.flatten(), grad_out.flatten(end_dim=-2).float())
+        return None, None, None
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -267,13 +300,10 @@ class CausalSelfAttention(nn.Module):
         self.rotary = Rotary(self.head_dim, max_seq_len)
         self.c_proj = CastedLinear(dim, dim, zero_init=True)
 
-    def forward(self, x: Tensor, ve: Tensor | None, mask: "BlockMask | DocumentWindows",
-                residual: Tensor) -> Tensor:
-        """residual + the attention's output for x."""
+    def forward(self, x: Tensor, ve: Tensor | None, mask: "BlockMask | DocumentWindows") -> Tensor:
         B, T, D = x.shape
         out = attention_block(x, self.qkv_w.flatten(end_dim=1).type_as(x), ve, self.lambdas, self.rotary, mask)
-        out = out.reshape(B, T, D)
-        return linear_add(residual, out, self.c_proj.weight.type_as(out))
+        return self.c_proj(out.reshape(B, T, D))
 
 
 class MLP(nn.Module):
@@ -282,9 +312,8 @@ class MLP(nn.Module):
         self.c_fc = CastedLinear(dim, 4 * dim)
         self.c_proj = CastedLinear(4 * dim, dim, zero_init=True)
 
-    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        """residual + the MLP's output for x."""
-        return relu2_mlp(x, self.c_fc.weight.type_as(x), self.c_proj.weight.type_as(x), residual)
+    def forward(self, x: Tensor) -> Tensor:
+        return relu2_mlp(x, self.c_fc.weight.type_as(x), self.c_proj.weight.type_as(x))
 
 
 class Block(nn.Module):
@@ -296,10 +325,10 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, mask: "BlockMask | DocumentWindows") -> Tensor:
         x = self.lambdas[0] * x + self.lambdas[1] * x0
-        # x + attn(norm(x)), then x + mlp(norm(x)): each add in the matmul of the output projection (linear_add)
+        # each residual add lands in the kernel of the norm after it: a pass over x that the norm makes anyway
         if self.attn is not None:
-            x = self.attn(norm(x), ve, mask, residual=x)
-        return self.mlp(norm(x), residual=x)
+            x = x + self.attn(norm(x), ve, mask)
+        return x + self.mlp(norm(x))
 
 
 def layer_tables(num_layers: int) -> tuple[tuple, tuple]:
@@ -322,15 +351,13 @@ class GPT(nn.Module):
         super().__init__()
         self.eot_token = vocab_size - 1  # the last token ends a document (GPT-2: 50256)
         self.layer_value_embeds, self.layer_windows = layer_tables(num_layers)
-        self.embed = nn.Embedding(vocab_size, model_dim)
-        self.value_embeds = nn.ModuleList([nn.Embedding(vocab_size, model_dim) for _ in range(min(3, num_layers // 2))])
+        self.embed = Embedding(vocab_size, model_dim)
+        self.value_embeds = nn.ModuleList([Embedding(vocab_size, model_dim) for _ in range(min(3, num_layers // 2))])
         self.blocks = nn.ModuleList([Block(model_dim, num_heads, max_seq_len, i != NO_ATTENTION_LAYER)
                                      for i in range(num_layers)])
         self.skip_weights = nn.Parameter(torch.ones(num_layers // 2))
         # the vocabulary padded to a multiple of 128 for the matmul: suggested by @Grad62304977, after Karpathy
         self.lm_head = CastedLinear(model_dim, next_multiple(vocab_size, 128), zero_init=True)
-        for embed in [self.embed, *self.value_embeds]:
-            embed.bfloat16()
 
     def forward(self, input_seq: Tensor, target_seq: Tensor, window_blocks: Tensor) -> Tensor:
         """input_seq, target_seq: (T,) token ids; window_blocks: 0-d int tensor, the long window in blocks
@@ -765,6 +792,7 @@ def train_step(model: nn.Module, inputs: Tensor, targets: Tensor, window: Tensor
     The gradient is the mean over all batch_seqs sequences, for any world size: each of the `accum`
     sequences a rank holds is weighted 1/accum, then the ranks average."""
     accum = len(inputs) // seq_len
+    tables = embedding_tables(model)
     loss = torch.zeros((), device=inputs.device)
     with record_function("forward_backward"):  # a phase in --profile_at tables, as is each optimizer's step
         for seq_in, seq_target in zip(inputs.split(seq_len), targets.split(seq_len)):
@@ -773,15 +801,19 @@ def train_step(model: nn.Module, inputs: Tensor, targets: Tensor, window: Tensor
             loss += seq_loss.detach()
     if dist.is_initialized():
         # async, in this order on the wire: Muon's reduce-scatters, then the all-reduces of Adam's gradients and
-        # the loss, which run while Muon orthogonalises; its all-gathers queue behind them
+        # the loss, which run while Muon orthogonalises; its all-gathers queue behind them. The tables' float32
+        # sums are averaged before they are rounded, so that any number of ranks rounds them alike.
         muon.reduce_grads()
-        averaged = [dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, async_op=True)
-                    for group in adam.param_groups for p in group["params"]]
-        averaged.append(dist.all_reduce(loss, op=dist.ReduceOp.AVG, async_op=True))
+        table_weights = {id(table.weight) for table in tables}
+        grads = [p.grad for group in adam.param_groups for p in group["params"] if id(p) not in table_weights]
+        averaged = [dist.all_reduce(t, op=dist.ReduceOp.AVG, async_op=True)
+                    for t in [*(table.grad_sum for table in tables), *grads, loss]]
     muon.step()
     if dist.is_initialized():
         for work in averaged:
             work.wait()
+    for table in tables:
+        table.take_grad()
     adam.step()
     model.zero_grad(set_to_none=True)
     return loss
@@ -2519,31 +2551,31 @@ def _v_grad_tile(grad, raw_v, ve, lambdas, grad_qkv, grad_ve, partial, rows, hea
 MLP_MATMUL = Tile((128, 128, 64), warps=4, stages=4)
 
 
-def relu2_mlp_fused(x: Tensor, w_fc: Tensor, w_proj: Tensor, residual: Tensor) -> Tensor:
+def relu2_mlp_fused(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
     """relu2_mlp_reference with its up-projection and that one's backward as the Gluon matmul below."""
-    return FusedReLU2MLP.apply(x.flatten(end_dim=-2), w_fc, w_proj, residual.flatten(end_dim=-2)).view_as(residual)
+    return FusedReLU2MLP.apply(x.flatten(end_dim=-2), w_fc, w_proj).view_as(x)
 
 
-def relu2_mlp_reference(x: Tensor, w_fc: Tensor, w_proj: Tensor, residual: Tensor) -> Tensor:
-    """residual + relu(x @ w_fc.T)^2 @ w_proj.T for x and residual (..., dim) and bf16 weights (ReLU^2 suggested by
-    @SKYLINEZ007 and @Grad62304977, after arXiv:2109.08668)."""
-    return linear_add(residual, F.relu(F.linear(x, w_fc)).square(), w_proj)
+def relu2_mlp_reference(x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
+    """relu(x @ w_fc.T)^2 @ w_proj.T for x (..., dim) and bf16 weights (ReLU^2 suggested by @SKYLINEZ007 and
+    @Grad62304977, after arXiv:2109.08668)."""
+    return F.linear(F.relu(F.linear(x, w_fc)).square(), w_proj)
 
 
 class FusedReLU2MLP(torch.autograd.Function):
-    """relu2_mlp_fused for x and residual (n, dim) with the two custom ops below. Saves x and h, not a."""
+    """relu2_mlp_fused for x (n, dim) with the two custom ops below. Saves x and h, not a."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w_fc: Tensor, w_proj: Tensor, residual: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
         h = matmul_relu2(x, w_fc)
         ctx.save_for_backward(x, w_fc, w_proj, h)
-        return linear_add(residual, h, w_proj)
+        return h @ w_proj.T
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         x, w_fc, w_proj, h = ctx.saved_tensors
         grad_a = matmul_relu2_grad(grad_y, w_proj, h)
-        return grad_a @ w_fc, grad_a.T @ x, grad_y.T @ h, grad_y
+        return grad_a @ w_fc, grad_a.T @ x, grad_y.T @ h
 
 
 def relu_of_square(h: Tensor) -> Tensor:

@@ -103,6 +103,8 @@ def gpt_loss_and_grads(num_layers: int, attention_moves: bool = False) -> tuple[
     tokens[torch.tensor([0, 100, 200, 300])] = 127  # documents
     loss = model(tokens[:-1], tokens[1:], torch.tensor(2, dtype=torch.int32))
     loss.backward()
+    for table in train_gpt.embedding_tables(model):
+        table.take_grad()
     return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
 
 
