@@ -8,8 +8,8 @@ autograd:
   CUDA GPU their Triton kernels;
 - a GPT with the fused ops gives the plain GPT's loss;
 - speedrun::qkv_matmul_prep (the qkv matmul, its rows scaled, with qkv_prep in its epilogue) passes opcheck, and on
-  a Hopper GPU with Gluon its kernel gives, at the model's sizes, what cuBLAS's matmul (in float32, scaled, then
-  rounded) and qkv_prep's kernel give, within a bf16 step of the larger (v: and lambdas[0] times a step of qkv's
+  a Hopper GPU with Gluon its kernel gives, at the model's sizes, what cuBLAS's matmul (scaled by powers of two,
+  exactly) and qkv_prep's kernel give, within a bf16 step of the larger (v: and lambdas[0] times a step of qkv's
   v)."""
 import pytest
 import torch
@@ -135,7 +135,7 @@ def test_qkv_matmul_prep_kernel_gives_the_reference_at_the_models_sizes(with_ve)
     lambdas, rotary = torch.tensor([0.7, 0.4]).cuda(), Rotary(128, T).cuda()
     r = scales(T, "cuda", seed=5, powers_of_two=True)[None]  # the bar is the matmul's alone: see scales
     fused = qkv_matmul_prep(x, r, w, ve, lambdas, rotary.cos, rotary.sin)
-    # the ops it replaces: cuBLAS's matmul (in float32: the row scales come after its sums), then qkv_prep's
-    qkv = (r * torch.nn.functional.linear(x.float(), w.float())).bfloat16().view(1, T, 3 * H, 128)
+    # the ops it replaces: cuBLAS's matmul, the row scales (powers of two: exact in bf16), then qkv_prep's
+    qkv = (r * torch.nn.functional.linear(x, w)).bfloat16().view(1, T, 3 * H, 128)
     reference = (*qkv_prep(qkv, ve, lambdas, rotary.cos, rotary.sin), qk_rstd(qkv), qkv[:, :, 2 * H:])
     assert_close_to_the_reference(fused, reference, qkv[:, :, 2 * H:], lambdas)
