@@ -2226,7 +2226,7 @@ def _qkv_prep_kernel(qkv, ve, lambdas, cos, sin, q, k, v, n, T, HAS_VE: tl.const
         tl.store(v + out_rows + head * HD + cols, y.to(tl.bfloat16))
 
 
-# The qkv projection with attention_inputs' forward in its epilogue, on Hopper: the MLP's ping-pong matmul (its
+# The qkv projection with attention_inputs' forward in its epilogue, on Hopper: a ping-pong matmul (relu2_mlp's
 # loading warp and ring), each warpgroup's 128 x 128 tile of qkv being one head of q, k or v. The epilogue reads the
 # tile's two halves of 64 columns, the rotation's halves, back from shared memory in one layout and pairs them
 # element by element: q and k normed and rotated, v mixed with ve; qkv itself is neither stored nor read back.
@@ -2308,7 +2308,7 @@ def _qkv_matmul_prep_consumer(q_desc, k_desc, v_desc, raw_v_desc, scale, ve, lam
                               w_bufs, ready, empty, out_bufs, turn, M, K, T, HAS_VE: gl.constexpr, H: gl.constexpr,
                               BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
                               WHICH: gl.constexpr):
-    # warpgroup WHICH, as _matmul_relu2_consumer: every other tile, its matmul, then its epilogue, _qkv_prep_kernel's
+    # warpgroup WHICH of a ping-pong kernel: every other tile, its matmul, then its epilogue, _qkv_prep_kernel's
     # arithmetic. qkv's tile goes to shared memory, whence its two halves come back in one layout, so that the
     # rotation pairs column c with c + BN / 2 element by element
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
@@ -2575,9 +2575,10 @@ def _v_grad_tile(grad, raw_v, x_scale, ve, lambdas, grad_qkv, grad_ve, partial, 
 # relu_of_square).
 
 
-# Each warpgroup's tile of the output, (rows, columns, depth), fixed rather than autotuned; its stages are the ring of
-# (x, w) tiles that the loading warp keeps full. Measured in the speed record's leads table.
-MLP_MATMUL = Tile((128, 128, 64), warps=4, stages=4)
+# Each program's tile of the output, (rows, columns, depth), half of its rows a warpgroup, fixed rather than
+# autotuned; its stages are the ring of (x, w) tiles that the loading warp keeps full. Measured in the speed
+# record's leads table.
+MLP_MATMUL = Tile((128, 256, 64), warps=4, stages=3)
 
 
 def relu2_mlp_fused(x: Tensor, r: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
@@ -2671,8 +2672,8 @@ def _matmul_relu2_gluon(x: Tensor, w: Tensor, h: Tensor | None, r: Tensor, w_kn:
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     grid = (min(num_sms, triton.cdiv(M, BM) * triton.cdiv(N, BN)),)
     _matmul_relu2_kernel[grid](_gluon_tiles(x, [BM, BK]), _gluon_tiles(w, [BK, BN] if w_kn else [BN, BK]),
-                               _gluon_tiles(h, [BM, BN]), _gluon_tiles(out, [BM, BN]), r, M, N, K, w_kn,
-                               h is not out, BM, BN, BK, stages, num_warps=warps, maxnreg=168)
+                               _gluon_tiles(h, [BM // 2, BN]), _gluon_tiles(out, [BM // 2, BN]), r, M, N, K,
+                               w_kn, h is not out, BM, BN, BK, stages, num_warps=warps, maxnreg=168)
     return out
 
 
@@ -2683,11 +2684,13 @@ def _gluon_tiles(t: Tensor, block: list[int]) -> "GluonTensorDescriptor":
     return GluonTensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
 
 
-# The matmul is warp-specialised and persistent, as CUTLASS's "ping-pong" kernels for Hopper are: a program an SM,
-# whose tiles alternate between two warpgroups, each with its own accumulator, fed by one warp that loads (x, w)
-# tiles through the TMA into a ring of stages; while one warpgroup runs its epilogue, the other's matmul keeps the
-# tensor cores busy. maxnreg=168 caps the 3 warpgroups' registers at the register file; the two consumers take 240
-# each and the loading warp's group 24.
+# The matmul is warp-specialised, persistent and cooperative, as CUTLASS's "cooperative" kernels for Hopper are: a
+# program an SM, whose two warpgroups share each of its tiles, half of the rows each, fed by one warp that loads (x, w)
+# tiles through the TMA into a ring of stages. Both warpgroups read the tile's w from shared memory, so that a flop
+# moves fewer bytes through shared memory than with a 128 x 128 tile a warpgroup (the ping-pong kernels below), whose
+# loads and wgmma reads keep shared memory busier than the tensor cores; the epilogues no longer overlap a matmul.
+# maxnreg=168 caps the 3 warpgroups' registers at the register file; the two consumers take 240 each and the
+# loading warp's group 24.
 
 
 @gluon.jit
@@ -2698,17 +2701,80 @@ def _matmul_relu2_kernel(x_desc, w_desc, h_desc, out_desc, scale, M, N, K, W_KN:
     # relu(a)^2 for a = scale y rounded to bf16 as out. Backward: stores scale y 2 relu(a) as out, y rounded to bf16
     # first, relu(a) from h as relu_of_square has it (gl.sqrt, the fast approximate one: its error is far inside that
     # function's margin).
-    x_bufs, w_bufs, ready, empty, out_bufs, turn = _matmul_buffers(x_desc, w_desc, out_desc, STAGES)
+    x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
+    w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+    out_bufs = gl.allocate_shared_memory(out_desc.dtype, [2] + out_desc.block_type.shape, out_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     h_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # a stage is free once both warpgroups are done with it
     for i in gl.static_range(2):
         mbarrier.init(h_ready.index(i), count=1)
     gl.warp_specialize([
-        (_matmul_relu2_consumer, (h_desc, out_desc, scale, x_bufs, w_bufs, ready, empty, out_bufs, h_ready, turn, M,
-                                  N, K, W_KN, BACKWARD, BM, BN, BK, STAGES, 0)),
-        (_matmul_relu2_consumer, (h_desc, out_desc, scale, x_bufs, w_bufs, ready, empty, out_bufs, h_ready, turn, M,
-                                  N, K, W_KN, BACKWARD, BM, BN, BK, STAGES, 1)),
+        (_matmul_relu2_consumer, (h_desc, out_desc, scale, x_bufs, w_bufs, ready, empty, out_bufs, h_ready, M, N, K,
+                                  W_KN, BACKWARD, BM, BN, BK, STAGES, 0)),
+        (_matmul_relu2_consumer, (h_desc, out_desc, scale, x_bufs, w_bufs, ready, empty, out_bufs, h_ready, M, N, K,
+                                  W_KN, BACKWARD, BM, BN, BK, STAGES, 1)),
         (_matmul_loads, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, M, N, K, W_KN, False, BM, BN, BK, STAGES)),
     ], [4, 1], [240, 24])
+
+
+@gluon.jit
+def _matmul_relu2_consumer(h_desc, out_desc, scale, x_bufs, w_bufs, ready, empty, out_bufs, h_ready, M, N, K,
+                           W_KN: gl.constexpr, BACKWARD: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                           BK: gl.constexpr, STAGES: gl.constexpr, WHICH: gl.constexpr):
+    # warpgroup WHICH: rows WHICH * BM / 2 onwards of each of the program's tiles, its matmul (wgmma of BN columns
+    # from its half of x's tile and all of w's, one in flight while the next stage is awaited), then its epilogue
+    # through its half of the output tile in shared memory and the TMA. In the backward, h's half tile arrives
+    # there during the matmul; the rows' scales are loaded before it.
+    HALF: gl.constexpr = BM // 2
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
+    tile_rows = gl.arange(0, HALF, layout=gl.SliceLayout(1, layout))
+    k_steps = (K + BK - 1) // BK
+    out_tile, h_bar, count, phase = out_bufs.index(WHICH), h_ready.index(WHICH), 0, 0
+    for tile in range(gl.program_id(0), (M + BM - 1) // BM * ((N + BN - 1) // BN), gl.num_programs(0)):
+        off_m, off_n = _tile_at(tile, M, N, BM, BN, False)
+        row0 = off_m + WHICH * HALF
+        tma.store_wait(0)  # the last tile's output has left out_tile
+        if BACKWARD:
+            mbarrier.expect(h_bar, h_desc.block_type.nbytes)
+            _tma_load(h_desc, [row0, off_n], h_bar, out_tile)
+        rows = row0 + tile_rows
+        r = gl.load(scale + rows, mask=rows < M, other=0.0)[:, None]
+        acc = gl.zeros((HALF, BN), dtype=gl.float32, layout=layout)
+        for k in range(k_steps):
+            stage = count % STAGES
+            mbarrier.wait(ready.index(stage), count // STAGES & 1)
+            x_rows = x_bufs.index(stage).slice(WHICH * HALF, HALF)
+            if W_KN:
+                acc = warpgroup_mma(x_rows, w_bufs.index(stage), acc, is_async=True)
+            else:
+                acc = warpgroup_mma(x_rows, w_bufs.index(stage).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            mbarrier.arrive(empty.index((count + STAGES - 1) % STAGES), count=1, pred=k > 0)  # the one before
+            count += 1
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index((count + STAGES - 1) % STAGES), count=1)
+        if BACKWARD:
+            y = _bf16(acc).to(gl.float32)
+            mbarrier.wait(h_bar, phase)
+            relu_a = _bf16(gl.sqrt(out_tile.load(layout).to(gl.float32))).to(gl.float32)
+            out_tile.store((y * 2 * relu_a * r).to(gl.bfloat16))
+        else:
+            relu_a = gl.maximum(_bf16(acc * r).to(gl.float32), 0.0)
+            out_tile.store((relu_a * relu_a).to(gl.bfloat16))
+        fence_async_shared()
+        _tma_store(out_desc, [row0, off_n], out_tile)
+        phase ^= 1
+    tma.store_wait(0)
+
+
+# The ping-pong kernels (the qkv matmul's and the logits'): warp-specialised and persistent, as CUTLASS's "ping-pong"
+# kernels for Hopper are: a program an SM, whose tiles alternate between two warpgroups, each with its own
+# accumulator, fed by one warp that loads (x, w) tiles through the TMA into a ring of stages; while one warpgroup
+# runs its epilogue, the other's matmul keeps the tensor cores busy. maxnreg=168 as above.
 
 
 @gluon.jit
@@ -2784,43 +2850,6 @@ def _matmul_tile(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layo
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     mbarrier.arrive(empty.index((count + STAGES - 1) % STAGES), count=1)
     return acc, count + k_steps
-
-
-@gluon.jit
-def _matmul_relu2_consumer(h_desc, out_desc, scale, x_bufs, w_bufs, ready, empty, out_bufs, h_ready, turn, M, N,
-                           K, W_KN: gl.constexpr, BACKWARD: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                           BK: gl.constexpr, STAGES: gl.constexpr, WHICH: gl.constexpr):
-    # warpgroup WHICH: every other tile of the program's, its matmul, then its epilogue through its own tile of
-    # shared memory and the TMA. In the backward, h's tile arrives there during the matmul; the rows' scales are
-    # loaded before it.
-    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
-    tile_rows = gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
-    k_steps = (K + BK - 1) // BK
-    count = WHICH * k_steps  # the ring's count at this warpgroup's first tile: the loading warp goes in tile order
-    out_tile, h_bar, phase = out_bufs.index(WHICH), h_ready.index(WHICH), 0
-    for tile in range(gl.program_id(0) + WHICH * gl.num_programs(0), (M + BM - 1) // BM * ((N + BN - 1) // BN),
-                      2 * gl.num_programs(0)):
-        off_m, off_n = _tile_at(tile, M, N, BM, BN, False)
-        tma.store_wait(0)  # the last tile's output has left out_tile
-        if BACKWARD:
-            mbarrier.expect(h_bar, h_desc.block_type.nbytes)
-            _tma_load(h_desc, [off_m, off_n], h_bar, out_tile)
-        rows = off_m + tile_rows
-        r = gl.load(scale + rows, mask=rows < M, other=0.0)[:, None]
-        acc, count = _matmul_tile(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layout, W_KN, BM, BN,
-                                  STAGES, WHICH)
-        if BACKWARD:
-            y = _bf16(acc).to(gl.float32)
-            mbarrier.wait(h_bar, phase)
-            relu_a = _bf16(gl.sqrt(out_tile.load(layout).to(gl.float32))).to(gl.float32)
-            out_tile.store((y * 2 * relu_a * r).to(gl.bfloat16))
-        else:
-            relu_a = gl.maximum(_bf16(acc * r).to(gl.float32), 0.0)
-            out_tile.store((relu_a * relu_a).to(gl.bfloat16))
-        fence_async_shared()
-        _tma_store(out_desc, [off_m, off_n], out_tile)
-        phase ^= 1
-    tma.store_wait(0)
 
 
 # --- head_loss: the lm_head's training loss, fused and in chunks of tokens
@@ -3176,9 +3205,9 @@ def _logit_grad_kernel(logits, targets, lse, g, g_t, n, V, t_stride, inv_tokens,
     tl.store(g + offsets, grad, mask=ok)
 
 
-# The logits' FP8 matmul on Hopper: the MLP's ping-pong kernel (its loading warp and matmul loop), with tiles taken
-# down the columns (w's row blocks in turn, each against every row block of the chunk's x, which stays in L2), and an
-# epilogue that stores the logits and the tile's row sums of exp(z) as _lse_kernel computes them.
+# The logits' FP8 matmul on Hopper: a ping-pong kernel (relu2_mlp's loading warp and _matmul_tile's loop), with tiles
+# taken down the columns (w's row blocks in turn, each against every row block of the chunk's x, which stays in L2),
+# and an epilogue that stores the logits and the tile's row sums of exp(z) as _lse_kernel computes them.
 
 
 @gluon.jit
@@ -3201,7 +3230,7 @@ def _logits_kernel(x_desc, w_desc, out_desc, sums, M, N, K, SCALE: gl.constexpr,
 def _logits_consumer(out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, turn, M, N, K, SCALE: gl.constexpr,
                      CAP: gl.constexpr, TEMPERATURE: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                      BK: gl.constexpr, STAGES: gl.constexpr, WHICH: gl.constexpr):
-    # warpgroup WHICH, as _matmul_relu2_consumer: every other tile, its matmul, then its epilogue
+    # warpgroup WHICH of a ping-pong kernel: every other tile, its matmul, then its epilogue
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 32])
     k_steps = (K + BK - 1) // BK
     count = WHICH * k_steps
