@@ -1,0 +1,168 @@
+"""Where train_gpt.py's Gluon matmuls lose time against cuBLAS, at the model's shapes, on one Hopper GPU.
+
+For the MLP's up-projection (forward), its backward (grad_y against w_proj stored (K, N)) and one chunk of the
+head's FP8 logits, each timed as:
+- cuBLAS's matmul alone, bf16 out (torch.mm, or torch._scaled_mm for FP8);
+- train_gpt.py's op (the matmul with its epilogue: ReLU^2, its gradient from h, the logits' row sums; row scales
+  of 1 where the op takes them);
+- train_gpt.py's ping-pong kernel (its loading warp, buffers and matmul loop, imported from train_gpt.py; the
+  logits' kernel, and the MLP's before round 31) at its 128 x 128 tiles, with another epilogue: "matmul only"
+  stores a row sum of the float32 accumulator, 128 floats a tile; "bf16 store" rounds the tile to bf16 and stores
+  it through the TMA, as cuBLAS does; for the logits, "row sums only" computes the production epilogue's sums of
+  exp(z) without storing the logits.
+"matmul only" against cuBLAS says whether the ping-pong matmul loop itself is slower; the epilogues add from there.
+With --tiles= (rows x columns x depth x stages, comma separated), "matmul only" also at each of those tiles.
+
+Each time is the median over 20 rounds of 10 calls queued back to back, per call (matmul_peak.median_ms).
+
+Usage: python benchmarks/gluon_matmul_diag.py [--tiles=128x128x64x5,128x128x128x3]
+"""
+import inspect
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import train_gpt as tg  # noqa: E402
+from train_gpt import (_bf16_bits, _exp_kernel, _gluon_tiles, _matmul_buffers, _matmul_loads,  # noqa: E402
+                       _matmul_tile, _sigmoid_tanh_kernel, _tile_at, _tma_store, fence_async_shared, gl, gluon, tma)
+
+MATMUL_ONLY, BF16_STORE, ROW_SUMS_ONLY = 0, 1, 2
+PING_PONG_BF16 = tg.Tile((128, 128, 64), warps=4, stages=4)  # the MLP's ping-pong tile before round 31
+EPILOGUES = {MATMUL_ONLY: "matmul only", BF16_STORE: "bf16 store", ROW_SUMS_ONLY: "row sums only"}
+
+
+@gluon.jit
+def _diag_kernel(x_desc, w_desc, out_desc, sums, M, N, K, SCALE: gl.constexpr, CAP: gl.constexpr,
+                 TEMPERATURE: gl.constexpr, EPILOGUE: gl.constexpr, W_KN: gl.constexpr, N_MAJOR: gl.constexpr,
+                 BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, INSTR_K: gl.constexpr):
+    # train_gpt's ping-pong kernel (as _matmul_relu2_kernel and _logits_kernel), with _diag_consumer's epilogues
+    x_bufs, w_bufs, ready, empty, out_bufs, turn = _matmul_buffers(x_desc, w_desc, out_desc, STAGES)
+    gl.warp_specialize([
+        (_diag_consumer, (out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, turn, M, N, K, SCALE, CAP,
+                          TEMPERATURE, EPILOGUE, W_KN, N_MAJOR, BM, BN, BK, STAGES, INSTR_K, 0)),
+        (_diag_consumer, (out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, turn, M, N, K, SCALE, CAP,
+                          TEMPERATURE, EPILOGUE, W_KN, N_MAJOR, BM, BN, BK, STAGES, INSTR_K, 1)),
+        (_matmul_loads, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, M, N, K, W_KN, N_MAJOR, BM, BN, BK, STAGES)),
+    ], [4, 1], [240, 24])
+
+
+@gluon.jit
+def _diag_consumer(out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, turn, M, N, K, SCALE: gl.constexpr,
+                   CAP: gl.constexpr, TEMPERATURE: gl.constexpr, EPILOGUE: gl.constexpr, W_KN: gl.constexpr,
+                   N_MAJOR: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+                   STAGES: gl.constexpr, INSTR_K: gl.constexpr, WHICH: gl.constexpr):
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                     instr_shape=[16, BN, INSTR_K])
+    k_steps = (K + BK - 1) // BK
+    count = WHICH * k_steps
+    out_tile, phase = out_bufs.index(WHICH), 0
+    tile_rows = gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
+    for tile in range(gl.program_id(0) + WHICH * gl.num_programs(0), (M + BM - 1) // BM * ((N + BN - 1) // BN),
+                      2 * gl.num_programs(0)):
+        off_m, off_n = _tile_at(tile, M, N, BM, BN, N_MAJOR)
+        tma.store_wait(0)
+        acc, count = _matmul_tile(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layout, W_KN, BM, BN,
+                                  STAGES, WHICH)
+        if EPILOGUE == 1:
+            out_tile.store(acc.to(gl.bfloat16))
+            fence_async_shared()
+            _tma_store(out_desc, [off_m, off_n], out_tile)
+        else:
+            if EPILOGUE == 2:
+                acc = _exp_kernel(CAP * _sigmoid_tanh_kernel(_bf16_bits(acc * SCALE).to(gl.float32, bitcast=True),
+                                                             TEMPERATURE))
+            rows = off_m + tile_rows
+            gl.store(sums + off_n // BN * M + rows, gl.sum(acc, axis=1), mask=rows < M)
+        phase ^= 1
+    tma.store_wait(0)
+
+
+def diag_matmul(x: torch.Tensor, w: torch.Tensor, epilogue: int, w_kn: bool, n_major: bool,
+                tile: tg.Tile) -> tuple[torch.Tensor, torch.Tensor]:
+    """x @ w.T (or x @ w, w_kn) by _diag_kernel -> (the bf16 product, its rows' sums by column block (N / BN, M)):
+    the product only with the bf16 store (else an empty BM x BN tile), the sums only without it."""
+    (BM, BN, BK), warps, stages = tile
+    M, K = x.shape
+    N = w.size(1) if w_kn else w.size(0)
+    out = x.new_empty((M, N) if epilogue == BF16_STORE else (BM, BN), dtype=torch.bfloat16)
+    sums = x.new_empty((-(-N // BN), M), dtype=torch.float32)
+    fp8 = x.dtype == torch.float8_e4m3fn
+    num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    grid = (min(num_sms, -(-M // BM) * -(-N // BN)),)
+    _diag_kernel[grid](_gluon_tiles(x, [BM, BK]), _gluon_tiles(w, [BK, BN] if w_kn else [BN, BK]),
+                       _gluon_tiles(out, [BM, BN]), sums, M, N, K, 1 / (tg.FP8_X_SCALE * tg.FP8_W_SCALE),
+                       tg.SOFTCAP, tg.SOFTCAP_TEMPERATURE, epilogue, w_kn, n_major, BM, BN, BK, stages,
+                       32 if fp8 else 16, num_warps=warps, maxnreg=168)
+    return out, sums
+
+
+def parse_tiles(arg: str) -> list[tg.Tile]:
+    tiles = []
+    for spec in filter(None, arg.split(",")):
+        bm, bn, bk, stages = (int(v) for v in spec.split("x"))
+        tiles.append(tg.Tile((bm, bn, bk), warps=4, stages=stages))
+    return tiles
+
+
+def main():
+    from matmul_peak import median_ms
+    tiles = parse_tiles(next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--tiles=")), ""))
+    torch.manual_seed(0)
+    T, D, H, n, V = 64 * 1024, 768, 4 * 768, tg.HEAD_CHUNK, 50304
+    x, grad_y = torch.randn(T, D, device="cuda").bfloat16(), torch.randn(T, D, device="cuda").bfloat16()
+    w_fc = (torch.randn(H, D, device="cuda") * D**-0.5).bfloat16()
+    w_proj = (torch.randn(D, H, device="cuda") * H**-0.5).bfloat16()
+    # since round 29 the MLP's ops take the rows' scales last: ones here
+    takes_scales = len(inspect.signature(tg._matmul_relu2_cuda).parameters) == 3
+    scale = (torch.ones(T, 1, device="cuda"),) if takes_scales else ()
+    h = tg._matmul_relu2_cuda(x, w_fc, *scale)
+    x_q = tg._e4m3(torch.randn(n, D, device="cuda"), tg.FP8_X_SCALE)
+    w_q = tg._e4m3(torch.randn(V, D, device="cuda") * 0.05, tg.FP8_W_SCALE)
+    one = torch.ones((), device="cuda")
+    cases = [  # name, x, w, w_kn, n_major, the op's tile, the ping-pong's, cuBLAS, train_gpt's op, epilogues to time
+        ("MLP forward", x, w_fc, False, False, tg.MLP_MATMUL, PING_PONG_BF16, lambda: x @ w_fc.T,
+         lambda: tg._matmul_relu2_cuda(x, w_fc, *scale), (MATMUL_ONLY, BF16_STORE)),
+        ("MLP backward", grad_y, w_proj, True, False, tg.MLP_MATMUL, PING_PONG_BF16, lambda: grad_y @ w_proj,
+         lambda: tg._matmul_relu2_grad_cuda(grad_y, w_proj, h, *scale), (MATMUL_ONLY, BF16_STORE)),
+        ("FP8 logits, a chunk", x_q, w_q, False, True, tg.HEAD_MATMUL, tg.HEAD_MATMUL,
+         lambda: torch._scaled_mm(x_q, w_q.T, out_dtype=torch.bfloat16, scale_a=one / tg.FP8_X_SCALE,
+                                  scale_b=one / tg.FP8_W_SCALE, use_fast_accum=True),
+         lambda: tg._logits_gluon(x_q, w_q), (MATMUL_ONLY, BF16_STORE, ROW_SUMS_ONLY)),
+    ]
+    print(f"{torch.cuda.get_device_name()}, torch {torch.version.__version__}; ms a call (TFLOP/s)")
+    for name, a, b, w_kn, n_major, op_tile, tile, cublas, op, epilogues in cases:
+        flops = 2 * a.size(0) * a.size(1) * (b.size(1) if w_kn else b.size(0))
+
+        def line(label: str, fn) -> str:
+            ms = median_ms(fn, reps=20, calls=10)
+            return f"  {label:<34} {ms:7.3f} ms ({flops / ms / 1e9:5.0f})"
+        print(f"{name}: {a.size(0)} x {a.size(1)} @ {'w' if w_kn else 'w.T'}, {tuple(b.shape)} {b.dtype}")
+        print(line("cuBLAS", cublas))
+        print(line(f"train_gpt's op, {tile_name(op_tile)}", op))
+        # the bf16 store's product against cuBLAS's, which _scaled_mm scales: a broken variant shows, not a test
+        unscale = 1 / (tg.FP8_X_SCALE * tg.FP8_W_SCALE) if a.dtype == torch.float8_e4m3fn else 1.0
+        expected = cublas().float()
+        for epilogue in epilogues:
+            check = ""
+            if epilogue == BF16_STORE:
+                got = diag_matmul(a, b, epilogue, w_kn, n_major, tile)[0].float() * unscale
+                check = f"  max |diff| from cuBLAS {(got - expected).abs().max().item():.2e}"
+            print(line(f"{EPILOGUES[epilogue]}, {tile_name(tile)}",
+                       lambda: diag_matmul(a, b, epilogue, w_kn, n_major, tile)) + check)
+        for other in tiles:
+            try:
+                print(line(f"matmul only, {tile_name(other)}", lambda: diag_matmul(a, b, MATMUL_ONLY, w_kn, n_major,
+                                                                                      other)))
+            except Exception as e:  # e.g. out of shared memory: say so and go on
+                print(f"  matmul only, {tile_name(other)}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+
+
+def tile_name(tile: tg.Tile) -> str:
+    (bm, bn, bk), _, stages = tile
+    return f"{bm}x{bn}x{bk}x{stages}"
+
+
+if __name__ == "__main__":
+    main()
