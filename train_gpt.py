@@ -2727,8 +2727,8 @@ def _matmul_relu2_consumer(h_desc, out_desc, scale, x_bufs, w_bufs, ready, empty
                            BK: gl.constexpr, STAGES: gl.constexpr, WHICH: gl.constexpr):
     # warpgroup WHICH: rows WHICH * BM / 2 onwards of each of the program's tiles, its matmul (wgmma of BN columns
     # from its half of x's tile and all of w's, one in flight while the next stage is awaited), then its epilogue
-    # through its half of the output tile in shared memory and the TMA. In the backward, h's half tile arrives
-    # there during the matmul; the rows' scales are loaded before it.
+    # through its half of the output tile in shared memory and the TMA. The last tile's output leaves that half
+    # during the matmul; in the backward, h's half tile then arrives there. The rows' scales are loaded before it.
     HALF: gl.constexpr = BM // 2
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
     tile_rows = gl.arange(0, HALF, layout=gl.SliceLayout(1, layout))
@@ -2737,10 +2737,6 @@ def _matmul_relu2_consumer(h_desc, out_desc, scale, x_bufs, w_bufs, ready, empty
     for tile in range(gl.program_id(0), (M + BM - 1) // BM * ((N + BN - 1) // BN), gl.num_programs(0)):
         off_m, off_n = _tile_at(tile, M, N, BM, BN, False)
         row0 = off_m + WHICH * HALF
-        tma.store_wait(0)  # the last tile's output has left out_tile
-        if BACKWARD:
-            mbarrier.expect(h_bar, h_desc.block_type.nbytes)
-            _tma_load(h_desc, [row0, off_n], h_bar, out_tile)
         rows = row0 + tile_rows
         r = gl.load(scale + rows, mask=rows < M, other=0.0)[:, None]
         acc = gl.zeros((HALF, BN), dtype=gl.float32, layout=layout)
@@ -2752,6 +2748,10 @@ def _matmul_relu2_consumer(h_desc, out_desc, scale, x_bufs, w_bufs, ready, empty
                 acc = warpgroup_mma(x_rows, w_bufs.index(stage), acc, is_async=True)
             else:
                 acc = warpgroup_mma(x_rows, w_bufs.index(stage).permute((1, 0)), acc, is_async=True)
+            if BACKWARD and k == 0:  # while the first wgmma runs: once the last tile's output has left out_tile,
+                tma.store_wait(0)  # h's tile goes there
+                mbarrier.expect(h_bar, h_desc.block_type.nbytes)
+                _tma_load(h_desc, [row0, off_n], h_bar, out_tile)
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
             mbarrier.arrive(empty.index((count + STAGES - 1) % STAGES), count=1, pred=k > 0)  # the one before
             count += 1
@@ -2764,6 +2764,7 @@ def _matmul_relu2_consumer(h_desc, out_desc, scale, x_bufs, w_bufs, ready, empty
             out_tile.store((y * 2 * relu_a * r).to(gl.bfloat16))
         else:
             relu_a = gl.maximum(_bf16(acc * r).to(gl.float32), 0.0)
+            tma.store_wait(0)  # the last tile's output, stored during this tile's matmul, has left out_tile
             out_tile.store((relu_a * relu_a).to(gl.bfloat16))
         fence_async_shared()
         _tma_store(out_desc, [row0, off_n], out_tile)
