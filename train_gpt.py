@@ -2701,17 +2701,7 @@ def _matmul_relu2_kernel(x_desc, w_desc, h_desc, out_desc, scale, M, N, K, W_KN:
     # relu(a)^2 for a = scale y rounded to bf16 as out. Backward: stores scale y 2 relu(a) as out, y rounded to bf16
     # first, relu(a) from h as relu_of_square has it (gl.sqrt, the fast approximate one: its error is far inside that
     # function's margin).
-    x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
-    w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
-    out_bufs = gl.allocate_shared_memory(out_desc.dtype, [2] + out_desc.block_type.shape, out_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    h_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)  # a stage is free once both warpgroups are done with it
-    for i in gl.static_range(2):
-        mbarrier.init(h_ready.index(i), count=1)
+    x_bufs, w_bufs, ready, empty, out_bufs, h_ready = _cooperative_buffers(x_desc, w_desc, out_desc, STAGES)
     gl.warp_specialize([
         (_matmul_relu2_consumer, (h_desc, out_desc, scale, x_bufs, w_bufs, ready, empty, out_bufs, h_ready, M, N, K,
                                   W_KN, BACKWARD, BM, BN, BK, STAGES, 0)),
@@ -2739,24 +2729,8 @@ def _matmul_relu2_consumer(h_desc, out_desc, scale, x_bufs, w_bufs, ready, empty
         row0 = off_m + WHICH * HALF
         rows = row0 + tile_rows
         r = gl.load(scale + rows, mask=rows < M, other=0.0)[:, None]
-        acc = gl.zeros((HALF, BN), dtype=gl.float32, layout=layout)
-        for k in range(k_steps):
-            stage = count % STAGES
-            mbarrier.wait(ready.index(stage), count // STAGES & 1)
-            x_rows = x_bufs.index(stage).slice(WHICH * HALF, HALF)
-            if W_KN:
-                acc = warpgroup_mma(x_rows, w_bufs.index(stage), acc, is_async=True)
-            else:
-                acc = warpgroup_mma(x_rows, w_bufs.index(stage).permute((1, 0)), acc, is_async=True)
-            if BACKWARD and k == 0:  # while the first wgmma runs: once the last tile's output has left out_tile,
-                tma.store_wait(0)  # h's tile goes there
-                mbarrier.expect(h_bar, h_desc.block_type.nbytes)
-                _tma_load(h_desc, [row0, off_n], h_bar, out_tile)
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-            mbarrier.arrive(empty.index((count + STAGES - 1) % STAGES), count=1, pred=k > 0)  # the one before
-            count += 1
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        mbarrier.arrive(empty.index((count + STAGES - 1) % STAGES), count=1)
+        acc, count = _matmul_half(x_bufs, w_bufs, ready, empty, count, k_steps, layout, W_KN, HALF, BN, STAGES,
+                                  WHICH, BACKWARD, h_desc, h_bar, out_tile, row0, off_n)
         if BACKWARD:
             y = _bf16(acc).to(gl.float32)
             mbarrier.wait(h_bar, phase)
@@ -2770,6 +2744,54 @@ def _matmul_relu2_consumer(h_desc, out_desc, scale, x_bufs, w_bufs, ready, empty
         _tma_store(out_desc, [row0, off_n], out_tile)
         phase ^= 1
     tma.store_wait(0)
+
+
+@gluon.jit
+def _cooperative_buffers(x_desc, w_desc, out_desc, STAGES: gl.constexpr):
+    """The cooperative kernels' shared memory: the ring of STAGES (x, w) tiles with its ready and empty barriers
+    (a stage is free once both warpgroups are done with it), each warpgroup's half of the output tile, and a
+    barrier each for a tile loaded there."""
+    x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
+    w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+    out_bufs = gl.allocate_shared_memory(out_desc.dtype, [2] + out_desc.block_type.shape, out_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    loaded = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    for i in gl.static_range(2):
+        mbarrier.init(loaded.index(i), count=1)
+    return x_bufs, w_bufs, ready, empty, out_bufs, loaded
+
+
+@gluon.jit
+def _matmul_half(x_bufs, w_bufs, ready, empty, count, k_steps, layout: gl.constexpr, W_KN: gl.constexpr,
+                 HALF: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr, WHICH: gl.constexpr,
+                 LOAD: gl.constexpr, load_desc, loaded, out_tile, row0, off_n):
+    """A cooperative kernel's warpgroup WHICH: its half of the rows of one tile's matmul by wgmma from the ring
+    (one in flight while the next stage is awaited) -> the float32 accumulator and the ring's count past the tile.
+    With LOAD, while the first wgmma runs: once the last tile's output has left out_tile, load_desc's block at
+    (row0, off_n) is loaded there (loaded: its barrier)."""
+    acc = gl.zeros((HALF, BN), dtype=gl.float32, layout=layout)
+    for k in range(k_steps):
+        stage = count % STAGES
+        mbarrier.wait(ready.index(stage), count // STAGES & 1)
+        x_rows = x_bufs.index(stage).slice(WHICH * HALF, HALF)
+        if W_KN:
+            acc = warpgroup_mma(x_rows, w_bufs.index(stage), acc, is_async=True)
+        else:
+            acc = warpgroup_mma(x_rows, w_bufs.index(stage).permute((1, 0)), acc, is_async=True)
+        if LOAD and k == 0:
+            tma.store_wait(0)
+            mbarrier.expect(loaded, load_desc.block_type.nbytes)
+            _tma_load(load_desc, [row0, off_n], loaded, out_tile)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        mbarrier.arrive(empty.index((count + STAGES - 1) % STAGES), count=1, pred=k > 0)  # the one before
+        count += 1
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    mbarrier.arrive(empty.index((count + STAGES - 1) % STAGES), count=1)
+    return acc, count
 
 
 # The ping-pong kernels (the qkv matmul's and the logits'): warp-specialised and persistent, as CUTLASS's "ping-pong"
