@@ -2794,7 +2794,7 @@ def _matmul_half(x_bufs, w_bufs, ready, empty, count, k_steps, layout: gl.conste
     return acc, count
 
 
-# The ping-pong kernels (the qkv matmul's and the logits'): warp-specialised and persistent, as CUTLASS's "ping-pong"
+# The ping-pong kernels (the qkv matmul's): warp-specialised and persistent, as CUTLASS's "ping-pong"
 # kernels for Hopper are: a program an SM, whose tiles alternate between two warpgroups, each with its own
 # accumulator, fed by one warp that loads (x, w) tiles through the TMA into a ring of stages; while one warpgroup
 # runs its epilogue, the other's matmul keeps the tensor cores busy. maxnreg=168 as above.
@@ -2899,9 +2899,9 @@ GRAD_W_CHUNKS = 2  # chunks a span: each one more holds another chunk's FP8 grad
 # compares them
 HEAD_LSE = Tile((1, 2048), warps=4, stages=3)
 HEAD_GRAD = Tile((32, 64), warps=4, stages=3)
-# On Hopper: the logits' FP8 matmul (rows, columns, depth) as the MLP's, and the rows and partial sums of a program
-# of the kernel that adds those sums up
-HEAD_MATMUL = Tile((128, 128, 128), warps=4, stages=4)
+# On Hopper: the logits' FP8 matmul (rows, columns, depth) a program, half of its rows a warpgroup, as the MLP's,
+# and the rows and partial sums of a program of the kernel that adds those sums up
+HEAD_MATMUL = Tile((256, 128, 128), warps=4, stages=3)
 HEAD_SUMS = Tile((32, 64), warps=4, stages=2)
 
 
@@ -3129,7 +3129,7 @@ def _logits_gluon(x_q: Tensor, w_q: Tensor) -> tuple[Tensor, Tensor]:
     num_sms = torch.cuda.get_device_properties(x_q.device).multi_processor_count
     grid = (min(num_sms, triton.cdiv(n, BM) * (V // BN)),)
     _logits_kernel[grid](_gluon_tiles(x_q.contiguous(), [BM, BK]), _gluon_tiles(w_q, [BN, BK]),
-                         _gluon_tiles(logits, [BM, BN]), sums, n, V, x_q.size(1), 1 / (FP8_X_SCALE * FP8_W_SCALE),
+                         _gluon_tiles(logits, [BM // 2, BN]), sums, n, V, x_q.size(1), 1 / (FP8_X_SCALE * FP8_W_SCALE),
                          SOFTCAP, SOFTCAP_TEMPERATURE, BM, BN, BK, stages, num_warps=warps, maxnreg=168)
     return logits, sums
 
@@ -3228,9 +3228,10 @@ def _logit_grad_kernel(logits, targets, lse, g, g_t, n, V, t_stride, inv_tokens,
     tl.store(g + offsets, grad, mask=ok)
 
 
-# The logits' FP8 matmul on Hopper: a ping-pong kernel (relu2_mlp's loading warp and _matmul_tile's loop), with tiles
-# taken down the columns (w's row blocks in turn, each against every row block of the chunk's x, which stays in L2),
-# and an epilogue that stores the logits and the tile's row sums of exp(z) as _lse_kernel computes them.
+# The logits' FP8 matmul on Hopper: a cooperative kernel as the MLP's (both warpgroups on each tile, which shares w's
+# rows between them), with tiles taken down the columns (w's row blocks in turn, each against every row block of the
+# chunk's x, which stays in L2), and an epilogue that stores the logits and the tile's row sums of exp(z) as
+# _lse_kernel computes them.
 
 
 @gluon.jit
@@ -3239,40 +3240,39 @@ def _logits_kernel(x_desc, w_desc, out_desc, sums, M, N, K, SCALE: gl.constexpr,
                    STAGES: gl.constexpr):
     # out = x @ w.T * SCALE, rounded to bf16, as _scaled_mm makes it; sums[n // BN, m] = the sum of exp(z) over
     # the tile's columns of row m
-    x_bufs, w_bufs, ready, empty, out_bufs, turn = _matmul_buffers(x_desc, w_desc, out_desc, STAGES)
+    x_bufs, w_bufs, ready, empty, out_bufs, loaded = _cooperative_buffers(x_desc, w_desc, out_desc, STAGES)
     gl.warp_specialize([
-        (_logits_consumer, (out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, turn, M, N, K, SCALE, CAP,
+        (_logits_consumer, (out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, loaded, M, N, K, SCALE, CAP,
                             TEMPERATURE, BM, BN, BK, STAGES, 0)),
-        (_logits_consumer, (out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, turn, M, N, K, SCALE, CAP,
+        (_logits_consumer, (out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, loaded, M, N, K, SCALE, CAP,
                             TEMPERATURE, BM, BN, BK, STAGES, 1)),
         (_matmul_loads, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, M, N, K, False, True, BM, BN, BK, STAGES)),
     ], [4, 1], [240, 24])
 
 
 @gluon.jit
-def _logits_consumer(out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, turn, M, N, K, SCALE: gl.constexpr,
+def _logits_consumer(out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, loaded, M, N, K, SCALE: gl.constexpr,
                      CAP: gl.constexpr, TEMPERATURE: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                      BK: gl.constexpr, STAGES: gl.constexpr, WHICH: gl.constexpr):
-    # warpgroup WHICH of a ping-pong kernel: every other tile, its matmul, then its epilogue
+    # warpgroup WHICH: rows WHICH * BM / 2 onwards of each of the program's tiles, its matmul, then its epilogue
+    HALF: gl.constexpr = BM // 2
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 32])
     k_steps = (K + BK - 1) // BK
-    count = WHICH * k_steps
-    out_tile, phase = out_bufs.index(WHICH), 0
-    tile_rows = gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
-    for tile in range(gl.program_id(0) + WHICH * gl.num_programs(0), (M + BM - 1) // BM * ((N + BN - 1) // BN),
-                      2 * gl.num_programs(0)):
+    out_tile, count = out_bufs.index(WHICH), 0
+    tile_rows = gl.arange(0, HALF, layout=gl.SliceLayout(1, layout))
+    for tile in range(gl.program_id(0), (M + BM - 1) // BM * ((N + BN - 1) // BN), gl.num_programs(0)):
         off_m, off_n = _tile_at(tile, M, N, BM, BN, True)
-        tma.store_wait(0)  # the last tile's logits have left out_tile
-        acc, count = _matmul_tile(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layout, False, BM, BN,
-                                  STAGES, WHICH)
+        row0 = off_m + WHICH * HALF
+        acc, count = _matmul_half(x_bufs, w_bufs, ready, empty, count, k_steps, layout, False, HALF, BN, STAGES,
+                                  WHICH, False, out_desc, loaded.index(WHICH), out_tile, row0, off_n)
         bits = _bf16_bits(acc * SCALE)  # here _bf16 would spill registers
+        tma.store_wait(0)  # the last tile's logits, stored during this tile's matmul, have left out_tile
         out_tile.store((bits >> 16).to(gl.int16).to(gl.bfloat16, bitcast=True))
         fence_async_shared()
-        _tma_store(out_desc, [off_m, off_n], out_tile)
+        _tma_store(out_desc, [row0, off_n], out_tile)
         exp_z = _exp_kernel(CAP * _sigmoid_tanh_kernel(bits.to(gl.float32, bitcast=True), TEMPERATURE))
-        rows = off_m + tile_rows
+        rows = row0 + tile_rows
         gl.store(sums + off_n // BN * M + rows, gl.sum(exp_z, axis=1), mask=rows < M)
-        phase ^= 1
     tma.store_wait(0)
 
 

@@ -6,10 +6,10 @@ head's FP8 logits, each timed as:
 - train_gpt.py's op (the matmul with its epilogue: ReLU^2, its gradient from h, the logits' row sums; row scales
   of 1 where the op takes them);
 - train_gpt.py's ping-pong kernel (its loading warp, buffers and matmul loop, imported from train_gpt.py; the
-  logits' kernel, and the MLP's before round 31) at its 128 x 128 tiles, with another epilogue: "matmul only"
-  stores a row sum of the float32 accumulator, 128 floats a tile; "bf16 store" rounds the tile to bf16 and stores
-  it through the TMA, as cuBLAS does; for the logits, "row sums only" computes the production epilogue's sums of
-  exp(z) without storing the logits.
+  qkv matmul's, and the MLP's and the logits' before rounds 31 and 32) at 128 x 128 tiles, with another
+  epilogue: "matmul only" stores a row sum of the float32 accumulator, 128 floats a tile; "bf16 store" rounds the
+  tile to bf16 and stores it through the TMA, as cuBLAS does; for the logits, "row sums only" computes the
+  production epilogue's sums of exp(z) without storing the logits.
 "matmul only" against cuBLAS says whether the ping-pong matmul loop itself is slower; the epilogues add from there.
 With --tiles= (rows x columns x depth x stages, comma separated), "matmul only" also at each of those tiles.
 
@@ -30,6 +30,7 @@ from train_gpt import (_bf16_bits, _exp_kernel, _gluon_tiles, _matmul_buffers, _
 
 MATMUL_ONLY, BF16_STORE, ROW_SUMS_ONLY = 0, 1, 2
 PING_PONG_BF16 = tg.Tile((128, 128, 64), warps=4, stages=4)  # the MLP's ping-pong tile before round 31
+PING_PONG_FP8 = tg.Tile((128, 128, 128), warps=4, stages=4)  # the logits' before round 32
 EPILOGUES = {MATMUL_ONLY: "matmul only", BF16_STORE: "bf16 store", ROW_SUMS_ONLY: "row sums only"}
 
 
@@ -37,7 +38,7 @@ EPILOGUES = {MATMUL_ONLY: "matmul only", BF16_STORE: "bf16 store", ROW_SUMS_ONLY
 def _diag_kernel(x_desc, w_desc, out_desc, sums, M, N, K, SCALE: gl.constexpr, CAP: gl.constexpr,
                  TEMPERATURE: gl.constexpr, EPILOGUE: gl.constexpr, W_KN: gl.constexpr, N_MAJOR: gl.constexpr,
                  BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, INSTR_K: gl.constexpr):
-    # train_gpt's ping-pong kernel (as _matmul_relu2_kernel and _logits_kernel), with _diag_consumer's epilogues
+    # train_gpt's ping-pong kernel (as _qkv_matmul_prep_kernel), with _diag_consumer's epilogues
     x_bufs, w_bufs, ready, empty, out_bufs, turn = _matmul_buffers(x_desc, w_desc, out_desc, STAGES)
     gl.warp_specialize([
         (_diag_consumer, (out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, turn, M, N, K, SCALE, CAP,
@@ -126,7 +127,7 @@ def main():
          lambda: tg._matmul_relu2_cuda(x, w_fc, *scale), (MATMUL_ONLY, BF16_STORE)),
         ("MLP backward", grad_y, w_proj, True, False, tg.MLP_MATMUL, PING_PONG_BF16, lambda: grad_y @ w_proj,
          lambda: tg._matmul_relu2_grad_cuda(grad_y, w_proj, h, *scale), (MATMUL_ONLY, BF16_STORE)),
-        ("FP8 logits, a chunk", x_q, w_q, False, True, tg.HEAD_MATMUL, tg.HEAD_MATMUL,
+        ("FP8 logits, a chunk", x_q, w_q, False, True, tg.HEAD_MATMUL, PING_PONG_FP8,
          lambda: torch._scaled_mm(x_q, w_q.T, out_dtype=torch.bfloat16, scale_a=one / tg.FP8_X_SCALE,
                                   scale_b=one / tg.FP8_W_SCALE, use_fast_accum=True),
          lambda: tg._logits_gluon(x_q, w_q), (MATMUL_ONLY, BF16_STORE, ROW_SUMS_ONLY)),
