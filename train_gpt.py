@@ -2226,11 +2226,11 @@ def _qkv_prep_kernel(qkv, ve, lambdas, cos, sin, q, k, v, n, T, HAS_VE: tl.const
         tl.store(v + out_rows + head * HD + cols, y.to(tl.bfloat16))
 
 
-# The qkv projection with attention_inputs' forward in its epilogue, on Hopper: a ping-pong matmul (relu2_mlp's
-# loading warp and ring), each warpgroup's 128 x 128 tile of qkv being one head of q, k or v. The epilogue reads the
+# The qkv projection with attention_inputs' forward in its epilogue, on Hopper: a cooperative matmul as relu2_mlp's,
+# each warpgroup's 128 x 128 half of a tile of qkv being one head of q, k or v. The epilogue reads the
 # tile's two halves of 64 columns, the rotation's halves, back from shared memory in one layout and pairs them
 # element by element: q and k normed and rotated, v mixed with ve; qkv itself is neither stored nor read back.
-QKV_MATMUL = Tile((128, 128, 64), warps=4, stages=4)
+QKV_MATMUL = Tile((256, 128, 64), warps=4, stages=3)
 
 
 @torch.library.custom_op("speedrun::qkv_matmul_prep", mutates_args=())
@@ -2277,7 +2277,7 @@ def _qkv_matmul_prep_gluon(x: Tensor, r: Tensor, w: Tensor, ve: Tensor | None, l
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     grid = (min(num_sms, triton.cdiv(B * T, BM) * 3 * H),)
     _qkv_matmul_prep_kernel[grid](_gluon_tiles(x2, [BM, BK]), _gluon_tiles(w.contiguous(), [BN, BK]),
-                                  *(_gluon_tiles(t, [BM, BN]) for t in (q, k, v, raw_v)), r.contiguous(), ve,
+                                  *(_gluon_tiles(t, [BM // 2, BN]) for t in (q, k, v, raw_v)), r.contiguous(), ve,
                                   lambdas, cos, sin, rstd, B * T, dim, T, has_ve, H, BM, BN, BK, stages,
                                   num_warps=warps, maxnreg=168)
     q, k, v, raw_v = (t.view(B, T, H, head_dim) for t in (q, k, v, raw_v))
@@ -2290,13 +2290,13 @@ def _qkv_matmul_prep_kernel(x_desc, w_desc, q_desc, k_desc, v_desc, raw_v_desc, 
                             BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr):
     # q, k, v (M, H * BN) bf16 as qkv_prep makes them from qkv = scale (x @ w.T) rounded to bf16 (scale: a float32
     # a row), rstd (M, 2 H), and raw_v (M, H * BN), qkv's v
-    x_bufs, w_bufs, ready, empty, out_bufs, turn = _matmul_buffers(x_desc, w_desc, q_desc, STAGES)
+    x_bufs, w_bufs, ready, empty, out_bufs, loaded = _cooperative_buffers(x_desc, w_desc, q_desc, STAGES)
     gl.warp_specialize([
         (_qkv_matmul_prep_consumer, (q_desc, k_desc, v_desc, raw_v_desc, scale, ve, lambdas, cos, sin, rstd, x_bufs,
-                                     w_bufs, ready, empty, out_bufs, turn, M, K, T, HAS_VE, H, BM, BN, BK, STAGES,
+                                     w_bufs, ready, empty, out_bufs, loaded, M, K, T, HAS_VE, H, BM, BN, BK, STAGES,
                                      0)),
         (_qkv_matmul_prep_consumer, (q_desc, k_desc, v_desc, raw_v_desc, scale, ve, lambdas, cos, sin, rstd, x_bufs,
-                                     w_bufs, ready, empty, out_bufs, turn, M, K, T, HAS_VE, H, BM, BN, BK, STAGES,
+                                     w_bufs, ready, empty, out_bufs, loaded, M, K, T, HAS_VE, H, BM, BN, BK, STAGES,
                                      1)),
         (_matmul_loads, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, M, 3 * H * BN, K, False, False, BM, BN, BK,
                          STAGES)),
@@ -2305,31 +2305,31 @@ def _qkv_matmul_prep_kernel(x_desc, w_desc, q_desc, k_desc, v_desc, raw_v_desc, 
 
 @gluon.jit
 def _qkv_matmul_prep_consumer(q_desc, k_desc, v_desc, raw_v_desc, scale, ve, lambdas, cos, sin, rstd, x_bufs,
-                              w_bufs, ready, empty, out_bufs, turn, M, K, T, HAS_VE: gl.constexpr, H: gl.constexpr,
-                              BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
-                              WHICH: gl.constexpr):
-    # warpgroup WHICH of a ping-pong kernel: every other tile, its matmul, then its epilogue, _qkv_prep_kernel's
-    # arithmetic. qkv's tile goes to shared memory, whence its two halves come back in one layout, so that the
-    # rotation pairs column c with c + BN / 2 element by element
+                              w_bufs, ready, empty, out_bufs, loaded, M, K, T, HAS_VE: gl.constexpr,
+                              H: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+                              STAGES: gl.constexpr, WHICH: gl.constexpr):
+    # warpgroup WHICH of a cooperative kernel: rows WHICH * BM / 2 onwards of each of the program's tiles, its
+    # matmul, then its epilogue, _qkv_prep_kernel's arithmetic. qkv's tile goes to shared memory, whence its two
+    # halves come back in one layout, so that the rotation pairs column c with c + BN / 2 element by element
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
     halves: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1],
                                             order=[1, 0])
     HALF: gl.constexpr = BN // 2
+    WG_ROWS: gl.constexpr = BM // 2
     k_steps = (K + BK - 1) // BK
-    count = WHICH * k_steps
-    out_tile, phase = out_bufs.index(WHICH), 0
-    tile_rows = gl.arange(0, BM, layout=gl.SliceLayout(1, halves))
-    acc_rows = gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
+    out_tile, count = out_bufs.index(WHICH), 0
+    tile_rows = gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, halves))
+    acc_rows = gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, layout))
     half_cols = gl.arange(0, HALF, layout=gl.SliceLayout(0, halves))
-    for tile in range(gl.program_id(0) + WHICH * gl.num_programs(0), (M + BM - 1) // BM * 3 * H,
-                      2 * gl.num_programs(0)):
+    for tile in range(gl.program_id(0), (M + BM - 1) // BM * 3 * H, gl.num_programs(0)):
         off_m, head = _tile_at(tile, M, 3 * H * BN, BM, BN, False)
+        off_m += WHICH * WG_ROWS  # this warpgroup's first row
         head = head // BN  # of q's H, then k's, then v's
         col = (head % H) * BN
         x_scale = gl.load(scale + off_m + acc_rows, mask=off_m + acc_rows < M, other=0.0)[:, None]
-        acc, count = _matmul_tile(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layout, False, BM, BN,
-                                  STAGES, WHICH)
-        tma.store_wait(0)  # the last tile's stores have left out_tile
+        acc, count = _matmul_half(x_bufs, w_bufs, ready, empty, count, k_steps, layout, False, WG_ROWS, BN, STAGES,
+                                  WHICH, False, q_desc, loaded.index(WHICH), out_tile, off_m, col)
+        tma.store_wait(0)  # the last tile's stores, made during this tile's matmul, have left out_tile
         out_tile.store(_bf16(acc * x_scale))  # qkv's tile, rounded as stored
         gl.thread_barrier()  # all of it, before each thread reads its halves back
         first, second = out_tile.slice(0, HALF, dim=1), out_tile.slice(HALF, HALF, dim=1)
@@ -2363,7 +2363,6 @@ def _qkv_matmul_prep_consumer(q_desc, k_desc, v_desc, raw_v_desc, scale, ve, lam
             _tma_store(k_desc, [off_m, col], out_tile)
         else:
             _tma_store(v_desc, [off_m, col], out_tile)
-        phase ^= 1
     tma.store_wait(0)
 
 
@@ -2794,10 +2793,11 @@ def _matmul_half(x_bufs, w_bufs, ready, empty, count, k_steps, layout: gl.conste
     return acc, count
 
 
-# The ping-pong kernels (the qkv matmul's): warp-specialised and persistent, as CUTLASS's "ping-pong"
-# kernels for Hopper are: a program an SM, whose tiles alternate between two warpgroups, each with its own
-# accumulator, fed by one warp that loads (x, w) tiles through the TMA into a ring of stages; while one warpgroup
-# runs its epilogue, the other's matmul keeps the tensor cores busy. maxnreg=168 as above.
+# The ping-pong kernels' pieces, which no kernel here uses since the qkv matmul's and the logits' became cooperative
+# (benchmarks/gluon_matmul_diag.py times them against the cooperative ones): warp-specialised and persistent, as
+# CUTLASS's "ping-pong" kernels for Hopper are: a program an SM, whose tiles alternate between two warpgroups, each
+# with its own accumulator, fed by one warp that loads (x, w) tiles through the TMA into a ring of stages; while one
+# warpgroup runs its epilogue, the other's matmul keeps the tensor cores busy. maxnreg=168 as above.
 
 
 @gluon.jit
