@@ -1,12 +1,12 @@
 """Where train_gpt.py's Gluon matmuls lose time against cuBLAS, at the model's shapes, on one Hopper GPU.
 
-For the MLP's up-projection (forward), its backward (grad_y against w_proj stored (K, N)) and one chunk of the
-head's FP8 logits, each timed as:
+For the MLP's up-projection (forward), its backward (grad_y against w_proj stored (K, N)), the qkv projection and
+one chunk of the head's FP8 logits, each timed as:
 - cuBLAS's matmul alone, bf16 out (torch.mm, or torch._scaled_mm for FP8);
-- train_gpt.py's op (the matmul with its epilogue: ReLU^2, its gradient from h, the logits' row sums; row scales
-  of 1 where the op takes them);
+- train_gpt.py's op (the matmul with its epilogue: ReLU^2, its gradient from h, QK norm, rotary and the value mix
+  with a value embedding, the logits' row sums; row scales of 1 where the op takes them);
 - train_gpt.py's ping-pong kernel (its loading warp, buffers and matmul loop, imported from train_gpt.py; the
-  qkv matmul's, and the MLP's and the logits' before rounds 31 and 32) at 128 x 128 tiles, with another
+  MLP's, the qkv matmul's and the logits' before rounds 31-33) at 128 x 128 tiles, with another
   epilogue: "matmul only" stores a row sum of the float32 accumulator, 128 floats a tile; "bf16 store" rounds the
   tile to bf16 and stores it through the TMA, as cuBLAS does; for the logits, "row sums only" computes the
   production epilogue's sums of exp(z) without storing the logits.
@@ -38,7 +38,7 @@ EPILOGUES = {MATMUL_ONLY: "matmul only", BF16_STORE: "bf16 store", ROW_SUMS_ONLY
 def _diag_kernel(x_desc, w_desc, out_desc, sums, M, N, K, SCALE: gl.constexpr, CAP: gl.constexpr,
                  TEMPERATURE: gl.constexpr, EPILOGUE: gl.constexpr, W_KN: gl.constexpr, N_MAJOR: gl.constexpr,
                  BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, INSTR_K: gl.constexpr):
-    # train_gpt's ping-pong kernel (as _qkv_matmul_prep_kernel), with _diag_consumer's epilogues
+    # train_gpt's ping-pong kernel (the MLP's, qkv's and logits' before rounds 31-33), with _diag_consumer's epilogues
     x_bufs, w_bufs, ready, empty, out_bufs, turn = _matmul_buffers(x_desc, w_desc, out_desc, STAGES)
     gl.warp_specialize([
         (_diag_consumer, (out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, turn, M, N, K, SCALE, CAP,
@@ -115,9 +115,13 @@ def main():
     x, grad_y = torch.randn(T, D, device="cuda").bfloat16(), torch.randn(T, D, device="cuda").bfloat16()
     w_fc = (torch.randn(H, D, device="cuda") * D**-0.5).bfloat16()
     w_proj = (torch.randn(D, H, device="cuda") * H**-0.5).bfloat16()
-    # since round 29 the MLP's ops take the rows' scales last: ones here
+    # since round 29 the MLP's ops take the rows' scales last, and the qkv matmul's after x: ones here
     takes_scales = len(inspect.signature(tg._matmul_relu2_cuda).parameters) == 3
     scale = (torch.ones(T, 1, device="cuda"),) if takes_scales else ()
+    w_qkv = (torch.randn(3 * D, D, device="cuda") * D**-0.5).bfloat16()
+    ve, rotary = torch.randn(T, D, device="cuda").bfloat16(), tg.Rotary(128, T).cuda()
+    lambdas = torch.tensor([0.7, 0.4], device="cuda")
+    qkv_args = (x[None], *(s[None] for s in scale), w_qkv, ve, lambdas, rotary.cos, rotary.sin)
     h = tg._matmul_relu2_cuda(x, w_fc, *scale)
     x_q = tg._e4m3(torch.randn(n, D, device="cuda"), tg.FP8_X_SCALE)
     w_q = tg._e4m3(torch.randn(V, D, device="cuda") * 0.05, tg.FP8_W_SCALE)
@@ -127,6 +131,8 @@ def main():
          lambda: tg._matmul_relu2_cuda(x, w_fc, *scale), (MATMUL_ONLY, BF16_STORE)),
         ("MLP backward", grad_y, w_proj, True, False, tg.MLP_MATMUL, PING_PONG_BF16, lambda: grad_y @ w_proj,
          lambda: tg._matmul_relu2_grad_cuda(grad_y, w_proj, h, *scale), (MATMUL_ONLY, BF16_STORE)),
+        ("qkv matmul with its prep", x, w_qkv, False, False, tg.QKV_MATMUL, PING_PONG_BF16, lambda: x @ w_qkv.T,
+         lambda: tg._qkv_matmul_prep_gluon(*qkv_args), (MATMUL_ONLY, BF16_STORE)),
         ("FP8 logits, a chunk", x_q, w_q, False, True, tg.HEAD_MATMUL, PING_PONG_FP8,
          lambda: torch._scaled_mm(x_q, w_q.T, out_dtype=torch.bfloat16, scale_a=one / tg.FP8_X_SCALE,
                                   scale_b=one / tg.FP8_W_SCALE, use_fast_accum=True),
