@@ -201,14 +201,10 @@ def norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-def row_scale(x: Tensor) -> Tensor:
-    """norm's factor for each row of x, (..., 1) float32: norm(x) is scaled(x, row_scale(x)), as F.rms_norm computes
-    it for bf16 x (in float32, with float32's eps)."""
-    return torch.rsqrt(x.float().square().mean(-1, keepdim=True) + torch.finfo(torch.float32).eps)
-
-
-def scaled(x: Tensor, r: Tensor) -> Tensor:
-    return (x.float() * r).type_as(x)
+def linear_add(residual: Tensor, x: Tensor, w: Tensor) -> Tensor:
+    """residual + x @ w.T for (..., dim) tensors as one matmul (addmm) that reads residual in its epilogue: the sum
+    is rounded to bf16 once, and no pass over memory reads the product back to add it."""
+    return torch.addmm(residual.flatten(end_dim=-2), x.flatten(end_dim=-2), w.T).view_as(residual)
 
 
 def softcap(logits: Tensor) -> Tensor:
@@ -235,45 +231,6 @@ class CastedLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight.type_as(x))
-
-
-class Embedding(nn.Embedding):
-    """A bf16 table whose gradient is summed in float32, in place, over a step's sequences: each lookup's backward
-    adds into grad_sum, and take_grad() makes the table's .grad of the sum once a step. nn.Embedding's backward
-    would, each sequence, zero a float32 table the size of this one, add into it, round it to bf16 and add that to
-    .grad."""
-
-    def __init__(self, num_embeddings: int, embedding_dim: int):
-        super().__init__(num_embeddings, embedding_dim)  # drawn in float32, as the record's tables are, then rounded
-        self.weight = nn.Parameter(self.weight.detach().bfloat16())
-        self.grad_sum = nn.Buffer(torch.zeros(num_embeddings, embedding_dim), persistent=False)
-
-    def forward(self, ids: Tensor) -> Tensor:
-        return LookupAddingGrad.apply(self.weight, ids, self.grad_sum)
-
-    def take_grad(self):
-        """The table's .grad: grad_sum rounded to the table's dtype; grad_sum starts again at 0."""
-        self.weight.grad = self.grad_sum.to(self.weight.dtype)
-        self.grad_sum.zero_()
-
-
-def embedding_tables(model: nn.Module) -> list[Embedding]:
-    return [module for module in model.modules() if isinstance(module, Embedding)]
-
-
-class LookupAddingGrad(torch.autograd.Function):
-    """table[ids], whose backward adds the table's gradient into grad_sum and gives the table none."""
-
-    @staticmethod
-    def forward(ctx, table: Tensor, ids: Tensor, grad_sum: Tensor) -> Tensor:
-        ctx.save_for_backward(ids, grad_sum)
-        return F.embedding(ids, table)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        ids, grad_sum = ctx.saved_tensors
-        grad_sum.index_add_(0, ids.flatten(), grad_out.flatten(end_dim=-2).float())
-        return None, None, None
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -310,11 +267,13 @@ class CausalSelfAttention(nn.Module):
         self.rotary = Rotary(self.head_dim, max_seq_len)
         self.c_proj = CastedLinear(dim, dim, zero_init=True)
 
-    def forward(self, x: Tensor, r: Tensor, ve: Tensor | None, mask: "BlockMask | DocumentWindows") -> Tensor:
-        """The attention of norm(x) = scaled(x, r)."""
+    def forward(self, x: Tensor, ve: Tensor | None, mask: "BlockMask | DocumentWindows",
+                residual: Tensor) -> Tensor:
+        """residual + the attention's output for x."""
         B, T, D = x.shape
-        out = attention_block(x, r, self.qkv_w.flatten(end_dim=1).type_as(x), ve, self.lambdas, self.rotary, mask)
-        return self.c_proj(out.reshape(B, T, D))
+        out = attention_block(x, self.qkv_w.flatten(end_dim=1).type_as(x), ve, self.lambdas, self.rotary, mask)
+        out = out.reshape(B, T, D)
+        return linear_add(residual, out, self.c_proj.weight.type_as(out))
 
 
 class MLP(nn.Module):
@@ -323,9 +282,9 @@ class MLP(nn.Module):
         self.c_fc = CastedLinear(dim, 4 * dim)
         self.c_proj = CastedLinear(4 * dim, dim, zero_init=True)
 
-    def forward(self, x: Tensor, r: Tensor) -> Tensor:
-        """The MLP of norm(x) = scaled(x, r)."""
-        return relu2_mlp(x, r, self.c_fc.weight.type_as(x), self.c_proj.weight.type_as(x))
+    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
+        """residual + the MLP's output for x."""
+        return relu2_mlp(x, self.c_fc.weight.type_as(x), self.c_proj.weight.type_as(x), residual)
 
 
 class Block(nn.Module):
@@ -337,11 +296,10 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, mask: "BlockMask | DocumentWindows") -> Tensor:
         x = self.lambdas[0] * x + self.lambdas[1] * x0
-        # The attention and the MLP take norm(x) as x and its row scale: their fused matmuls scale in their epilogues,
-        # so norm(x) is never stored. Each residual add lands in the kernel that sums the next row scale's squares.
+        # x + attn(norm(x)), then x + mlp(norm(x)): each add in the matmul of the output projection (linear_add)
         if self.attn is not None:
-            x = x + self.attn(x, row_scale(x), ve, mask)
-        return x + self.mlp(x, row_scale(x))
+            x = self.attn(norm(x), ve, mask, residual=x)
+        return self.mlp(norm(x), residual=x)
 
 
 def layer_tables(num_layers: int) -> tuple[tuple, tuple]:
@@ -364,13 +322,15 @@ class GPT(nn.Module):
         super().__init__()
         self.eot_token = vocab_size - 1  # the last token ends a document (GPT-2: 50256)
         self.layer_value_embeds, self.layer_windows = layer_tables(num_layers)
-        self.embed = Embedding(vocab_size, model_dim)
-        self.value_embeds = nn.ModuleList([Embedding(vocab_size, model_dim) for _ in range(min(3, num_layers // 2))])
+        self.embed = nn.Embedding(vocab_size, model_dim)
+        self.value_embeds = nn.ModuleList([nn.Embedding(vocab_size, model_dim) for _ in range(min(3, num_layers // 2))])
         self.blocks = nn.ModuleList([Block(model_dim, num_heads, max_seq_len, i != NO_ATTENTION_LAYER)
                                      for i in range(num_layers)])
         self.skip_weights = nn.Parameter(torch.ones(num_layers // 2))
         # the vocabulary padded to a multiple of 128 for the matmul: suggested by @Grad62304977, after Karpathy
         self.lm_head = CastedLinear(model_dim, next_multiple(vocab_size, 128), zero_init=True)
+        for embed in [self.embed, *self.value_embeds]:
+            embed.bfloat16()
 
     def forward(self, input_seq: Tensor, target_seq: Tensor, window_blocks: Tensor) -> Tensor:
         """input_seq, target_seq: (T,) token ids; window_blocks: 0-d int tensor, the long window in blocks
@@ -805,7 +765,6 @@ def train_step(model: nn.Module, inputs: Tensor, targets: Tensor, window: Tensor
     The gradient is the mean over all batch_seqs sequences, for any world size: each of the `accum`
     sequences a rank holds is weighted 1/accum, then the ranks average."""
     accum = len(inputs) // seq_len
-    tables = embedding_tables(model)
     loss = torch.zeros((), device=inputs.device)
     with record_function("forward_backward"):  # a phase in --profile_at tables, as is each optimizer's step
         for seq_in, seq_target in zip(inputs.split(seq_len), targets.split(seq_len)):
@@ -814,19 +773,15 @@ def train_step(model: nn.Module, inputs: Tensor, targets: Tensor, window: Tensor
             loss += seq_loss.detach()
     if dist.is_initialized():
         # async, in this order on the wire: Muon's reduce-scatters, then the all-reduces of Adam's gradients and
-        # the loss, which run while Muon orthogonalises; its all-gathers queue behind them. The tables' float32
-        # sums are averaged before they are rounded, so that any number of ranks rounds them alike.
+        # the loss, which run while Muon orthogonalises; its all-gathers queue behind them
         muon.reduce_grads()
-        table_weights = {id(table.weight) for table in tables}
-        grads = [p.grad for group in adam.param_groups for p in group["params"] if id(p) not in table_weights]
-        averaged = [dist.all_reduce(t, op=dist.ReduceOp.AVG, async_op=True)
-                    for t in [*(table.grad_sum for table in tables), *grads, loss]]
+        averaged = [dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, async_op=True)
+                    for group in adam.param_groups for p in group["params"]]
+        averaged.append(dist.all_reduce(loss, op=dist.ReduceOp.AVG, async_op=True))
     muon.step()
     if dist.is_initialized():
         for work in averaged:
             work.wait()
-    for table in tables:
-        table.take_grad()
     adam.step()
     model.zero_grad(set_to_none=True)
     return loss
@@ -1884,13 +1839,13 @@ def _window_attention_grad_kernels(grad_out: Tensor, q: Tensor, k: Tensor, v: Te
                                    starts: Tensor, ends: Tensor, window_blocks: Tensor, grads: tuple[Tensor, ...],
                                    inputs: tuple = ()):
     """Launches the query kernel, then the key kernel, which store into grads = (grad_q, grad_k, grad_v). Given
-    inputs = (raw_v, rstd, x_scale, ve, lambdas, cos, sin, partial, has_ve), the kernels go on with
-    attention_inputs' backward, and grads are (grad_qkv, grad_qkv, grad_ve): see window_attention_inputs_grad."""
+    inputs = (raw_v, rstd, ve, lambdas, cos, sin, partial, has_ve), the kernels go on with attention_inputs'
+    backward, and grads are (grad_qkv, grad_qkv, grad_ve): see window_attention_inputs_grad."""
     _, T, H, head_dim = q.shape
     grad_out, q, k, v, out = (t.contiguous() for t in (grad_out, q, k, v, out))
     delta = torch.empty_like(lse)  # per query: the sum of grad_out * out, which the query kernel computes and stores
     fused = bool(inputs)
-    raw_v, rstd, x_scale, ve, lambdas, cos, sin, partial, has_ve = inputs or (q,) * 8 + (False,)  # placeholders
+    raw_v, rstd, ve, lambdas, cos, sin, partial, has_ve = inputs or (q,) * 7 + (False,)  # placeholders if unfused
 
     def grid(block: int) -> tuple[int, int]:
         # fused, heads first: the H programs of a tile run side by side, and all but the first find its rows of cos
@@ -1902,14 +1857,14 @@ def _window_attention_grad_kernels(grad_out: Tensor, q: Tensor, k: Tensor, v: Te
     (block_m, block_n), warps, stages = ATTENTION_GRAD_Q
     _window_attention_grad_q_kernel[grid(block_m)](
         _tiles_of(q, block_m), _tiles_of(k, block_n), _tiles_of(v, block_n), _tiles_of(grad_out, block_m), out, lse,
-        delta, starts, window_blocks, grads[0], rstd, x_scale, cos, sin, T, ATTENTION_SCALE * LOG2E, ATTENTION_SCALE, H,
+        delta, starts, window_blocks, grads[0], rstd, cos, sin, T, ATTENTION_SCALE * LOG2E, ATTENTION_SCALE, H,
         head_dim, BLOCK_SIZE, block_m, block_n, fused, num_warps=warps, num_stages=stages)
     (block_m, block_n), warps, stages = ATTENTION_GRAD_KV
     _window_attention_grad_kv_kernel[grid(block_n)](
         _tiles_of(q, block_m), _tiles_of(k, block_n), _tiles_of(v, block_n), _tiles_of(grad_out, block_m), lse, delta,
-        ends, window_blocks, *grads[1:], raw_v, rstd, x_scale, ve, lambdas, cos, sin, partial, T,
-        ATTENTION_SCALE * LOG2E, ATTENTION_SCALE, H, head_dim, BLOCK_SIZE, block_m, block_n, fused, has_ve,
-        num_warps=warps, num_stages=stages)
+        ends, window_blocks, *grads[1:], raw_v, rstd, ve, lambdas, cos, sin, partial, T, ATTENTION_SCALE * LOG2E,
+        ATTENTION_SCALE, H, head_dim, BLOCK_SIZE, block_m, block_n, fused, has_ve, num_warps=warps,
+        num_stages=stages)
 
 
 @triton.jit
@@ -1972,8 +1927,7 @@ def _window_attention_kernel(q_desc, k_desc, v_desc, out, lse, starts, window_bl
 
 @triton.jit
 def _window_attention_grad_q_kernel(q_desc, k_desc, v_desc, grad_out_desc, out, lse, delta, starts,
-                                    window_blocks, grad_q, rstd, x_scale, cos, sin, T, qk_scale, scale,
-                                    H: tl.constexpr,
+                                    window_blocks, grad_q, rstd, cos, sin, T, qk_scale, scale, H: tl.constexpr,
                                     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                                     BLOCK_N: tl.constexpr, INPUTS: tl.constexpr):
     # one tile of BLOCK_M queries of one head, over the keys it sees, as in the forward; it also stores its
@@ -2002,15 +1956,14 @@ def _window_attention_grad_q_kernel(q_desc, k_desc, v_desc, grad_out_desc, out, 
         grad_q_tile += tl.dot(grad_s.to(k_tile.dtype), k_tile)
     grad_q_tile = (grad_q_tile * scale).to(q_tile.dtype)  # bf16 either way: the separate ops' numbers
     if INPUTS:
-        _qk_grad_tile(grad_q_tile, q_tile, rstd, x_scale, cos, sin, grad_q, rows, head, HEAD_DIM, 3 * H)
+        _qk_grad_tile(grad_q_tile, q_tile, rstd, cos, sin, grad_q, rows, head, HEAD_DIM, 3 * H)
     else:
         tl.store(grad_q + at, grad_q_tile)
 
 
 @triton.jit
 def _window_attention_grad_kv_kernel(q_desc, k_desc, v_desc, grad_out_desc, lse, delta, ends, window_blocks,
-                                     grad_k, grad_v, raw_v, rstd, x_scale, ve, lambdas, cos, sin, partial, T,
-                                     qk_scale,
+                                     grad_k, grad_v, raw_v, rstd, ve, lambdas, cos, sin, partial, T, qk_scale,
                                      scale, H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
                                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUTS: tl.constexpr,
                                      HAS_VE: tl.constexpr):
@@ -2046,9 +1999,8 @@ def _window_attention_grad_kv_kernel(q_desc, k_desc, v_desc, grad_out_desc, lse,
     if INPUTS:
         # v's first: k's then has fewer registers live beside k_tile, which spills past the loop (64 bytes a thread,
         # stored once and loaded once, where loading the tile again could come from HBM)
-        _v_grad_tile(grad_v_tile, raw_v, x_scale, ve, lambdas, grad_k, grad_v, partial, keys, head, H, HEAD_DIM,
-                     HAS_VE)
-        _qk_grad_tile(grad_k_tile, k_tile, rstd, x_scale, cos, sin, grad_k, keys, H + head, HEAD_DIM, 3 * H)
+        _v_grad_tile(grad_v_tile, raw_v, ve, lambdas, grad_k, grad_v, partial, keys, head, H, HEAD_DIM, HAS_VE)
+        _qk_grad_tile(grad_k_tile, k_tile, rstd, cos, sin, grad_k, keys, H + head, HEAD_DIM, 3 * H)
     else:
         at = keys[:, None] * (H * HEAD_DIM) + col + dims[None, :]
         tl.store(grad_k + at, grad_k_tile)
@@ -2226,22 +2178,22 @@ def _qkv_prep_kernel(qkv, ve, lambdas, cos, sin, q, k, v, n, T, HAS_VE: tl.const
         tl.store(v + out_rows + head * HD + cols, y.to(tl.bfloat16))
 
 
-# The qkv projection with attention_inputs' forward in its epilogue, on Hopper: a cooperative matmul as relu2_mlp's,
-# each warpgroup's 128 x 128 half of a tile of qkv being one head of q, k or v. The epilogue reads the
+# The qkv projection with attention_inputs' forward in its epilogue, on Hopper: the MLP's ping-pong matmul (its
+# loading warp and ring), each warpgroup's 128 x 128 tile of qkv being one head of q, k or v. The epilogue reads the
 # tile's two halves of 64 columns, the rotation's halves, back from shared memory in one layout and pairs them
 # element by element: q and k normed and rotated, v mixed with ve; qkv itself is neither stored nor read back.
-QKV_MATMUL = Tile((256, 128, 64), warps=4, stages=3)
+QKV_MATMUL = Tile((128, 128, 64), warps=4, stages=4)
 
 
 @torch.library.custom_op("speedrun::qkv_matmul_prep", mutates_args=())
-def qkv_matmul_prep(x: Tensor, r: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
+def qkv_matmul_prep(x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
                     sin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """qkv_prep of qkv = r (x @ w.T) rounded to bf16, for x (B, T, dim) and w (3 dim, dim) bf16 and r (B, T, 1)
-    float32, and qkv's v before the mix (B, T, H, head_dim), which the lambdas' gradient takes. This body is the
-    reference; on CUDA the Gluon kernel runs instead."""
+    """qkv_prep of qkv = x @ w.T, for x (B, T, dim) and w (3 dim, dim) bf16, and qkv's v before the mix (B, T, H,
+    head_dim), which the lambdas' gradient takes. This body is the reference; on CUDA the Gluon kernel runs
+    instead."""
     B, T, _ = x.shape
     H3, head_dim = w.size(0) // cos.size(1) // 2, 2 * cos.size(1)
-    qkv = (r * F.linear(x.float(), w.float())).bfloat16().view(B, T, H3, head_dim)
+    qkv = F.linear(x, w).view(B, T, H3, head_dim)
     return *qkv_prep(qkv, ve, lambdas, cos, sin), qk_rstd(qkv), qkv[:, :, 2 * H3 // 3:].contiguous()
 
 
@@ -2253,7 +2205,7 @@ def qk_rstd(qkv: Tensor) -> Tensor:
 
 
 @qkv_matmul_prep.register_fake
-def _(x: Tensor, r: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor):
+def _(x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor):
     B, T, _ = x.shape
     H, head_dim = w.size(0) // 3 // (2 * cos.size(1)), 2 * cos.size(1)
     q, k, v, raw_v = (x.new_empty(B, T, H, head_dim) for _ in range(4))
@@ -2261,7 +2213,7 @@ def _(x: Tensor, r: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, cos: 
 
 
 @qkv_matmul_prep.register_kernel("cuda")
-def _qkv_matmul_prep_gluon(x: Tensor, r: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
+def _qkv_matmul_prep_gluon(x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
                            sin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     B, T, dim = x.shape
     head_dim = 2 * cos.size(1)
@@ -2277,26 +2229,25 @@ def _qkv_matmul_prep_gluon(x: Tensor, r: Tensor, w: Tensor, ve: Tensor | None, l
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     grid = (min(num_sms, triton.cdiv(B * T, BM) * 3 * H),)
     _qkv_matmul_prep_kernel[grid](_gluon_tiles(x2, [BM, BK]), _gluon_tiles(w.contiguous(), [BN, BK]),
-                                  *(_gluon_tiles(t, [BM // 2, BN]) for t in (q, k, v, raw_v)), r.contiguous(), ve,
-                                  lambdas, cos, sin, rstd, B * T, dim, T, has_ve, H, BM, BN, BK, stages,
-                                  num_warps=warps, maxnreg=168)
+                                  *(_gluon_tiles(t, [BM, BN]) for t in (q, k, v, raw_v)), ve, lambdas, cos, sin, rstd,
+                                  B * T, dim, T, has_ve, H, BM, BN, BK, stages, num_warps=warps, maxnreg=168)
     q, k, v, raw_v = (t.view(B, T, H, head_dim) for t in (q, k, v, raw_v))
     return q, k, v, rstd.view(B, T, 2 * H), raw_v
 
 
 @gluon.jit
-def _qkv_matmul_prep_kernel(x_desc, w_desc, q_desc, k_desc, v_desc, raw_v_desc, scale, ve, lambdas, cos, sin,
-                            rstd, M, K, T, HAS_VE: gl.constexpr, H: gl.constexpr, BM: gl.constexpr,
-                            BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr):
-    # q, k, v (M, H * BN) bf16 as qkv_prep makes them from qkv = scale (x @ w.T) rounded to bf16 (scale: a float32
-    # a row), rstd (M, 2 H), and raw_v (M, H * BN), qkv's v
-    x_bufs, w_bufs, ready, empty, out_bufs, loaded = _cooperative_buffers(x_desc, w_desc, q_desc, STAGES)
+def _qkv_matmul_prep_kernel(x_desc, w_desc, q_desc, k_desc, v_desc, raw_v_desc, ve, lambdas, cos, sin, rstd, M,
+                            K, T, HAS_VE: gl.constexpr, H: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                            BK: gl.constexpr, STAGES: gl.constexpr):
+    # q, k, v (M, H * BN) bf16 as qkv_prep makes them from qkv = x @ w.T rounded to bf16, rstd (M, 2 H), and
+    # raw_v (M, H * BN), qkv's v
+    x_bufs, w_bufs, ready, empty, out_bufs, turn = _matmul_buffers(x_desc, w_desc, q_desc, STAGES)
     gl.warp_specialize([
-        (_qkv_matmul_prep_consumer, (q_desc, k_desc, v_desc, raw_v_desc, scale, ve, lambdas, cos, sin, rstd, x_bufs,
-                                     w_bufs, ready, empty, out_bufs, loaded, M, K, T, HAS_VE, H, BM, BN, BK, STAGES,
+        (_qkv_matmul_prep_consumer, (q_desc, k_desc, v_desc, raw_v_desc, ve, lambdas, cos, sin, rstd, x_bufs,
+                                     w_bufs, ready, empty, out_bufs, turn, M, K, T, HAS_VE, H, BM, BN, BK, STAGES,
                                      0)),
-        (_qkv_matmul_prep_consumer, (q_desc, k_desc, v_desc, raw_v_desc, scale, ve, lambdas, cos, sin, rstd, x_bufs,
-                                     w_bufs, ready, empty, out_bufs, loaded, M, K, T, HAS_VE, H, BM, BN, BK, STAGES,
+        (_qkv_matmul_prep_consumer, (q_desc, k_desc, v_desc, raw_v_desc, ve, lambdas, cos, sin, rstd, x_bufs,
+                                     w_bufs, ready, empty, out_bufs, turn, M, K, T, HAS_VE, H, BM, BN, BK, STAGES,
                                      1)),
         (_matmul_loads, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, M, 3 * H * BN, K, False, False, BM, BN, BK,
                          STAGES)),
@@ -2304,33 +2255,31 @@ def _qkv_matmul_prep_kernel(x_desc, w_desc, q_desc, k_desc, v_desc, raw_v_desc, 
 
 
 @gluon.jit
-def _qkv_matmul_prep_consumer(q_desc, k_desc, v_desc, raw_v_desc, scale, ve, lambdas, cos, sin, rstd, x_bufs,
-                              w_bufs, ready, empty, out_bufs, loaded, M, K, T, HAS_VE: gl.constexpr,
-                              H: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-                              STAGES: gl.constexpr, WHICH: gl.constexpr):
-    # warpgroup WHICH of a cooperative kernel: rows WHICH * BM / 2 onwards of each of the program's tiles, its
-    # matmul, then its epilogue, _qkv_prep_kernel's arithmetic. qkv's tile goes to shared memory, whence its two
-    # halves come back in one layout, so that the rotation pairs column c with c + BN / 2 element by element
+def _qkv_matmul_prep_consumer(q_desc, k_desc, v_desc, raw_v_desc, ve, lambdas, cos, sin, rstd, x_bufs, w_bufs,
+                              ready, empty, out_bufs, turn, M, K, T, HAS_VE: gl.constexpr, H: gl.constexpr,
+                              BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+                              WHICH: gl.constexpr):
+    # warpgroup WHICH, as _matmul_relu2_consumer: every other tile, its matmul, then its epilogue, _qkv_prep_kernel's
+    # arithmetic. qkv's tile goes to shared memory, whence its two halves come back in one layout, so that the
+    # rotation pairs column c with c + BN / 2 element by element
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
     halves: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1],
                                             order=[1, 0])
     HALF: gl.constexpr = BN // 2
-    WG_ROWS: gl.constexpr = BM // 2
     k_steps = (K + BK - 1) // BK
-    out_tile, count = out_bufs.index(WHICH), 0
-    tile_rows = gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, halves))
-    acc_rows = gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, layout))
+    count = WHICH * k_steps
+    out_tile, phase = out_bufs.index(WHICH), 0
+    tile_rows = gl.arange(0, BM, layout=gl.SliceLayout(1, halves))
     half_cols = gl.arange(0, HALF, layout=gl.SliceLayout(0, halves))
-    for tile in range(gl.program_id(0), (M + BM - 1) // BM * 3 * H, gl.num_programs(0)):
+    for tile in range(gl.program_id(0) + WHICH * gl.num_programs(0), (M + BM - 1) // BM * 3 * H,
+                      2 * gl.num_programs(0)):
         off_m, head = _tile_at(tile, M, 3 * H * BN, BM, BN, False)
-        off_m += WHICH * WG_ROWS  # this warpgroup's first row
         head = head // BN  # of q's H, then k's, then v's
         col = (head % H) * BN
-        x_scale = gl.load(scale + off_m + acc_rows, mask=off_m + acc_rows < M, other=0.0)[:, None]
-        acc, count = _matmul_half(x_bufs, w_bufs, ready, empty, count, k_steps, layout, False, WG_ROWS, BN, STAGES,
-                                  WHICH, False, q_desc, loaded.index(WHICH), out_tile, off_m, col)
-        tma.store_wait(0)  # the last tile's stores, made during this tile's matmul, have left out_tile
-        out_tile.store(_bf16(acc * x_scale))  # qkv's tile, rounded as stored
+        acc, count = _matmul_tile(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layout, False, BM, BN,
+                                  STAGES, WHICH)
+        tma.store_wait(0)  # the last tile's stores have left out_tile
+        out_tile.store(_bf16(acc))  # qkv's tile, rounded as stored
         gl.thread_barrier()  # all of it, before each thread reads its halves back
         first, second = out_tile.slice(0, HALF, dim=1), out_tile.slice(HALF, HALF, dim=1)
         y1, y2 = first.load(halves).to(gl.float32), second.load(halves).to(gl.float32)
@@ -2363,6 +2312,7 @@ def _qkv_matmul_prep_consumer(q_desc, k_desc, v_desc, raw_v_desc, scale, ve, lam
             _tma_store(k_desc, [off_m, col], out_tile)
         else:
             _tma_store(v_desc, [off_m, col], out_tile)
+        phase ^= 1
     tma.store_wait(0)
 
 
@@ -2429,71 +2379,66 @@ def _qk_norm_grad(d1, d2, x1, x2, rstd, grad_qkv, rows, head, HD: tl.constexpr, 
 # Hopper, the forward is two ops: the qkv matmul with attention_inputs in its epilogue (qkv_matmul_prep: qkv, 300 MB a
 # layer at 64K tokens, is neither stored nor read back), then the attention. The backward is one op and the matmul's
 # two: the attention's backward kernels go on with attention_inputs' backward of their tiles, from q, k, rstd and
-# qkv's v, so the gradients of q, k and v (bf16, 100 MB each) are neither stored nor read back either. As the fused
-# MLP, the block takes norm(x) as x and its row scales: the matmul scales its sums, the backward kernels their
-# gradient of qkv.
+# qkv's v, so the gradients of q, k and v (bf16, 100 MB each) are neither stored nor read back either.
 
 
-def attention_block_fused(x: Tensor, r: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, rotary: Rotary,
+def attention_block_fused(x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, rotary: Rotary,
                           mask: DocumentWindows) -> Tensor:
     """attention_block_reference by qkv_matmul_prep's and window_attention's forward ops, and one op for their
-    backward (the matmul's own backward aside). The qkv matmul scales its rows by r in its epilogue."""
+    backward (the matmul's own backward aside)."""
     T = x.size(1)
-    return WindowAttentionBlock.apply(x, r, w, ve, lambdas, rotary.cos[:T], rotary.sin[:T], *mask)
+    return WindowAttentionBlock.apply(x, w, ve, lambdas, rotary.cos[:T], rotary.sin[:T], *mask)
 
 
-def attention_block_reference(x: Tensor, r: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, rotary: Rotary,
+def attention_block_reference(x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, rotary: Rotary,
                               mask: "BlockMask | DocumentWindows") -> Tensor:
-    """x (B, T, dim), its row scale r (B, T, 1) and the merged qkv weight w (3 dim, dim) bf16 -> the attention's
-    output (B, T, H, head_dim): the qkv projection of scaled(x, r), attention_inputs, then attention, as bound."""
+    """x (B, T, dim) and the merged qkv weight w (3 dim, dim) bf16 -> the attention's output (B, T, H, head_dim):
+    the qkv projection, attention_inputs, then attention, as bound."""
     B, T, _ = x.shape
-    qkv = F.linear(scaled(x, r), w).view(B, T, -1, 2 * rotary.cos.size(1))
+    qkv = F.linear(x, w).view(B, T, -1, 2 * rotary.cos.size(1))
     return attention(*attention_inputs(qkv, ve, lambdas, rotary), mask)
 
 
 class WindowAttentionBlock(torch.autograd.Function):
     """attention_block_fused: qkv_matmul_prep and window_attention forward; backward, window_attention_inputs_grad
-    and the qkv matmul's two gradients (with r's, as FusedReLU2MLP's). qkv itself is never stored: what the
-    backward takes is the forward's outputs, rstd and qkv's v."""
+    and the qkv matmul's two gradients. qkv itself is never stored: what the backward takes is the forward's
+    outputs, rstd and qkv's v."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, r: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor,
+    def forward(ctx, x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor,
                 starts: Tensor, ends: Tensor, window_blocks: Tensor):
-        q, k, v, rstd, raw_v = qkv_matmul_prep(x, r, w, ve, lambdas, cos, sin)
+        q, k, v, rstd, raw_v = qkv_matmul_prep(x, w, ve, lambdas, cos, sin)
         out, lse = window_attention(q, k, v, starts, window_blocks)
-        ctx.save_for_backward(x, r, w, raw_v, ve, lambdas, cos, sin, q, k, v, rstd, out, lse, starts, ends,
+        ctx.save_for_backward(x, w, raw_v, ve, lambdas, cos, sin, q, k, v, rstd, out, lse, starts, ends,
                               window_blocks)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, r, w, *saved = ctx.saved_tensors
+        x, w, *saved = ctx.saved_tensors
         has_ve = saved[1] is not None  # saved: raw_v, ve, ...
-        grad_qkv, grad_ve, grad_lambdas = window_attention_inputs_grad(grad_out, *saved, r)  # r grad_qkv
+        grad_qkv, grad_ve, grad_lambdas = window_attention_inputs_grad(grad_out, *saved)
         grad_qkv = grad_qkv.flatten(end_dim=1).flatten(1)  # (B T, 3 dim), as qkv's matmul made it
         grad_x, grad_w = (grad_qkv @ w).view_as(x), grad_qkv.T @ x.flatten(end_dim=1)
-        return grad_x, row_scale_grad(grad_x, x, r), grad_w, grad_ve if has_ve else None, grad_lambdas, *[None] * 5
+        return grad_x, grad_w, grad_ve if has_ve else None, grad_lambdas, *[None] * 5
 
 
 @torch.library.custom_op("speedrun::window_attention_inputs_grad", mutates_args=())
 def window_attention_inputs_grad(grad_out: Tensor, raw_v: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
                                  sin: Tensor, q: Tensor, k: Tensor, v: Tensor, rstd: Tensor, out: Tensor,
-                                 lse: Tensor, starts: Tensor, ends: Tensor, window_blocks: Tensor,
-                                 x_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                                 lse: Tensor, starts: Tensor, ends: Tensor,
+                                 window_blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """window_attention_grad, then attention_inputs' backward from qkv_prep's outputs (qkv_prep_grad_of_outputs):
-    the gradient of the attention's output -> those of qkv times x_scale (B, T, 1), a float32 a row, of ve (empty
-    without ve) and of lambdas. raw_v is qkv's v. This body is the reference; on CUDA
-    _window_attention_inputs_grad_triton runs instead, which rounds the gradient of qkv once, after the scale."""
+    the gradient of the attention's output -> those of qkv, of ve (empty without ve) and of lambdas. raw_v is
+    qkv's v. This body is the reference; on CUDA _window_attention_inputs_grad_triton runs instead."""
     grad_q, grad_k, grad_v = window_attention_grad(grad_out, q, k, v, out, lse, starts, ends, window_blocks)
-    grad_qkv, grad_ve, grad_lambdas = qkv_prep_grad_of_outputs(grad_q, grad_k, grad_v, q, k, rstd, raw_v, ve,
-                                                               lambdas, cos, sin)
-    return (grad_qkv.float() * x_scale[..., None]).bfloat16(), grad_ve, grad_lambdas
+    return qkv_prep_grad_of_outputs(grad_q, grad_k, grad_v, q, k, rstd, raw_v, ve, lambdas, cos, sin)
 
 
 @window_attention_inputs_grad.register_fake
 def _(grad_out: Tensor, raw_v: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor, q: Tensor,
       k: Tensor, v: Tensor, rstd: Tensor, out: Tensor, lse: Tensor, starts: Tensor, ends: Tensor,
-      window_blocks: Tensor, x_scale: Tensor):
+      window_blocks: Tensor):
     B, T, H, head_dim = q.shape
     grad_ve = ve.new_empty(ve.shape) if ve is not None else q.new_empty(0)
     return q.new_empty(B, T, 3 * H, head_dim), grad_ve, lambdas.new_empty(2)
@@ -2503,7 +2448,7 @@ def _(grad_out: Tensor, raw_v: Tensor, ve: Tensor | None, lambdas: Tensor, cos: 
 def _window_attention_inputs_grad_triton(grad_out: Tensor, raw_v: Tensor, ve: Tensor | None, lambdas: Tensor,
                                          cos: Tensor, sin: Tensor, q: Tensor, k: Tensor, v: Tensor, rstd: Tensor,
                                          out: Tensor, lse: Tensor, starts: Tensor, ends: Tensor,
-                                         window_blocks: Tensor, x_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                                         window_blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     B, T, H, head_dim = q.shape
     has_ve = ve is not None
     grad_qkv, grad_ve = q.new_empty(B, T, 3 * H, head_dim), ve.new_empty(ve.shape) if has_ve else q.new_empty(0)
@@ -2511,8 +2456,7 @@ def _window_attention_inputs_grad_triton(grad_out: Tensor, raw_v: Tensor, ve: Te
     raw_v, ve = raw_v.contiguous(), ve.contiguous() if has_ve else raw_v  # ve: a placeholder when there is none
     _window_attention_grad_kernels(grad_out, q, k, v, out, lse, starts, ends, window_blocks,
                                    (grad_qkv, grad_qkv, grad_ve if has_ve else grad_qkv),
-                                   (raw_v, rstd.contiguous(), x_scale.contiguous(), ve, lambdas, cos, sin, partial,
-                                    has_ve))
+                                   (raw_v, rstd.contiguous(), ve, lambdas, cos, sin, partial, has_ve))
     return grad_qkv, grad_ve, partial.sum(0).bfloat16().float()
 
 
@@ -2522,19 +2466,18 @@ def _window_attention_inputs_grad_triton(grad_out: Tensor, raw_v: Tensor, ve: Te
 
 
 @triton.jit
-def _qk_grad_tile(grad, tile, rstd, x_scale, cos, sin, grad_qkv, rows, head, HD: tl.constexpr, H3: tl.constexpr):
+def _qk_grad_tile(grad, tile, rstd, cos, sin, grad_qkv, rows, head, HD: tl.constexpr, H3: tl.constexpr):
     """grad (rows, HD), the gradient of q or k at head `head` of qkv's H3, and tile, the rows of q or k itself
-    (normed and rotated, bf16) -> the gradient of qkv times the rows' x_scale, stored. The normed rows come back
-    from the tile by the inverse rotation, and rstd from the forward, so q and k are read once a tile, not also
-    qkv: rounded to bf16, they leave the gradient as close to float64's as the plain path's is
-    (tests/test_attention.py)."""
+    (normed and rotated, bf16) -> the gradient of qkv, stored. The normed rows come back from the tile by the
+    inverse rotation, and rstd from the forward, so q and k are read once a tile, not also qkv: rounded to bf16,
+    they leave the gradient as close to float64's as the plain path's is (tests/test_attention.py)."""
     table = rows[:, None] * (HD // 2) + tl.arange(0, HD // 2)[None, :]
     c, s = tl.load(cos + table), tl.load(sin + table)
     g1, g2 = _halves(grad)
     y1, y2 = _halves(tile)
     d1, d2 = g1 * c - g2 * s, g1 * s + g2 * c  # the gradient of the normed halves: the inverse rotation
     x1, x2 = y1 * c - y2 * s, y1 * s + y2 * c  # the normed halves, likewise
-    r = tl.load(rstd + rows.to(tl.int64)[:, None] * (H3 // 3 * 2) + head) * tl.load(x_scale + rows)[:, None]
+    r = tl.load(rstd + rows.to(tl.int64)[:, None] * (H3 // 3 * 2) + head)
     _qk_norm_grad(d1, d2, x1, x2, r, grad_qkv, rows, head, HD, H3)
 
 
@@ -2545,15 +2488,14 @@ def _halves(tile):
 
 
 @triton.jit
-def _v_grad_tile(grad, raw_v, x_scale, ve, lambdas, grad_qkv, grad_ve, partial, rows, head, H: tl.constexpr,
+def _v_grad_tile(grad, raw_v, ve, lambdas, grad_qkv, grad_ve, partial, rows, head, H: tl.constexpr,
                  HD: tl.constexpr, HAS_VE: tl.constexpr):
-    """grad (rows, HD), the gradient of v at head `head` -> those of qkv (times the rows' x_scale) and ve, stored,
-    and the tile's sums for the lambdas' gradient (with qkv's v, raw_v (rows, H HD)), stored in this program's row
-    of partial."""
+    """grad (rows, HD), the gradient of v at head `head` -> those of qkv and ve, stored, and the tile's sums for the
+    lambdas' gradient (with qkv's v, raw_v (rows, H HD)), stored in this program's row of partial."""
     g = grad.to(tl.float32)
     cols = tl.arange(0, HD)[None, :]
     tl.store(grad_qkv + rows.to(tl.int64)[:, None] * (3 * H * HD) + (2 * H + head) * HD + cols,
-             (tl.load(lambdas) * g * tl.load(x_scale + rows)[:, None]).to(tl.bfloat16))
+             (tl.load(lambdas) * g).to(tl.bfloat16))
     program = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
     at_ve = rows.to(tl.int64)[:, None] * (H * HD) + head * HD + cols  # raw_v and ve share the layout
     tl.store(partial + 2 * program, tl.sum(tl.sum(g * tl.load(raw_v + at_ve).to(tl.float32), axis=1), axis=0))
@@ -2565,56 +2507,43 @@ def _v_grad_tile(grad, raw_v, x_scale, ve, lambdas, grad_qkv, grad_ve, partial, 
 
 
 # --- relu2_mlp: the MLP's two matmuls that have elementwise work beside them, each one Gluon matmul on Hopper
-# The up-projection of norm(x) = r x (r: the row scales) stores h = relu(a)^2 for a = r (x @ w_fc.T) in one pass,
-# and the backward stores r grad_a = r (grad_y @ w_proj) * 2 relu(a) in one pass; torch.compile makes each a cuBLAS
-# matmul and an inductor kernel that reads the matmul's output again, and writes norm(x) for the matmul to read.
-# Rounding: the backward's matmul to bf16, then the epilogue once, from float32, as compiled; the forward rounds once
-# where the plain path rounds norm(x) to bf16 first, so it is as close to float64 as the plain path or closer.
-# a itself is neither stored nor kept for the backward: relu(a) is sqrt(h) rounded to bf16, exactly (see
-# relu_of_square).
+# The up-projection stores h = relu(a)^2 for a = x @ w_fc.T in one pass, and the backward stores
+# grad_a = (grad_y @ w_proj) * 2 relu(a) in one pass; torch.compile makes each a cuBLAS matmul and an inductor kernel
+# that reads the matmul's output again. Rounding as compiled: the matmul to bf16, then the epilogue once, from
+# float32, so the fused path gives the plain path's bits. a itself is neither stored nor kept for the backward:
+# relu(a) is sqrt(h) rounded to bf16, exactly (see relu_of_square).
 
 
-# Each program's tile of the output, (rows, columns, depth), half of its rows a warpgroup, fixed rather than
-# autotuned; its stages are the ring of (x, w) tiles that the loading warp keeps full. Measured in the speed
-# record's leads table.
-MLP_MATMUL = Tile((128, 256, 64), warps=4, stages=3)
+# Each warpgroup's tile of the output, (rows, columns, depth), fixed rather than autotuned; its stages are the ring of
+# (x, w) tiles that the loading warp keeps full. Measured in the speed record's leads table.
+MLP_MATMUL = Tile((128, 128, 64), warps=4, stages=4)
 
 
-def relu2_mlp_fused(x: Tensor, r: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
-    """relu2_mlp_reference with its up-projection and that one's backward as the Gluon matmul below, which scales
-    the rows by r in its epilogue: norm(x) is never stored."""
-    return FusedReLU2MLP.apply(x.flatten(end_dim=-2), r.flatten(end_dim=-2), w_fc, w_proj).view_as(x)
+def relu2_mlp_fused(x: Tensor, w_fc: Tensor, w_proj: Tensor, residual: Tensor) -> Tensor:
+    """relu2_mlp_reference with its up-projection and that one's backward as the Gluon matmul below."""
+    return FusedReLU2MLP.apply(x.flatten(end_dim=-2), w_fc, w_proj, residual.flatten(end_dim=-2)).view_as(residual)
 
 
-def relu2_mlp_reference(x: Tensor, r: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
-    """relu(n @ w_fc.T)^2 @ w_proj.T for n = scaled(x, r), x (..., dim), r (..., 1) and bf16 weights (ReLU^2
-    suggested by @SKYLINEZ007 and @Grad62304977, after arXiv:2109.08668)."""
-    return F.linear(F.relu(F.linear(scaled(x, r), w_fc)).square(), w_proj)
+def relu2_mlp_reference(x: Tensor, w_fc: Tensor, w_proj: Tensor, residual: Tensor) -> Tensor:
+    """residual + relu(x @ w_fc.T)^2 @ w_proj.T for x and residual (..., dim) and bf16 weights (ReLU^2 suggested by
+    @SKYLINEZ007 and @Grad62304977, after arXiv:2109.08668)."""
+    return linear_add(residual, F.relu(F.linear(x, w_fc)).square(), w_proj)
 
 
 class FusedReLU2MLP(torch.autograd.Function):
-    """relu2_mlp_fused for x (n, dim) and r (n, 1) with the two custom ops below: a = r (x @ w_fc.T), r applied to
-    the matmul's float32 sums. Saves x, r and h: not a, nor norm(x)."""
+    """relu2_mlp_fused for x and residual (n, dim) with the two custom ops below. Saves x and h, not a."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, r: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
-        h = matmul_relu2(x, w_fc, r)
-        ctx.save_for_backward(x, r, w_fc, w_proj, h)
-        return h @ w_proj.T
+    def forward(ctx, x: Tensor, w_fc: Tensor, w_proj: Tensor, residual: Tensor) -> Tensor:
+        h = matmul_relu2(x, w_fc)
+        ctx.save_for_backward(x, w_fc, w_proj, h)
+        return linear_add(residual, h, w_proj)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        x, r, w_fc, w_proj, h = ctx.saved_tensors
-        grad_a_r = matmul_relu2_grad(grad_y, w_proj, h, r)
-        grad_x = grad_a_r @ w_fc
-        return grad_x, row_scale_grad(grad_x, x, r), grad_a_r.T @ x, grad_y.T @ h
-
-
-def row_scale_grad(grad_x: Tensor, x: Tensor, r: Tensor) -> Tensor:
-    """For out = r (x @ w.T), r a row scale, whose backward makes r grad_out (the rows scaled as in the forward):
-    grad_x = (r grad_out) @ w is x's gradient, and w's is (r grad_out).T @ x. This is r's: a row's
-    sum(grad_out * (x @ w.T)) = sum(grad_x * x) / r."""
-    return (grad_x.float() * x.float()).sum(-1, keepdim=True) / r
+        x, w_fc, w_proj, h = ctx.saved_tensors
+        grad_a = matmul_relu2_grad(grad_y, w_proj, h)
+        return grad_a @ w_fc, grad_a.T @ x, grad_y.T @ h, grad_y
 
 
 def relu_of_square(h: Tensor) -> Tensor:
@@ -2627,41 +2556,40 @@ def relu_of_square(h: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("speedrun::matmul_relu2", mutates_args=())
-def matmul_relu2(x: Tensor, w: Tensor, r: Tensor) -> Tensor:
-    """x (n, k) and w (m, k) bf16, r (n, 1) float32 -> relu(a)^2 for a = r (x @ w.T) rounded to bf16, (n, m) bf16.
-    This body is the reference; on CUDA the Gluon kernel runs instead."""
-    return F.relu((r * (x.float() @ w.float().T)).bfloat16()).square()
+def matmul_relu2(x: Tensor, w: Tensor) -> Tensor:
+    """x (n, k) and w (m, k), bf16 -> relu(x @ w.T)^2, (n, m) bf16. This body is the reference; on CUDA the Gluon
+    kernel runs instead."""
+    return F.relu(x @ w.T).square()
 
 
 @matmul_relu2.register_fake
-def _(x: Tensor, w: Tensor, r: Tensor):
+def _(x: Tensor, w: Tensor):
     return x.new_empty(x.size(0), w.size(0))
 
 
 @torch.library.custom_op("speedrun::matmul_relu2_grad", mutates_args=())
-def matmul_relu2_grad(grad_y: Tensor, w: Tensor, h: Tensor, r: Tensor) -> Tensor:
-    """grad_y (n, k), w (k, m), h = relu(a)^2 (n, m) bf16, r (n, 1) float32 -> r (grad_y @ w) 2 relu(a), r times
-    the gradient of a, (n, m) bf16 (the matmul rounded to bf16, the rest once). This body is the reference; on CUDA
-    the Gluon kernel runs instead."""
-    return ((grad_y @ w).float() * 2 * relu_of_square(h).float() * r).bfloat16()
+def matmul_relu2_grad(grad_y: Tensor, w: Tensor, h: Tensor) -> Tensor:
+    """grad_y (n, k), w (k, m), h = relu(a)^2 (n, m), bf16 -> (grad_y @ w) * 2 relu(a): the gradient of a, (n, m)
+    bf16. This body is the reference; on CUDA the Gluon kernel runs instead."""
+    return (grad_y @ w) * 2 * relu_of_square(h)
 
 
 @matmul_relu2_grad.register_fake
-def _(grad_y: Tensor, w: Tensor, h: Tensor, r: Tensor):
+def _(grad_y: Tensor, w: Tensor, h: Tensor):
     return torch.empty_like(h)
 
 
 @matmul_relu2.register_kernel("cuda")
-def _matmul_relu2_cuda(x: Tensor, w: Tensor, r: Tensor) -> Tensor:
-    return _matmul_relu2_gluon(x.contiguous(), w.contiguous(), None, r.contiguous(), w_kn=False)
+def _matmul_relu2_cuda(x: Tensor, w: Tensor) -> Tensor:
+    return _matmul_relu2_gluon(x.contiguous(), w.contiguous(), None, w_kn=False)
 
 
 @matmul_relu2_grad.register_kernel("cuda")
-def _matmul_relu2_grad_cuda(grad_y: Tensor, w: Tensor, h: Tensor, r: Tensor) -> Tensor:
-    return _matmul_relu2_gluon(grad_y.contiguous(), w.contiguous(), h.contiguous(), r.contiguous(), w_kn=True)
+def _matmul_relu2_grad_cuda(grad_y: Tensor, w: Tensor, h: Tensor) -> Tensor:
+    return _matmul_relu2_gluon(grad_y.contiguous(), w.contiguous(), h.contiguous(), w_kn=True)
 
 
-def _matmul_relu2_gluon(x: Tensor, w: Tensor, h: Tensor | None, r: Tensor, w_kn: bool) -> Tensor:
+def _matmul_relu2_gluon(x: Tensor, w: Tensor, h: Tensor | None, w_kn: bool) -> Tensor:
     """The forward without h, the backward with it."""
     M, K = x.shape
     N = w.size(1) if w_kn else w.size(0)
@@ -2671,8 +2599,8 @@ def _matmul_relu2_gluon(x: Tensor, w: Tensor, h: Tensor | None, r: Tensor, w_kn:
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     grid = (min(num_sms, triton.cdiv(M, BM) * triton.cdiv(N, BN)),)
     _matmul_relu2_kernel[grid](_gluon_tiles(x, [BM, BK]), _gluon_tiles(w, [BK, BN] if w_kn else [BN, BK]),
-                               _gluon_tiles(h, [BM // 2, BN]), _gluon_tiles(out, [BM // 2, BN]), r, M, N, K,
-                               w_kn, h is not out, BM, BN, BK, stages, num_warps=warps, maxnreg=168)
+                               _gluon_tiles(h, [BM, BN]), _gluon_tiles(out, [BM, BN]), M, N, K, w_kn, h is not out,
+                               BM, BN, BK, stages, num_warps=warps, maxnreg=168)
     return out
 
 
@@ -2683,121 +2611,30 @@ def _gluon_tiles(t: Tensor, block: list[int]) -> "GluonTensorDescriptor":
     return GluonTensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
 
 
-# The matmul is warp-specialised, persistent and cooperative, as CUTLASS's "cooperative" kernels for Hopper are: a
-# program an SM, whose two warpgroups share each of its tiles, half of the rows each, fed by one warp that loads (x, w)
-# tiles through the TMA into a ring of stages. Both warpgroups read the tile's w from shared memory, so that a flop
-# moves fewer bytes through shared memory than with a 128 x 128 tile a warpgroup (the ping-pong kernels below), whose
-# loads and wgmma reads keep shared memory busier than the tensor cores; the epilogues no longer overlap a matmul.
-# maxnreg=168 caps the 3 warpgroups' registers at the register file; the two consumers take 240 each and the
-# loading warp's group 24.
+# The matmul is warp-specialised and persistent, as CUTLASS's "ping-pong" kernels for Hopper are: a program an SM,
+# whose tiles alternate between two warpgroups, each with its own accumulator, fed by one warp that loads (x, w)
+# tiles through the TMA into a ring of stages; while one warpgroup runs its epilogue, the other's matmul keeps the
+# tensor cores busy. maxnreg=168 caps the 3 warpgroups' registers at the register file; the two consumers take 240
+# each and the loading warp's group 24.
 
 
 @gluon.jit
-def _matmul_relu2_kernel(x_desc, w_desc, h_desc, out_desc, scale, M, N, K, W_KN: gl.constexpr,
-                         BACKWARD: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-                         STAGES: gl.constexpr):
-    # y = x @ w (w stored (K, N): W_KN) or x @ w.T (w stored (N, K)); scale: a float32 a row. Forward: stores
-    # relu(a)^2 for a = scale y rounded to bf16 as out. Backward: stores scale y 2 relu(a) as out, y rounded to bf16
-    # first, relu(a) from h as relu_of_square has it (gl.sqrt, the fast approximate one: its error is far inside that
-    # function's margin).
-    x_bufs, w_bufs, ready, empty, out_bufs, h_ready = _cooperative_buffers(x_desc, w_desc, out_desc, STAGES)
+def _matmul_relu2_kernel(x_desc, w_desc, h_desc, out_desc, M, N, K, W_KN: gl.constexpr, BACKWARD: gl.constexpr,
+                         BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr):
+    # y = x @ w (w stored (K, N): W_KN) or x @ w.T (w stored (N, K)), rounded to bf16. Forward: stores relu(y)^2
+    # as out. Backward: stores y * 2 relu(a) as out, relu(a) from h as relu_of_square has it (gl.sqrt, the fast
+    # approximate one: its error is far inside that function's margin).
+    x_bufs, w_bufs, ready, empty, out_bufs, turn = _matmul_buffers(x_desc, w_desc, out_desc, STAGES)
+    h_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(h_ready.index(i), count=1)
     gl.warp_specialize([
-        (_matmul_relu2_consumer, (h_desc, out_desc, scale, x_bufs, w_bufs, ready, empty, out_bufs, h_ready, M, N, K,
+        (_matmul_relu2_consumer, (h_desc, out_desc, x_bufs, w_bufs, ready, empty, out_bufs, h_ready, turn, M, N, K,
                                   W_KN, BACKWARD, BM, BN, BK, STAGES, 0)),
-        (_matmul_relu2_consumer, (h_desc, out_desc, scale, x_bufs, w_bufs, ready, empty, out_bufs, h_ready, M, N, K,
+        (_matmul_relu2_consumer, (h_desc, out_desc, x_bufs, w_bufs, ready, empty, out_bufs, h_ready, turn, M, N, K,
                                   W_KN, BACKWARD, BM, BN, BK, STAGES, 1)),
         (_matmul_loads, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, M, N, K, W_KN, False, BM, BN, BK, STAGES)),
     ], [4, 1], [240, 24])
-
-
-@gluon.jit
-def _matmul_relu2_consumer(h_desc, out_desc, scale, x_bufs, w_bufs, ready, empty, out_bufs, h_ready, M, N, K,
-                           W_KN: gl.constexpr, BACKWARD: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                           BK: gl.constexpr, STAGES: gl.constexpr, WHICH: gl.constexpr):
-    # warpgroup WHICH: rows WHICH * BM / 2 onwards of each of the program's tiles, its matmul (wgmma of BN columns
-    # from its half of x's tile and all of w's, one in flight while the next stage is awaited), then its epilogue
-    # through its half of the output tile in shared memory and the TMA. The last tile's output leaves that half
-    # during the matmul; in the backward, h's half tile then arrives there. The rows' scales are loaded before it.
-    HALF: gl.constexpr = BM // 2
-    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
-    tile_rows = gl.arange(0, HALF, layout=gl.SliceLayout(1, layout))
-    k_steps = (K + BK - 1) // BK
-    out_tile, h_bar, count, phase = out_bufs.index(WHICH), h_ready.index(WHICH), 0, 0
-    for tile in range(gl.program_id(0), (M + BM - 1) // BM * ((N + BN - 1) // BN), gl.num_programs(0)):
-        off_m, off_n = _tile_at(tile, M, N, BM, BN, False)
-        row0 = off_m + WHICH * HALF
-        rows = row0 + tile_rows
-        r = gl.load(scale + rows, mask=rows < M, other=0.0)[:, None]
-        acc, count = _matmul_half(x_bufs, w_bufs, ready, empty, count, k_steps, layout, W_KN, HALF, BN, STAGES,
-                                  WHICH, BACKWARD, h_desc, h_bar, out_tile, row0, off_n)
-        if BACKWARD:
-            y = _bf16(acc).to(gl.float32)
-            mbarrier.wait(h_bar, phase)
-            relu_a = _bf16(gl.sqrt(out_tile.load(layout).to(gl.float32))).to(gl.float32)
-            out_tile.store((y * 2 * relu_a * r).to(gl.bfloat16))
-        else:
-            relu_a = gl.maximum(_bf16(acc * r).to(gl.float32), 0.0)
-            tma.store_wait(0)  # the last tile's output, stored during this tile's matmul, has left out_tile
-            out_tile.store((relu_a * relu_a).to(gl.bfloat16))
-        fence_async_shared()
-        _tma_store(out_desc, [row0, off_n], out_tile)
-        phase ^= 1
-    tma.store_wait(0)
-
-
-@gluon.jit
-def _cooperative_buffers(x_desc, w_desc, out_desc, STAGES: gl.constexpr):
-    """The cooperative kernels' shared memory: the ring of STAGES (x, w) tiles with its ready and empty barriers
-    (a stage is free once both warpgroups are done with it), each warpgroup's half of the output tile, and a
-    barrier each for a tile loaded there."""
-    x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
-    w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
-    out_bufs = gl.allocate_shared_memory(out_desc.dtype, [2] + out_desc.block_type.shape, out_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    loaded = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)
-    for i in gl.static_range(2):
-        mbarrier.init(loaded.index(i), count=1)
-    return x_bufs, w_bufs, ready, empty, out_bufs, loaded
-
-
-@gluon.jit
-def _matmul_half(x_bufs, w_bufs, ready, empty, count, k_steps, layout: gl.constexpr, W_KN: gl.constexpr,
-                 HALF: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr, WHICH: gl.constexpr,
-                 LOAD: gl.constexpr, load_desc, loaded, out_tile, row0, off_n):
-    """A cooperative kernel's warpgroup WHICH: its half of the rows of one tile's matmul by wgmma from the ring
-    (one in flight while the next stage is awaited) -> the float32 accumulator and the ring's count past the tile.
-    With LOAD, while the first wgmma runs: once the last tile's output has left out_tile, load_desc's block at
-    (row0, off_n) is loaded there (loaded: its barrier)."""
-    acc = gl.zeros((HALF, BN), dtype=gl.float32, layout=layout)
-    for k in range(k_steps):
-        stage = count % STAGES
-        mbarrier.wait(ready.index(stage), count // STAGES & 1)
-        x_rows = x_bufs.index(stage).slice(WHICH * HALF, HALF)
-        if W_KN:
-            acc = warpgroup_mma(x_rows, w_bufs.index(stage), acc, is_async=True)
-        else:
-            acc = warpgroup_mma(x_rows, w_bufs.index(stage).permute((1, 0)), acc, is_async=True)
-        if LOAD and k == 0:
-            tma.store_wait(0)
-            mbarrier.expect(loaded, load_desc.block_type.nbytes)
-            _tma_load(load_desc, [row0, off_n], loaded, out_tile)
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-        mbarrier.arrive(empty.index((count + STAGES - 1) % STAGES), count=1, pred=k > 0)  # the one before
-        count += 1
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    mbarrier.arrive(empty.index((count + STAGES - 1) % STAGES), count=1)
-    return acc, count
-
-
-# The ping-pong kernels' pieces, which no kernel here uses since the qkv matmul's and the logits' became cooperative
-# (benchmarks/gluon_matmul_diag.py times them against the cooperative ones): warp-specialised and persistent, as
-# CUTLASS's "ping-pong" kernels for Hopper are: a program an SM, whose tiles alternate between two warpgroups, each
-# with its own accumulator, fed by one warp that loads (x, w) tiles through the TMA into a ring of stages; while one
-# warpgroup runs its epilogue, the other's matmul keeps the tensor cores busy. maxnreg=168 as above.
 
 
 @gluon.jit
@@ -2875,6 +2712,39 @@ def _matmul_tile(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layo
     return acc, count + k_steps
 
 
+@gluon.jit
+def _matmul_relu2_consumer(h_desc, out_desc, x_bufs, w_bufs, ready, empty, out_bufs, h_ready, turn, M, N, K,
+                           W_KN: gl.constexpr, BACKWARD: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                           BK: gl.constexpr, STAGES: gl.constexpr, WHICH: gl.constexpr):
+    # warpgroup WHICH: every other tile of the program's, its matmul, then its epilogue through its own tile of
+    # shared memory and the TMA. In the backward, h's tile arrives there during the matmul.
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
+    k_steps = (K + BK - 1) // BK
+    count = WHICH * k_steps  # the ring's count at this warpgroup's first tile: the loading warp goes in tile order
+    out_tile, h_bar, phase = out_bufs.index(WHICH), h_ready.index(WHICH), 0
+    for tile in range(gl.program_id(0) + WHICH * gl.num_programs(0), (M + BM - 1) // BM * ((N + BN - 1) // BN),
+                      2 * gl.num_programs(0)):
+        off_m, off_n = _tile_at(tile, M, N, BM, BN, False)
+        tma.store_wait(0)  # the last tile's output has left out_tile
+        if BACKWARD:
+            mbarrier.expect(h_bar, h_desc.block_type.nbytes)
+            _tma_load(h_desc, [off_m, off_n], h_bar, out_tile)
+        acc, count = _matmul_tile(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layout, W_KN, BM, BN,
+                                  STAGES, WHICH)
+        y = _bf16(acc).to(gl.float32)
+        if BACKWARD:
+            mbarrier.wait(h_bar, phase)
+            relu_a = _bf16(gl.sqrt(out_tile.load(layout).to(gl.float32))).to(gl.float32)
+            out_tile.store((y * 2 * relu_a).to(gl.bfloat16))
+        else:
+            relu_y = gl.maximum(y, 0.0)
+            out_tile.store((relu_y * relu_y).to(gl.bfloat16))
+        fence_async_shared()
+        _tma_store(out_desc, [off_m, off_n], out_tile)
+        phase ^= 1
+    tma.store_wait(0)
+
+
 # --- head_loss: the lm_head's training loss, fused and in chunks of tokens
 # The lm_head matmul (FP8 head by @YouJiacheng), the soft cap and the cross entropy, with the gradients of x and w
 # computed in the same pass, HEAD_CHUNK tokens at a time: the (tokens, V) logits never exist whole (at 64K tokens:
@@ -2899,9 +2769,9 @@ GRAD_W_CHUNKS = 2  # chunks a span: each one more holds another chunk's FP8 grad
 # compares them
 HEAD_LSE = Tile((1, 2048), warps=4, stages=3)
 HEAD_GRAD = Tile((32, 64), warps=4, stages=3)
-# On Hopper: the logits' FP8 matmul (rows, columns, depth) a program, half of its rows a warpgroup, as the MLP's,
-# and the rows and partial sums of a program of the kernel that adds those sums up
-HEAD_MATMUL = Tile((256, 128, 128), warps=4, stages=3)
+# On Hopper: the logits' FP8 matmul (rows, columns, depth) as the MLP's, and the rows and partial sums of a program
+# of the kernel that adds those sums up
+HEAD_MATMUL = Tile((128, 128, 128), warps=4, stages=4)
 HEAD_SUMS = Tile((32, 64), warps=4, stages=2)
 
 
@@ -3129,7 +2999,7 @@ def _logits_gluon(x_q: Tensor, w_q: Tensor) -> tuple[Tensor, Tensor]:
     num_sms = torch.cuda.get_device_properties(x_q.device).multi_processor_count
     grid = (min(num_sms, triton.cdiv(n, BM) * (V // BN)),)
     _logits_kernel[grid](_gluon_tiles(x_q.contiguous(), [BM, BK]), _gluon_tiles(w_q, [BN, BK]),
-                         _gluon_tiles(logits, [BM // 2, BN]), sums, n, V, x_q.size(1), 1 / (FP8_X_SCALE * FP8_W_SCALE),
+                         _gluon_tiles(logits, [BM, BN]), sums, n, V, x_q.size(1), 1 / (FP8_X_SCALE * FP8_W_SCALE),
                          SOFTCAP, SOFTCAP_TEMPERATURE, BM, BN, BK, stages, num_warps=warps, maxnreg=168)
     return logits, sums
 
@@ -3228,10 +3098,9 @@ def _logit_grad_kernel(logits, targets, lse, g, g_t, n, V, t_stride, inv_tokens,
     tl.store(g + offsets, grad, mask=ok)
 
 
-# The logits' FP8 matmul on Hopper: a cooperative kernel as the MLP's (both warpgroups on each tile, which shares w's
-# rows between them), with tiles taken down the columns (w's row blocks in turn, each against every row block of the
-# chunk's x, which stays in L2), and an epilogue that stores the logits and the tile's row sums of exp(z) as
-# _lse_kernel computes them.
+# The logits' FP8 matmul on Hopper: the MLP's ping-pong kernel (its loading warp and matmul loop), with tiles taken
+# down the columns (w's row blocks in turn, each against every row block of the chunk's x, which stays in L2), and an
+# epilogue that stores the logits and the tile's row sums of exp(z) as _lse_kernel computes them.
 
 
 @gluon.jit
@@ -3240,39 +3109,40 @@ def _logits_kernel(x_desc, w_desc, out_desc, sums, M, N, K, SCALE: gl.constexpr,
                    STAGES: gl.constexpr):
     # out = x @ w.T * SCALE, rounded to bf16, as _scaled_mm makes it; sums[n // BN, m] = the sum of exp(z) over
     # the tile's columns of row m
-    x_bufs, w_bufs, ready, empty, out_bufs, loaded = _cooperative_buffers(x_desc, w_desc, out_desc, STAGES)
+    x_bufs, w_bufs, ready, empty, out_bufs, turn = _matmul_buffers(x_desc, w_desc, out_desc, STAGES)
     gl.warp_specialize([
-        (_logits_consumer, (out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, loaded, M, N, K, SCALE, CAP,
+        (_logits_consumer, (out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, turn, M, N, K, SCALE, CAP,
                             TEMPERATURE, BM, BN, BK, STAGES, 0)),
-        (_logits_consumer, (out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, loaded, M, N, K, SCALE, CAP,
+        (_logits_consumer, (out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, turn, M, N, K, SCALE, CAP,
                             TEMPERATURE, BM, BN, BK, STAGES, 1)),
         (_matmul_loads, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, M, N, K, False, True, BM, BN, BK, STAGES)),
     ], [4, 1], [240, 24])
 
 
 @gluon.jit
-def _logits_consumer(out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, loaded, M, N, K, SCALE: gl.constexpr,
+def _logits_consumer(out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, turn, M, N, K, SCALE: gl.constexpr,
                      CAP: gl.constexpr, TEMPERATURE: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                      BK: gl.constexpr, STAGES: gl.constexpr, WHICH: gl.constexpr):
-    # warpgroup WHICH: rows WHICH * BM / 2 onwards of each of the program's tiles, its matmul, then its epilogue
-    HALF: gl.constexpr = BM // 2
+    # warpgroup WHICH, as _matmul_relu2_consumer: every other tile, its matmul, then its epilogue
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 32])
     k_steps = (K + BK - 1) // BK
-    out_tile, count = out_bufs.index(WHICH), 0
-    tile_rows = gl.arange(0, HALF, layout=gl.SliceLayout(1, layout))
-    for tile in range(gl.program_id(0), (M + BM - 1) // BM * ((N + BN - 1) // BN), gl.num_programs(0)):
+    count = WHICH * k_steps
+    out_tile, phase = out_bufs.index(WHICH), 0
+    tile_rows = gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
+    for tile in range(gl.program_id(0) + WHICH * gl.num_programs(0), (M + BM - 1) // BM * ((N + BN - 1) // BN),
+                      2 * gl.num_programs(0)):
         off_m, off_n = _tile_at(tile, M, N, BM, BN, True)
-        row0 = off_m + WHICH * HALF
-        acc, count = _matmul_half(x_bufs, w_bufs, ready, empty, count, k_steps, layout, False, HALF, BN, STAGES,
-                                  WHICH, False, out_desc, loaded.index(WHICH), out_tile, row0, off_n)
+        tma.store_wait(0)  # the last tile's logits have left out_tile
+        acc, count = _matmul_tile(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layout, False, BM, BN,
+                                  STAGES, WHICH)
         bits = _bf16_bits(acc * SCALE)  # here _bf16 would spill registers
-        tma.store_wait(0)  # the last tile's logits, stored during this tile's matmul, have left out_tile
         out_tile.store((bits >> 16).to(gl.int16).to(gl.bfloat16, bitcast=True))
         fence_async_shared()
-        _tma_store(out_desc, [row0, off_n], out_tile)
+        _tma_store(out_desc, [off_m, off_n], out_tile)
         exp_z = _exp_kernel(CAP * _sigmoid_tanh_kernel(bits.to(gl.float32, bitcast=True), TEMPERATURE))
-        rows = row0 + tile_rows
+        rows = off_m + tile_rows
         gl.store(sums + off_n // BN * M + rows, gl.sum(exp_z, axis=1), mask=rows < M)
+        phase ^= 1
     tma.store_wait(0)
 
 
