@@ -201,10 +201,14 @@ def norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-def linear_add(residual: Tensor, x: Tensor, w: Tensor) -> Tensor:
-    """residual + x @ w.T for (..., dim) tensors as one matmul (addmm) that reads residual in its epilogue: the sum
-    is rounded to bf16 once, and no pass over memory reads the product back to add it."""
-    return torch.addmm(residual.flatten(end_dim=-2), x.flatten(end_dim=-2), w.T).view_as(residual)
+def row_scale(x: Tensor) -> Tensor:
+    """norm's factor for each row of x, (..., 1) float32: norm(x) is scaled(x, row_scale(x)), as F.rms_norm computes
+    it for bf16 x (in float32, with float32's eps)."""
+    return torch.rsqrt(x.float().square().mean(-1, keepdim=True) + torch.finfo(torch.float32).eps)
+
+
+def scaled(x: Tensor, r: Tensor) -> Tensor:
+    return (x.float() * r).type_as(x)
 
 
 def softcap(logits: Tensor) -> Tensor:
@@ -231,6 +235,45 @@ class CastedLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight.type_as(x))
+
+
+class Embedding(nn.Embedding):
+    """A bf16 table whose gradient is summed in float32, in place, over a step's sequences: each lookup's backward
+    adds into grad_sum, and take_grad() makes the table's .grad of the sum once a step. nn.Embedding's backward
+    would, each sequence, zero a float32 table the size of this one, add into it, round it to bf16 and add that to
+    .grad."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__(num_embeddings, embedding_dim)  # drawn in float32, as the record's tables are, then rounded
+        self.weight = nn.Parameter(self.weight.detach().bfloat16())
+        self.grad_sum = nn.Buffer(torch.zeros(num_embeddings, embedding_dim), persistent=False)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return LookupAddingGrad.apply(self.weight, ids, self.grad_sum)
+
+    def take_grad(self):
+        """The table's .grad: grad_sum rounded to the table's dtype; grad_sum starts again at 0."""
+        self.weight.grad = self.grad_sum.to(self.weight.dtype)
+        self.grad_sum.zero_()
+
+
+def embedding_tables(model: nn.Module) -> list[Embedding]:
+    return [module for module in model.modules() if isinstance(module, Embedding)]
+
+
+class LookupAddingGrad(torch.autograd.Function):
+    """table[ids], whose backward adds the table's gradient into grad_sum and gives the table none."""
+
+    @staticmethod
+    def forward(ctx, table: Tensor, ids: Tensor, grad_sum: Tensor) -> Tensor:
+        ctx.save_for_backward(ids, grad_sum)
+        return F.embedding(ids, table)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        ids, grad_sum = ctx.saved_tensors
+        grad_sum.index_add_(0, ids.flatten(), grad_out.flatten(end_dim=-2).float())
+        return None, None, None
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -267,13 +310,11 @@ class CausalSelfAttention(nn.Module):
         self.rotary = Rotary(self.head_dim, max_seq_len)
         self.c_proj = CastedLinear(dim, dim, zero_init=True)
 
-    def forward(self, x: Tensor, ve: Tensor | None, mask: "BlockMask | DocumentWindows",
-                residual: Tensor) -> Tensor:
-        """residual + the attention's output for x."""
+    def forward(self, x: Tensor, r: Tensor, ve: Tensor | None, mask: "BlockMask | DocumentWindows") -> Tensor:
+        """The attention of norm(x) = scaled(x, r)."""
         B, T, D = x.shape
-        out = attention_block(x, self.qkv_w.flatten(end_dim=1).type_as(x), ve, self.lambdas, self.rotary, mask)
-        out = out.reshape(B, T, D)
-        return linear_add(residual, out, self.c_proj.weight.type_as(out))
+        out = attention_block(x, r, self.qkv_w.flatten(end_dim=1).type_as(x), ve, self.lambdas, self.rotary, mask)
+        return self.c_proj(out.reshape(B, T, D))
 
 
 class MLP(nn.Module):
@@ -282,9 +323,9 @@ class MLP(nn.Module):
         self.c_fc = CastedLinear(dim, 4 * dim)
         self.c_proj = CastedLinear(4 * dim, dim, zero_init=True)
 
-    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        """residual + the MLP's output for x."""
-        return relu2_mlp(x, self.c_fc.weight.type_as(x), self.c_proj.weight.type_as(x), residual)
+    def forward(self, x: Tensor, r: Tensor) -> Tensor:
+        """The MLP of norm(x) = scaled(x, r)."""
+        return relu2_mlp(x, r, self.c_fc.weight.type_as(x), self.c_proj.weight.type_as(x))
 
 
 class Block(nn.Module):
@@ -296,10 +337,11 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, mask: "BlockMask | DocumentWindows") -> Tensor:
         x = self.lambdas[0] * x + self.lambdas[1] * x0
-        # x + attn(norm(x)), then x + mlp(norm(x)): each add in the matmul of the output projection (linear_add)
+        # The attention and the MLP take norm(x) as x and its row scale: their fused matmuls scale in their epilogues,
+        # so norm(x) is never stored. Each residual add lands in the kernel that sums the next row scale's squares.
         if self.attn is not None:
-            x = self.attn(norm(x), ve, mask, residual=x)
-        return self.mlp(norm(x), residual=x)
+            x = x + self.attn(x, row_scale(x), ve, mask)
+        return x + self.mlp(x, row_scale(x))
 
 
 def layer_tables(num_layers: int) -> tuple[tuple, tuple]:
@@ -322,15 +364,13 @@ class GPT(nn.Module):
         super().__init__()
         self.eot_token = vocab_size - 1  # the last token ends a document (GPT-2: 50256)
         self.layer_value_embeds, self.layer_windows = layer_tables(num_layers)
-        self.embed = nn.Embedding(vocab_size, model_dim)
-        self.value_embeds = nn.ModuleList([nn.Embedding(vocab_size, model_dim) for _ in range(min(3, num_layers // 2))])
+        self.embed = Embedding(vocab_size, model_dim)
+        self.value_embeds = nn.ModuleList([Embedding(vocab_size, model_dim) for _ in range(min(3, num_layers // 2))])
         self.blocks = nn.ModuleList([Block(model_dim, num_heads, max_seq_len, i != NO_ATTENTION_LAYER)
                                      for i in range(num_layers)])
         self.skip_weights = nn.Parameter(torch.ones(num_layers // 2))
         # the vocabulary padded to a multiple of 128 for the matmul: suggested by @Grad62304977, after Karpathy
         self.lm_head = CastedLinear(model_dim, next_multiple(vocab_size, 128), zero_init=True)
-        for embed in [self.embed, *self.value_embeds]:
-            embed.bfloat16()
 
     def forward(self, input_seq: Tensor, target_seq: Tensor, window_blocks: Tensor) -> Tensor:
         """input_seq, target_seq: (T,) token ids; window_blocks: 0-d int tensor, the long window in blocks
@@ -765,6 +805,7 @@ def train_step(model: nn.Module, inputs: Tensor, targets: Tensor, window: Tensor
     The gradient is the mean over all batch_seqs sequences, for any world size: each of the `accum`
     sequences a rank holds is weighted 1/accum, then the ranks average."""
     accum = len(inputs) // seq_len
+    tables = embedding_tables(model)
     loss = torch.zeros((), device=inputs.device)
     with record_function("forward_backward"):  # a phase in --profile_at tables, as is each optimizer's step
         for seq_in, seq_target in zip(inputs.split(seq_len), targets.split(seq_len)):
@@ -773,15 +814,19 @@ def train_step(model: nn.Module, inputs: Tensor, targets: Tensor, window: Tensor
             loss += seq_loss.detach()
     if dist.is_initialized():
         # async, in this order on the wire: Muon's reduce-scatters, then the all-reduces of Adam's gradients and
-        # the loss, which run while Muon orthogonalises; its all-gathers queue behind them
+        # the loss, which run while Muon orthogonalises; its all-gathers queue behind them. The tables' float32
+        # sums are averaged before they are rounded, so that any number of ranks rounds them alike.
         muon.reduce_grads()
-        averaged = [dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, async_op=True)
-                    for group in adam.param_groups for p in group["params"]]
-        averaged.append(dist.all_reduce(loss, op=dist.ReduceOp.AVG, async_op=True))
+        table_weights = {id(table.weight) for table in tables}
+        grads = [p.grad for group in adam.param_groups for p in group["params"] if id(p) not in table_weights]
+        averaged = [dist.all_reduce(t, op=dist.ReduceOp.AVG, async_op=True)
+                    for t in [*(table.grad_sum for table in tables), *grads, loss]]
     muon.step()
     if dist.is_initialized():
         for work in averaged:
             work.wait()
+    for table in tables:
+        table.take_grad()
     adam.step()
     model.zero_grad(set_to_none=True)
     return loss
@@ -1839,13 +1884,13 @@ def _window_attention_grad_kernels(grad_out: Tensor, q: Tensor, k: Tensor, v: Te
                                    starts: Tensor, ends: Tensor, window_blocks: Tensor, grads: tuple[Tensor, ...],
                                    inputs: tuple = ()):
     """Launches the query kernel, then the key kernel, which store into grads = (grad_q, grad_k, grad_v). Given
-    inputs = (raw_v, rstd, ve, lambdas, cos, sin, partial, has_ve), the kernels go on with attention_inputs'
-    backward, and grads are (grad_qkv, grad_qkv, grad_ve): see window_attention_inputs_grad."""
+    inputs = (raw_v, rstd, x_scale, ve, lambdas, cos, sin, partial, has_ve), the kernels go on with
+    attention_inputs' backward, and grads are (grad_qkv, grad_qkv, grad_ve): see window_attention_inputs_grad."""
     _, T, H, head_dim = q.shape
     grad_out, q, k, v, out = (t.contiguous() for t in (grad_out, q, k, v, out))
     delta = torch.empty_like(lse)  # per query: the sum of grad_out * out, which the query kernel computes and stores
     fused = bool(inputs)
-    raw_v, rstd, ve, lambdas, cos, sin, partial, has_ve = inputs or (q,) * 7 + (False,)  # placeholders if unfused
+    raw_v, rstd, x_scale, ve, lambdas, cos, sin, partial, has_ve = inputs or (q,) * 8 + (False,)  # placeholders
 
     def grid(block: int) -> tuple[int, int]:
         # fused, heads first: the H programs of a tile run side by side, and all but the first find its rows of cos
@@ -1857,14 +1902,14 @@ def _window_attention_grad_kernels(grad_out: Tensor, q: Tensor, k: Tensor, v: Te
     (block_m, block_n), warps, stages = ATTENTION_GRAD_Q
     _window_attention_grad_q_kernel[grid(block_m)](
         _tiles_of(q, block_m), _tiles_of(k, block_n), _tiles_of(v, block_n), _tiles_of(grad_out, block_m), out, lse,
-        delta, starts, window_blocks, grads[0], rstd, cos, sin, T, ATTENTION_SCALE * LOG2E, ATTENTION_SCALE, H,
+        delta, starts, window_blocks, grads[0], rstd, x_scale, cos, sin, T, ATTENTION_SCALE * LOG2E, ATTENTION_SCALE, H,
         head_dim, BLOCK_SIZE, block_m, block_n, fused, num_warps=warps, num_stages=stages)
     (block_m, block_n), warps, stages = ATTENTION_GRAD_KV
     _window_attention_grad_kv_kernel[grid(block_n)](
         _tiles_of(q, block_m), _tiles_of(k, block_n), _tiles_of(v, block_n), _tiles_of(grad_out, block_m), lse, delta,
-        ends, window_blocks, *grads[1:], raw_v, rstd, ve, lambdas, cos, sin, partial, T, ATTENTION_SCALE * LOG2E,
-        ATTENTION_SCALE, H, head_dim, BLOCK_SIZE, block_m, block_n, fused, has_ve, num_warps=warps,
-        num_stages=stages)
+        ends, window_blocks, *grads[1:], raw_v, rstd, x_scale, ve, lambdas, cos, sin, partial, T,
+        ATTENTION_SCALE * LOG2E, ATTENTION_SCALE, H, head_dim, BLOCK_SIZE, block_m, block_n, fused, has_ve,
+        num_warps=warps, num_stages=stages)
 
 
 @triton.jit
@@ -1927,7 +1972,8 @@ def _window_attention_kernel(q_desc, k_desc, v_desc, out, lse, starts, window_bl
 
 @triton.jit
 def _window_attention_grad_q_kernel(q_desc, k_desc, v_desc, grad_out_desc, out, lse, delta, starts,
-                                    window_blocks, grad_q, rstd, cos, sin, T, qk_scale, scale, H: tl.constexpr,
+                                    window_blocks, grad_q, rstd, x_scale, cos, sin, T, qk_scale, scale,
+                                    H: tl.constexpr,
                                     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                                     BLOCK_N: tl.constexpr, INPUTS: tl.constexpr):
     # one tile of BLOCK_M queries of one head, over the keys it sees, as in the forward; it also stores its
@@ -1956,14 +2002,15 @@ def _window_attention_grad_q_kernel(q_desc, k_desc, v_desc, grad_out_desc, out, 
         grad_q_tile += tl.dot(grad_s.to(k_tile.dtype), k_tile)
     grad_q_tile = (grad_q_tile * scale).to(q_tile.dtype)  # bf16 either way: the separate ops' numbers
     if INPUTS:
-        _qk_grad_tile(grad_q_tile, q_tile, rstd, cos, sin, grad_q, rows, head, HEAD_DIM, 3 * H)
+        _qk_grad_tile(grad_q_tile, q_tile, rstd, x_scale, cos, sin, grad_q, rows, head, HEAD_DIM, 3 * H)
     else:
         tl.store(grad_q + at, grad_q_tile)
 
 
 @triton.jit
 def _window_attention_grad_kv_kernel(q_desc, k_desc, v_desc, grad_out_desc, lse, delta, ends, window_blocks,
-                                     grad_k, grad_v, raw_v, rstd, ve, lambdas, cos, sin, partial, T, qk_scale,
+                                     grad_k, grad_v, raw_v, rstd, x_scale, ve, lambdas, cos, sin, partial, T,
+                                     qk_scale,
                                      scale, H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
                                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUTS: tl.constexpr,
                                      HAS_VE: tl.constexpr):
@@ -1999,8 +2046,9 @@ def _window_attention_grad_kv_kernel(q_desc, k_desc, v_desc, grad_out_desc, lse,
     if INPUTS:
         # v's first: k's then has fewer registers live beside k_tile, which spills past the loop (64 bytes a thread,
         # stored once and loaded once, where loading the tile again could come from HBM)
-        _v_grad_tile(grad_v_tile, raw_v, ve, lambdas, grad_k, grad_v, partial, keys, head, H, HEAD_DIM, HAS_VE)
-        _qk_grad_tile(grad_k_tile, k_tile, rstd, cos, sin, grad_k, keys, H + head, HEAD_DIM, 3 * H)
+        _v_grad_tile(grad_v_tile, raw_v, x_scale, ve, lambdas, grad_k, grad_v, partial, keys, head, H, HEAD_DIM,
+                     HAS_VE)
+        _qk_grad_tile(grad_k_tile, k_tile, rstd, x_scale, cos, sin, grad_k, keys, H + head, HEAD_DIM, 3 * H)
     else:
         at = keys[:, None] * (H * HEAD_DIM) + col + dims[None, :]
         tl.store(grad_k + at, grad_k_tile)
@@ -2186,14 +2234,14 @@ QKV_MATMUL = Tile((128, 128, 64), warps=4, stages=4)
 
 
 @torch.library.custom_op("speedrun::qkv_matmul_prep", mutates_args=())
-def qkv_matmul_prep(x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
+def qkv_matmul_prep(x: Tensor, r: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
                     sin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """qkv_prep of qkv = x @ w.T, for x (B, T, dim) and w (3 dim, dim) bf16, and qkv's v before the mix (B, T, H,
-    head_dim), which the lambdas' gradient takes. This body is the reference; on CUDA the Gluon kernel runs
-    instead."""
+    """qkv_prep of qkv = r (x @ w.T) rounded to bf16, for x (B, T, dim) and w (3 dim, dim) bf16 and r (B, T, 1)
+    float32, and qkv's v before the mix (B, T, H, head_dim), which the lambdas' gradient takes. This body is the
+    reference; on CUDA the Gluon kernel runs instead."""
     B, T, _ = x.shape
     H3, head_dim = w.size(0) // cos.size(1) // 2, 2 * cos.size(1)
-    qkv = F.linear(x, w).view(B, T, H3, head_dim)
+    qkv = (r * F.linear(x.float(), w.float())).bfloat16().view(B, T, H3, head_dim)
     return *qkv_prep(qkv, ve, lambdas, cos, sin), qk_rstd(qkv), qkv[:, :, 2 * H3 // 3:].contiguous()
 
 
@@ -2205,7 +2253,7 @@ def qk_rstd(qkv: Tensor) -> Tensor:
 
 
 @qkv_matmul_prep.register_fake
-def _(x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor):
+def _(x: Tensor, r: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor):
     B, T, _ = x.shape
     H, head_dim = w.size(0) // 3 // (2 * cos.size(1)), 2 * cos.size(1)
     q, k, v, raw_v = (x.new_empty(B, T, H, head_dim) for _ in range(4))
@@ -2213,7 +2261,7 @@ def _(x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin
 
 
 @qkv_matmul_prep.register_kernel("cuda")
-def _qkv_matmul_prep_gluon(x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
+def _qkv_matmul_prep_gluon(x: Tensor, r: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
                            sin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     B, T, dim = x.shape
     head_dim = 2 * cos.size(1)
@@ -2229,24 +2277,25 @@ def _qkv_matmul_prep_gluon(x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Ten
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     grid = (min(num_sms, triton.cdiv(B * T, BM) * 3 * H),)
     _qkv_matmul_prep_kernel[grid](_gluon_tiles(x2, [BM, BK]), _gluon_tiles(w.contiguous(), [BN, BK]),
-                                  *(_gluon_tiles(t, [BM, BN]) for t in (q, k, v, raw_v)), ve, lambdas, cos, sin, rstd,
-                                  B * T, dim, T, has_ve, H, BM, BN, BK, stages, num_warps=warps, maxnreg=168)
+                                  *(_gluon_tiles(t, [BM, BN]) for t in (q, k, v, raw_v)), r.contiguous(), ve,
+                                  lambdas, cos, sin, rstd, B * T, dim, T, has_ve, H, BM, BN, BK, stages,
+                                  num_warps=warps, maxnreg=168)
     q, k, v, raw_v = (t.view(B, T, H, head_dim) for t in (q, k, v, raw_v))
     return q, k, v, rstd.view(B, T, 2 * H), raw_v
 
 
 @gluon.jit
-def _qkv_matmul_prep_kernel(x_desc, w_desc, q_desc, k_desc, v_desc, raw_v_desc, ve, lambdas, cos, sin, rstd, M,
-                            K, T, HAS_VE: gl.constexpr, H: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                            BK: gl.constexpr, STAGES: gl.constexpr):
-    # q, k, v (M, H * BN) bf16 as qkv_prep makes them from qkv = x @ w.T rounded to bf16, rstd (M, 2 H), and
-    # raw_v (M, H * BN), qkv's v
+def _qkv_matmul_prep_kernel(x_desc, w_desc, q_desc, k_desc, v_desc, raw_v_desc, scale, ve, lambdas, cos, sin,
+                            rstd, M, K, T, HAS_VE: gl.constexpr, H: gl.constexpr, BM: gl.constexpr,
+                            BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr):
+    # q, k, v (M, H * BN) bf16 as qkv_prep makes them from qkv = scale (x @ w.T) rounded to bf16 (scale: a float32
+    # a row), rstd (M, 2 H), and raw_v (M, H * BN), qkv's v
     x_bufs, w_bufs, ready, empty, out_bufs, turn = _matmul_buffers(x_desc, w_desc, q_desc, STAGES)
     gl.warp_specialize([
-        (_qkv_matmul_prep_consumer, (q_desc, k_desc, v_desc, raw_v_desc, ve, lambdas, cos, sin, rstd, x_bufs,
+        (_qkv_matmul_prep_consumer, (q_desc, k_desc, v_desc, raw_v_desc, scale, ve, lambdas, cos, sin, rstd, x_bufs,
                                      w_bufs, ready, empty, out_bufs, turn, M, K, T, HAS_VE, H, BM, BN, BK, STAGES,
                                      0)),
-        (_qkv_matmul_prep_consumer, (q_desc, k_desc, v_desc, raw_v_desc, ve, lambdas, cos, sin, rstd, x_bufs,
+        (_qkv_matmul_prep_consumer, (q_desc, k_desc, v_desc, raw_v_desc, scale, ve, lambdas, cos, sin, rstd, x_bufs,
                                      w_bufs, ready, empty, out_bufs, turn, M, K, T, HAS_VE, H, BM, BN, BK, STAGES,
                                      1)),
         (_matmul_loads, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, M, 3 * H * BN, K, False, False, BM, BN, BK,
@@ -2255,8 +2304,8 @@ def _qkv_matmul_prep_kernel(x_desc, w_desc, q_desc, k_desc, v_desc, raw_v_desc, 
 
 
 @gluon.jit
-def _qkv_matmul_prep_consumer(q_desc, k_desc, v_desc, raw_v_desc, ve, lambdas, cos, sin, rstd, x_bufs, w_bufs,
-                              ready, empty, out_bufs, turn, M, K, T, HAS_VE: gl.constexpr, H: gl.constexpr,
+def _qkv_matmul_prep_consumer(q_desc, k_desc, v_desc, raw_v_desc, scale, ve, lambdas, cos, sin, rstd, x_bufs,
+                              w_bufs, ready, empty, out_bufs, turn, M, K, T, HAS_VE: gl.constexpr, H: gl.constexpr,
                               BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
                               WHICH: gl.constexpr):
     # warpgroup WHICH, as _matmul_relu2_consumer: every other tile, its matmul, then its epilogue, _qkv_prep_kernel's
@@ -2270,16 +2319,18 @@ def _qkv_matmul_prep_consumer(q_desc, k_desc, v_desc, raw_v_desc, ve, lambdas, c
     count = WHICH * k_steps
     out_tile, phase = out_bufs.index(WHICH), 0
     tile_rows = gl.arange(0, BM, layout=gl.SliceLayout(1, halves))
+    acc_rows = gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
     half_cols = gl.arange(0, HALF, layout=gl.SliceLayout(0, halves))
     for tile in range(gl.program_id(0) + WHICH * gl.num_programs(0), (M + BM - 1) // BM * 3 * H,
                       2 * gl.num_programs(0)):
         off_m, head = _tile_at(tile, M, 3 * H * BN, BM, BN, False)
         head = head // BN  # of q's H, then k's, then v's
         col = (head % H) * BN
+        x_scale = gl.load(scale + off_m + acc_rows, mask=off_m + acc_rows < M, other=0.0)[:, None]
         acc, count = _matmul_tile(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layout, False, BM, BN,
                                   STAGES, WHICH)
         tma.store_wait(0)  # the last tile's stores have left out_tile
-        out_tile.store(_bf16(acc))  # qkv's tile, rounded as stored
+        out_tile.store(_bf16(acc * x_scale))  # qkv's tile, rounded as stored
         gl.thread_barrier()  # all of it, before each thread reads its halves back
         first, second = out_tile.slice(0, HALF, dim=1), out_tile.slice(HALF, HALF, dim=1)
         y1, y2 = first.load(halves).to(gl.float32), second.load(halves).to(gl.float32)
@@ -2379,66 +2430,71 @@ def _qk_norm_grad(d1, d2, x1, x2, rstd, grad_qkv, rows, head, HD: tl.constexpr, 
 # Hopper, the forward is two ops: the qkv matmul with attention_inputs in its epilogue (qkv_matmul_prep: qkv, 300 MB a
 # layer at 64K tokens, is neither stored nor read back), then the attention. The backward is one op and the matmul's
 # two: the attention's backward kernels go on with attention_inputs' backward of their tiles, from q, k, rstd and
-# qkv's v, so the gradients of q, k and v (bf16, 100 MB each) are neither stored nor read back either.
+# qkv's v, so the gradients of q, k and v (bf16, 100 MB each) are neither stored nor read back either. As the fused
+# MLP, the block takes norm(x) as x and its row scales: the matmul scales its sums, the backward kernels their
+# gradient of qkv.
 
 
-def attention_block_fused(x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, rotary: Rotary,
+def attention_block_fused(x: Tensor, r: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, rotary: Rotary,
                           mask: DocumentWindows) -> Tensor:
     """attention_block_reference by qkv_matmul_prep's and window_attention's forward ops, and one op for their
-    backward (the matmul's own backward aside)."""
+    backward (the matmul's own backward aside). The qkv matmul scales its rows by r in its epilogue."""
     T = x.size(1)
-    return WindowAttentionBlock.apply(x, w, ve, lambdas, rotary.cos[:T], rotary.sin[:T], *mask)
+    return WindowAttentionBlock.apply(x, r, w, ve, lambdas, rotary.cos[:T], rotary.sin[:T], *mask)
 
 
-def attention_block_reference(x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, rotary: Rotary,
+def attention_block_reference(x: Tensor, r: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, rotary: Rotary,
                               mask: "BlockMask | DocumentWindows") -> Tensor:
-    """x (B, T, dim) and the merged qkv weight w (3 dim, dim) bf16 -> the attention's output (B, T, H, head_dim):
-    the qkv projection, attention_inputs, then attention, as bound."""
+    """x (B, T, dim), its row scale r (B, T, 1) and the merged qkv weight w (3 dim, dim) bf16 -> the attention's
+    output (B, T, H, head_dim): the qkv projection of scaled(x, r), attention_inputs, then attention, as bound."""
     B, T, _ = x.shape
-    qkv = F.linear(x, w).view(B, T, -1, 2 * rotary.cos.size(1))
+    qkv = F.linear(scaled(x, r), w).view(B, T, -1, 2 * rotary.cos.size(1))
     return attention(*attention_inputs(qkv, ve, lambdas, rotary), mask)
 
 
 class WindowAttentionBlock(torch.autograd.Function):
     """attention_block_fused: qkv_matmul_prep and window_attention forward; backward, window_attention_inputs_grad
-    and the qkv matmul's two gradients. qkv itself is never stored: what the backward takes is the forward's
-    outputs, rstd and qkv's v."""
+    and the qkv matmul's two gradients (with r's, as FusedReLU2MLP's). qkv itself is never stored: what the
+    backward takes is the forward's outputs, rstd and qkv's v."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor,
+    def forward(ctx, x: Tensor, r: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor,
                 starts: Tensor, ends: Tensor, window_blocks: Tensor):
-        q, k, v, rstd, raw_v = qkv_matmul_prep(x, w, ve, lambdas, cos, sin)
+        q, k, v, rstd, raw_v = qkv_matmul_prep(x, r, w, ve, lambdas, cos, sin)
         out, lse = window_attention(q, k, v, starts, window_blocks)
-        ctx.save_for_backward(x, w, raw_v, ve, lambdas, cos, sin, q, k, v, rstd, out, lse, starts, ends,
+        ctx.save_for_backward(x, r, w, raw_v, ve, lambdas, cos, sin, q, k, v, rstd, out, lse, starts, ends,
                               window_blocks)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, w, *saved = ctx.saved_tensors
+        x, r, w, *saved = ctx.saved_tensors
         has_ve = saved[1] is not None  # saved: raw_v, ve, ...
-        grad_qkv, grad_ve, grad_lambdas = window_attention_inputs_grad(grad_out, *saved)
+        grad_qkv, grad_ve, grad_lambdas = window_attention_inputs_grad(grad_out, *saved, r)  # r grad_qkv
         grad_qkv = grad_qkv.flatten(end_dim=1).flatten(1)  # (B T, 3 dim), as qkv's matmul made it
         grad_x, grad_w = (grad_qkv @ w).view_as(x), grad_qkv.T @ x.flatten(end_dim=1)
-        return grad_x, grad_w, grad_ve if has_ve else None, grad_lambdas, *[None] * 5
+        return grad_x, row_scale_grad(grad_x, x, r), grad_w, grad_ve if has_ve else None, grad_lambdas, *[None] * 5
 
 
 @torch.library.custom_op("speedrun::window_attention_inputs_grad", mutates_args=())
 def window_attention_inputs_grad(grad_out: Tensor, raw_v: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
                                  sin: Tensor, q: Tensor, k: Tensor, v: Tensor, rstd: Tensor, out: Tensor,
-                                 lse: Tensor, starts: Tensor, ends: Tensor,
-                                 window_blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                                 lse: Tensor, starts: Tensor, ends: Tensor, window_blocks: Tensor,
+                                 x_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """window_attention_grad, then attention_inputs' backward from qkv_prep's outputs (qkv_prep_grad_of_outputs):
-    the gradient of the attention's output -> those of qkv, of ve (empty without ve) and of lambdas. raw_v is
-    qkv's v. This body is the reference; on CUDA _window_attention_inputs_grad_triton runs instead."""
+    the gradient of the attention's output -> those of qkv times x_scale (B, T, 1), a float32 a row, of ve (empty
+    without ve) and of lambdas. raw_v is qkv's v. This body is the reference; on CUDA
+    _window_attention_inputs_grad_triton runs instead, which rounds the gradient of qkv once, after the scale."""
     grad_q, grad_k, grad_v = window_attention_grad(grad_out, q, k, v, out, lse, starts, ends, window_blocks)
-    return qkv_prep_grad_of_outputs(grad_q, grad_k, grad_v, q, k, rstd, raw_v, ve, lambdas, cos, sin)
+    grad_qkv, grad_ve, grad_lambdas = qkv_prep_grad_of_outputs(grad_q, grad_k, grad_v, q, k, rstd, raw_v, ve,
+                                                               lambdas, cos, sin)
+    return (grad_qkv.float() * x_scale[..., None]).bfloat16(), grad_ve, grad_lambdas
 
 
 @window_attention_inputs_grad.register_fake
 def _(grad_out: Tensor, raw_v: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor, q: Tensor,
       k: Tensor, v: Tensor, rstd: Tensor, out: Tensor, lse: Tensor, starts: Tensor, ends: Tensor,
-      window_blocks: Tensor):
+      window_blocks: Tensor, x_scale: Tensor):
     B, T, H, head_dim = q.shape
     grad_ve = ve.new_empty(ve.shape) if ve is not None else q.new_empty(0)
     return q.new_empty(B, T, 3 * H, head_dim), grad_ve, lambdas.new_empty(2)
@@ -2448,7 +2504,7 @@ def _(grad_out: Tensor, raw_v: Tensor, ve: Tensor | None, lambdas: Tensor, cos: 
 def _window_attention_inputs_grad_triton(grad_out: Tensor, raw_v: Tensor, ve: Tensor | None, lambdas: Tensor,
                                          cos: Tensor, sin: Tensor, q: Tensor, k: Tensor, v: Tensor, rstd: Tensor,
                                          out: Tensor, lse: Tensor, starts: Tensor, ends: Tensor,
-                                         window_blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                                         window_blocks: Tensor, x_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     B, T, H, head_dim = q.shape
     has_ve = ve is not None
     grad_qkv, grad_ve = q.new_empty(B, T, 3 * H, head_dim), ve.new_empty(ve.shape) if has_ve else q.new_empty(0)
@@ -2456,7 +2512,8 @@ def _window_attention_inputs_grad_triton(grad_out: Tensor, raw_v: Tensor, ve: Te
     raw_v, ve = raw_v.contiguous(), ve.contiguous() if has_ve else raw_v  # ve: a placeholder when there is none
     _window_attention_grad_kernels(grad_out, q, k, v, out, lse, starts, ends, window_blocks,
                                    (grad_qkv, grad_qkv, grad_ve if has_ve else grad_qkv),
-                                   (raw_v, rstd.contiguous(), ve, lambdas, cos, sin, partial, has_ve))
+                                   (raw_v, rstd.contiguous(), x_scale.contiguous(), ve, lambdas, cos, sin, partial,
+                                    has_ve))
     return grad_qkv, grad_ve, partial.sum(0).bfloat16().float()
 
 
@@ -2466,18 +2523,19 @@ def _window_attention_inputs_grad_triton(grad_out: Tensor, raw_v: Tensor, ve: Te
 
 
 @triton.jit
-def _qk_grad_tile(grad, tile, rstd, cos, sin, grad_qkv, rows, head, HD: tl.constexpr, H3: tl.constexpr):
+def _qk_grad_tile(grad, tile, rstd, x_scale, cos, sin, grad_qkv, rows, head, HD: tl.constexpr, H3: tl.constexpr):
     """grad (rows, HD), the gradient of q or k at head `head` of qkv's H3, and tile, the rows of q or k itself
-    (normed and rotated, bf16) -> the gradient of qkv, stored. The normed rows come back from the tile by the
-    inverse rotation, and rstd from the forward, so q and k are read once a tile, not also qkv: rounded to bf16,
-    they leave the gradient as close to float64's as the plain path's is (tests/test_attention.py)."""
+    (normed and rotated, bf16) -> the gradient of qkv times the rows' x_scale, stored. The normed rows come back
+    from the tile by the inverse rotation, and rstd from the forward, so q and k are read once a tile, not also
+    qkv: rounded to bf16, they leave the gradient as close to float64's as the plain path's is
+    (tests/test_attention.py)."""
     table = rows[:, None] * (HD // 2) + tl.arange(0, HD // 2)[None, :]
     c, s = tl.load(cos + table), tl.load(sin + table)
     g1, g2 = _halves(grad)
     y1, y2 = _halves(tile)
     d1, d2 = g1 * c - g2 * s, g1 * s + g2 * c  # the gradient of the normed halves: the inverse rotation
     x1, x2 = y1 * c - y2 * s, y1 * s + y2 * c  # the normed halves, likewise
-    r = tl.load(rstd + rows.to(tl.int64)[:, None] * (H3 // 3 * 2) + head)
+    r = tl.load(rstd + rows.to(tl.int64)[:, None] * (H3 // 3 * 2) + head) * tl.load(x_scale + rows)[:, None]
     _qk_norm_grad(d1, d2, x1, x2, r, grad_qkv, rows, head, HD, H3)
 
 
@@ -2488,14 +2546,15 @@ def _halves(tile):
 
 
 @triton.jit
-def _v_grad_tile(grad, raw_v, ve, lambdas, grad_qkv, grad_ve, partial, rows, head, H: tl.constexpr,
+def _v_grad_tile(grad, raw_v, x_scale, ve, lambdas, grad_qkv, grad_ve, partial, rows, head, H: tl.constexpr,
                  HD: tl.constexpr, HAS_VE: tl.constexpr):
-    """grad (rows, HD), the gradient of v at head `head` -> those of qkv and ve, stored, and the tile's sums for the
-    lambdas' gradient (with qkv's v, raw_v (rows, H HD)), stored in this program's row of partial."""
+    """grad (rows, HD), the gradient of v at head `head` -> those of qkv (times the rows' x_scale) and ve, stored,
+    and the tile's sums for the lambdas' gradient (with qkv's v, raw_v (rows, H HD)), stored in this program's row
+    of partial."""
     g = grad.to(tl.float32)
     cols = tl.arange(0, HD)[None, :]
     tl.store(grad_qkv + rows.to(tl.int64)[:, None] * (3 * H * HD) + (2 * H + head) * HD + cols,
-             (tl.load(lambdas) * g).to(tl.bfloat16))
+             (tl.load(lambdas) * g * tl.load(x_scale + rows)[:, None]).to(tl.bfloat16))
     program = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
     at_ve = rows.to(tl.int64)[:, None] * (H * HD) + head * HD + cols  # raw_v and ve share the layout
     tl.store(partial + 2 * program, tl.sum(tl.sum(g * tl.load(raw_v + at_ve).to(tl.float32), axis=1), axis=0))
@@ -2507,11 +2566,13 @@ def _v_grad_tile(grad, raw_v, ve, lambdas, grad_qkv, grad_ve, partial, rows, hea
 
 
 # --- relu2_mlp: the MLP's two matmuls that have elementwise work beside them, each one Gluon matmul on Hopper
-# The up-projection stores h = relu(a)^2 for a = x @ w_fc.T in one pass, and the backward stores
-# grad_a = (grad_y @ w_proj) * 2 relu(a) in one pass; torch.compile makes each a cuBLAS matmul and an inductor kernel
-# that reads the matmul's output again. Rounding as compiled: the matmul to bf16, then the epilogue once, from
-# float32, so the fused path gives the plain path's bits. a itself is neither stored nor kept for the backward:
-# relu(a) is sqrt(h) rounded to bf16, exactly (see relu_of_square).
+# The up-projection of norm(x) = r x (r: the row scales) stores h = relu(a)^2 for a = r (x @ w_fc.T) in one pass,
+# and the backward stores r grad_a = r (grad_y @ w_proj) * 2 relu(a) in one pass; torch.compile makes each a cuBLAS
+# matmul and an inductor kernel that reads the matmul's output again, and writes norm(x) for the matmul to read.
+# Rounding: the backward's matmul to bf16, then the epilogue once, from float32, as compiled; the forward rounds once
+# where the plain path rounds norm(x) to bf16 first, so it is as close to float64 as the plain path or closer.
+# a itself is neither stored nor kept for the backward: relu(a) is sqrt(h) rounded to bf16, exactly (see
+# relu_of_square).
 
 
 # Each warpgroup's tile of the output, (rows, columns, depth), fixed rather than autotuned; its stages are the ring of
@@ -2519,31 +2580,41 @@ def _v_grad_tile(grad, raw_v, ve, lambdas, grad_qkv, grad_ve, partial, rows, hea
 MLP_MATMUL = Tile((128, 128, 64), warps=4, stages=4)
 
 
-def relu2_mlp_fused(x: Tensor, w_fc: Tensor, w_proj: Tensor, residual: Tensor) -> Tensor:
-    """relu2_mlp_reference with its up-projection and that one's backward as the Gluon matmul below."""
-    return FusedReLU2MLP.apply(x.flatten(end_dim=-2), w_fc, w_proj, residual.flatten(end_dim=-2)).view_as(residual)
+def relu2_mlp_fused(x: Tensor, r: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
+    """relu2_mlp_reference with its up-projection and that one's backward as the Gluon matmul below, which scales
+    the rows by r in its epilogue: norm(x) is never stored."""
+    return FusedReLU2MLP.apply(x.flatten(end_dim=-2), r.flatten(end_dim=-2), w_fc, w_proj).view_as(x)
 
 
-def relu2_mlp_reference(x: Tensor, w_fc: Tensor, w_proj: Tensor, residual: Tensor) -> Tensor:
-    """residual + relu(x @ w_fc.T)^2 @ w_proj.T for x and residual (..., dim) and bf16 weights (ReLU^2 suggested by
-    @SKYLINEZ007 and @Grad62304977, after arXiv:2109.08668)."""
-    return linear_add(residual, F.relu(F.linear(x, w_fc)).square(), w_proj)
+def relu2_mlp_reference(x: Tensor, r: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
+    """relu(n @ w_fc.T)^2 @ w_proj.T for n = scaled(x, r), x (..., dim), r (..., 1) and bf16 weights (ReLU^2
+    suggested by @SKYLINEZ007 and @Grad62304977, after arXiv:2109.08668)."""
+    return F.linear(F.relu(F.linear(scaled(x, r), w_fc)).square(), w_proj)
 
 
 class FusedReLU2MLP(torch.autograd.Function):
-    """relu2_mlp_fused for x and residual (n, dim) with the two custom ops below. Saves x and h, not a."""
+    """relu2_mlp_fused for x (n, dim) and r (n, 1) with the two custom ops below: a = r (x @ w_fc.T), r applied to
+    the matmul's float32 sums. Saves x, r and h: not a, nor norm(x)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w_fc: Tensor, w_proj: Tensor, residual: Tensor) -> Tensor:
-        h = matmul_relu2(x, w_fc)
-        ctx.save_for_backward(x, w_fc, w_proj, h)
-        return linear_add(residual, h, w_proj)
+    def forward(ctx, x: Tensor, r: Tensor, w_fc: Tensor, w_proj: Tensor) -> Tensor:
+        h = matmul_relu2(x, w_fc, r)
+        ctx.save_for_backward(x, r, w_fc, w_proj, h)
+        return h @ w_proj.T
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        x, w_fc, w_proj, h = ctx.saved_tensors
-        grad_a = matmul_relu2_grad(grad_y, w_proj, h)
-        return grad_a @ w_fc, grad_a.T @ x, grad_y.T @ h, grad_y
+        x, r, w_fc, w_proj, h = ctx.saved_tensors
+        grad_a_r = matmul_relu2_grad(grad_y, w_proj, h, r)
+        grad_x = grad_a_r @ w_fc
+        return grad_x, row_scale_grad(grad_x, x, r), grad_a_r.T @ x, grad_y.T @ h
+
+
+def row_scale_grad(grad_x: Tensor, x: Tensor, r: Tensor) -> Tensor:
+    """For out = r (x @ w.T), r a row scale, whose backward makes r grad_out (the rows scaled as in the forward):
+    grad_x = (r grad_out) @ w is x's gradient, and w's is (r grad_out).T @ x. This is r's: a row's
+    sum(grad_out * (x @ w.T)) = sum(grad_x * x) / r."""
+    return (grad_x.float() * x.float()).sum(-1, keepdim=True) / r
 
 
 def relu_of_square(h: Tensor) -> Tensor:
@@ -2556,40 +2627,41 @@ def relu_of_square(h: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("speedrun::matmul_relu2", mutates_args=())
-def matmul_relu2(x: Tensor, w: Tensor) -> Tensor:
-    """x (n, k) and w (m, k), bf16 -> relu(x @ w.T)^2, (n, m) bf16. This body is the reference; on CUDA the Gluon
-    kernel runs instead."""
-    return F.relu(x @ w.T).square()
+def matmul_relu2(x: Tensor, w: Tensor, r: Tensor) -> Tensor:
+    """x (n, k) and w (m, k) bf16, r (n, 1) float32 -> relu(a)^2 for a = r (x @ w.T) rounded to bf16, (n, m) bf16.
+    This body is the reference; on CUDA the Gluon kernel runs instead."""
+    return F.relu((r * (x.float() @ w.float().T)).bfloat16()).square()
 
 
 @matmul_relu2.register_fake
-def _(x: Tensor, w: Tensor):
+def _(x: Tensor, w: Tensor, r: Tensor):
     return x.new_empty(x.size(0), w.size(0))
 
 
 @torch.library.custom_op("speedrun::matmul_relu2_grad", mutates_args=())
-def matmul_relu2_grad(grad_y: Tensor, w: Tensor, h: Tensor) -> Tensor:
-    """grad_y (n, k), w (k, m), h = relu(a)^2 (n, m), bf16 -> (grad_y @ w) * 2 relu(a): the gradient of a, (n, m)
-    bf16. This body is the reference; on CUDA the Gluon kernel runs instead."""
-    return (grad_y @ w) * 2 * relu_of_square(h)
+def matmul_relu2_grad(grad_y: Tensor, w: Tensor, h: Tensor, r: Tensor) -> Tensor:
+    """grad_y (n, k), w (k, m), h = relu(a)^2 (n, m) bf16, r (n, 1) float32 -> r (grad_y @ w) 2 relu(a), r times
+    the gradient of a, (n, m) bf16 (the matmul rounded to bf16, the rest once). This body is the reference; on CUDA
+    the Gluon kernel runs instead."""
+    return ((grad_y @ w).float() * 2 * relu_of_square(h).float() * r).bfloat16()
 
 
 @matmul_relu2_grad.register_fake
-def _(grad_y: Tensor, w: Tensor, h: Tensor):
+def _(grad_y: Tensor, w: Tensor, h: Tensor, r: Tensor):
     return torch.empty_like(h)
 
 
 @matmul_relu2.register_kernel("cuda")
-def _matmul_relu2_cuda(x: Tensor, w: Tensor) -> Tensor:
-    return _matmul_relu2_gluon(x.contiguous(), w.contiguous(), None, w_kn=False)
+def _matmul_relu2_cuda(x: Tensor, w: Tensor, r: Tensor) -> Tensor:
+    return _matmul_relu2_gluon(x.contiguous(), w.contiguous(), None, r.contiguous(), w_kn=False)
 
 
 @matmul_relu2_grad.register_kernel("cuda")
-def _matmul_relu2_grad_cuda(grad_y: Tensor, w: Tensor, h: Tensor) -> Tensor:
-    return _matmul_relu2_gluon(grad_y.contiguous(), w.contiguous(), h.contiguous(), w_kn=True)
+def _matmul_relu2_grad_cuda(grad_y: Tensor, w: Tensor, h: Tensor, r: Tensor) -> Tensor:
+    return _matmul_relu2_gluon(grad_y.contiguous(), w.contiguous(), h.contiguous(), r.contiguous(), w_kn=True)
 
 
-def _matmul_relu2_gluon(x: Tensor, w: Tensor, h: Tensor | None, w_kn: bool) -> Tensor:
+def _matmul_relu2_gluon(x: Tensor, w: Tensor, h: Tensor | None, r: Tensor, w_kn: bool) -> Tensor:
     """The forward without h, the backward with it."""
     M, K = x.shape
     N = w.size(1) if w_kn else w.size(0)
@@ -2599,8 +2671,8 @@ def _matmul_relu2_gluon(x: Tensor, w: Tensor, h: Tensor | None, w_kn: bool) -> T
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     grid = (min(num_sms, triton.cdiv(M, BM) * triton.cdiv(N, BN)),)
     _matmul_relu2_kernel[grid](_gluon_tiles(x, [BM, BK]), _gluon_tiles(w, [BK, BN] if w_kn else [BN, BK]),
-                               _gluon_tiles(h, [BM, BN]), _gluon_tiles(out, [BM, BN]), M, N, K, w_kn, h is not out,
-                               BM, BN, BK, stages, num_warps=warps, maxnreg=168)
+                               _gluon_tiles(h, [BM, BN]), _gluon_tiles(out, [BM, BN]), r, M, N, K, w_kn,
+                               h is not out, BM, BN, BK, stages, num_warps=warps, maxnreg=168)
     return out
 
 
@@ -2619,20 +2691,22 @@ def _gluon_tiles(t: Tensor, block: list[int]) -> "GluonTensorDescriptor":
 
 
 @gluon.jit
-def _matmul_relu2_kernel(x_desc, w_desc, h_desc, out_desc, M, N, K, W_KN: gl.constexpr, BACKWARD: gl.constexpr,
-                         BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr):
-    # y = x @ w (w stored (K, N): W_KN) or x @ w.T (w stored (N, K)), rounded to bf16. Forward: stores relu(y)^2
-    # as out. Backward: stores y * 2 relu(a) as out, relu(a) from h as relu_of_square has it (gl.sqrt, the fast
-    # approximate one: its error is far inside that function's margin).
+def _matmul_relu2_kernel(x_desc, w_desc, h_desc, out_desc, scale, M, N, K, W_KN: gl.constexpr,
+                         BACKWARD: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+                         STAGES: gl.constexpr):
+    # y = x @ w (w stored (K, N): W_KN) or x @ w.T (w stored (N, K)); scale: a float32 a row. Forward: stores
+    # relu(a)^2 for a = scale y rounded to bf16 as out. Backward: stores scale y 2 relu(a) as out, y rounded to bf16
+    # first, relu(a) from h as relu_of_square has it (gl.sqrt, the fast approximate one: its error is far inside that
+    # function's margin).
     x_bufs, w_bufs, ready, empty, out_bufs, turn = _matmul_buffers(x_desc, w_desc, out_desc, STAGES)
     h_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
         mbarrier.init(h_ready.index(i), count=1)
     gl.warp_specialize([
-        (_matmul_relu2_consumer, (h_desc, out_desc, x_bufs, w_bufs, ready, empty, out_bufs, h_ready, turn, M, N, K,
-                                  W_KN, BACKWARD, BM, BN, BK, STAGES, 0)),
-        (_matmul_relu2_consumer, (h_desc, out_desc, x_bufs, w_bufs, ready, empty, out_bufs, h_ready, turn, M, N, K,
-                                  W_KN, BACKWARD, BM, BN, BK, STAGES, 1)),
+        (_matmul_relu2_consumer, (h_desc, out_desc, scale, x_bufs, w_bufs, ready, empty, out_bufs, h_ready, turn, M,
+                                  N, K, W_KN, BACKWARD, BM, BN, BK, STAGES, 0)),
+        (_matmul_relu2_consumer, (h_desc, out_desc, scale, x_bufs, w_bufs, ready, empty, out_bufs, h_ready, turn, M,
+                                  N, K, W_KN, BACKWARD, BM, BN, BK, STAGES, 1)),
         (_matmul_loads, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, M, N, K, W_KN, False, BM, BN, BK, STAGES)),
     ], [4, 1], [240, 24])
 
@@ -2713,12 +2787,14 @@ def _matmul_tile(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layo
 
 
 @gluon.jit
-def _matmul_relu2_consumer(h_desc, out_desc, x_bufs, w_bufs, ready, empty, out_bufs, h_ready, turn, M, N, K,
-                           W_KN: gl.constexpr, BACKWARD: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+def _matmul_relu2_consumer(h_desc, out_desc, scale, x_bufs, w_bufs, ready, empty, out_bufs, h_ready, turn, M, N,
+                           K, W_KN: gl.constexpr, BACKWARD: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                            BK: gl.constexpr, STAGES: gl.constexpr, WHICH: gl.constexpr):
     # warpgroup WHICH: every other tile of the program's, its matmul, then its epilogue through its own tile of
-    # shared memory and the TMA. In the backward, h's tile arrives there during the matmul.
+    # shared memory and the TMA. In the backward, h's tile arrives there during the matmul; the rows' scales are
+    # loaded before it.
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
+    tile_rows = gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
     k_steps = (K + BK - 1) // BK
     count = WHICH * k_steps  # the ring's count at this warpgroup's first tile: the loading warp goes in tile order
     out_tile, h_bar, phase = out_bufs.index(WHICH), h_ready.index(WHICH), 0
@@ -2729,16 +2805,18 @@ def _matmul_relu2_consumer(h_desc, out_desc, x_bufs, w_bufs, ready, empty, out_b
         if BACKWARD:
             mbarrier.expect(h_bar, h_desc.block_type.nbytes)
             _tma_load(h_desc, [off_m, off_n], h_bar, out_tile)
+        rows = off_m + tile_rows
+        r = gl.load(scale + rows, mask=rows < M, other=0.0)[:, None]
         acc, count = _matmul_tile(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layout, W_KN, BM, BN,
                                   STAGES, WHICH)
-        y = _bf16(acc).to(gl.float32)
         if BACKWARD:
+            y = _bf16(acc).to(gl.float32)
             mbarrier.wait(h_bar, phase)
             relu_a = _bf16(gl.sqrt(out_tile.load(layout).to(gl.float32))).to(gl.float32)
-            out_tile.store((y * 2 * relu_a).to(gl.bfloat16))
+            out_tile.store((y * 2 * relu_a * r).to(gl.bfloat16))
         else:
-            relu_y = gl.maximum(y, 0.0)
-            out_tile.store((relu_y * relu_y).to(gl.bfloat16))
+            relu_a = gl.maximum(_bf16(acc * r).to(gl.float32), 0.0)
+            out_tile.store((relu_a * relu_a).to(gl.bfloat16))
         fence_async_shared()
         _tma_store(out_desc, [off_m, off_n], out_tile)
         phase ^= 1

@@ -6,7 +6,7 @@ one chunk of the head's FP8 logits, each timed as:
 - train_gpt.py's op (the matmul with its epilogue: ReLU^2, its gradient from h, QK norm, rotary and the value mix
   with a value embedding, the logits' row sums; row scales of 1 where the op takes them);
 - train_gpt.py's ping-pong kernel (its loading warp, buffers and matmul loop, imported from train_gpt.py; the
-  MLP's, the qkv matmul's and the logits' before rounds 31-33) at 128 x 128 tiles, with another
+  MLP's, the qkv matmul's and the logits') at 128 x 128 tiles, with another
   epilogue: "matmul only" stores a row sum of the float32 accumulator, 128 floats a tile; "bf16 store" rounds the
   tile to bf16 and stores it through the TMA, as cuBLAS does; for the logits, "row sums only" computes the
   production epilogue's sums of exp(z) without storing the logits.
@@ -29,8 +29,8 @@ from train_gpt import (_bf16_bits, _exp_kernel, _gluon_tiles, _matmul_buffers, _
                        _matmul_tile, _sigmoid_tanh_kernel, _tile_at, _tma_store, fence_async_shared, gl, gluon, tma)
 
 MATMUL_ONLY, BF16_STORE, ROW_SUMS_ONLY = 0, 1, 2
-PING_PONG_BF16 = tg.Tile((128, 128, 64), warps=4, stages=4)  # the MLP's ping-pong tile before round 31
-PING_PONG_FP8 = tg.Tile((128, 128, 128), warps=4, stages=4)  # the logits' before round 32
+PING_PONG_BF16 = tg.Tile((128, 128, 64), warps=4, stages=4)  # the MLP's and the qkv matmul's ping-pong tile
+PING_PONG_FP8 = tg.Tile((128, 128, 128), warps=4, stages=4)  # the logits'
 EPILOGUES = {MATMUL_ONLY: "matmul only", BF16_STORE: "bf16 store", ROW_SUMS_ONLY: "row sums only"}
 
 
@@ -38,7 +38,7 @@ EPILOGUES = {MATMUL_ONLY: "matmul only", BF16_STORE: "bf16 store", ROW_SUMS_ONLY
 def _diag_kernel(x_desc, w_desc, out_desc, sums, M, N, K, SCALE: gl.constexpr, CAP: gl.constexpr,
                  TEMPERATURE: gl.constexpr, EPILOGUE: gl.constexpr, W_KN: gl.constexpr, N_MAJOR: gl.constexpr,
                  BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, INSTR_K: gl.constexpr):
-    # train_gpt's ping-pong kernel (the MLP's, qkv's and logits' before rounds 31-33), with _diag_consumer's epilogues
+    # train_gpt's ping-pong kernel (the MLP's, qkv's and logits'), with _diag_consumer's epilogues
     x_bufs, w_bufs, ready, empty, out_bufs, turn = _matmul_buffers(x_desc, w_desc, out_desc, STAGES)
     gl.warp_specialize([
         (_diag_consumer, (out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, turn, M, N, K, SCALE, CAP,

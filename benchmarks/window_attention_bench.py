@@ -75,6 +75,7 @@ def block_backward():
     value_embed = torch.randn(T, H * HEAD_DIM, device="cuda", generator=gen).bfloat16()
     grad_out = torch.randn(1, T, H, HEAD_DIM, device="cuda", generator=gen).bfloat16()
     lambdas = torch.tensor([0.7, 0.4], device="cuda")
+    x_scale = torch.ones(1, T, 1, device="cuda")  # the norm's row scales, which the one op's gradient of qkv takes
     rotary = train_gpt.Rotary(HEAD_DIM, T).cuda()
     value_embeds, windows = train_gpt.layer_tables(12)
     layers = Counter((windows[i], value_embeds[i] is not None) for i in range(12) if i != train_gpt.NO_ATTENTION_LAYER)
@@ -87,10 +88,10 @@ def block_backward():
         q, k, v = train_gpt.qkv_prep(qkv, ve, lambdas, rotary.cos, rotary.sin)
         out, lse = train_gpt.window_attention(q, k, v, mask.starts, mask.window_blocks)
         raw_v, rstd = qkv[:, :, 2 * H:].contiguous(), train_gpt.qk_rstd(qkv)  # qkv's v, the QK norms' rstd
-        return grad_out, raw_v, ve, lambdas, rotary.cos, rotary.sin, q, k, v, rstd, out, lse, *mask
+        return grad_out, raw_v, ve, lambdas, rotary.cos, rotary.sin, q, k, v, rstd, out, lse, *mask, x_scale
 
     def separate(args: tuple) -> tuple:
-        grad_out, _, ve, lambdas, cos, sin, q, k, v, _, out, lse, *mask = args
+        grad_out, _, ve, lambdas, cos, sin, q, k, v, _, out, lse, *mask, _ = args
         grads = train_gpt.window_attention_grad(grad_out, q, k, v, out, lse, *mask)
         return train_gpt.qkv_prep_grad(*grads, qkv, ve, lambdas, cos, sin)
 

@@ -9,13 +9,15 @@
   round the same products to bf16, in another order).
 - attention_block: speedrun::window_attention_inputs_grad, the backward of attention_inputs and attention in one
   op, passes opcheck, with and without a value embedding; its reference body is window_attention_grad then
-  qkv_prep_grad_of_outputs; a GPT through attention_block_fused (the qkv matmul with attention_inputs' forward in
-  one op) has the loss of one through the two ops' own Functions and its gradients within a few bf16 steps (on the
-  CPU all run the reference bodies); bind_ops binds it only with fused_qkv and fused_attention on Hopper with
-  Gluon. On a CUDA GPU at the model's sizes (6 heads of 128), for windows of 1 to 14 blocks, long and short, its
-  kernels' gradients are as close to float64 attention_inputs' backward of the attention's gradients as the plain
-  path's (attention_inputs_reference through autograd): they start the norms' backward from q and k, bf16, and
-  the forward's rstd, where the plain path rounds to bf16 between its steps."""
+  qkv_prep_grad_of_outputs, and with the rows' scales its gradient of qkv is theirs times the scales, rounded once
+  more; a GPT through attention_block_fused (the qkv matmul with attention_inputs' forward in one op) has about the
+  loss of one through the two ops' own Functions and its gradients within a few bf16 steps (on the CPU all run the
+  reference bodies); bind_ops binds it only with fused_qkv and fused_attention on Hopper with Gluon. On a CUDA GPU
+  at the model's sizes (6 heads of 128), for windows of 1 to 14 blocks, long and short, its kernels' gradients are
+  as close to float64 attention_inputs' backward of the attention's gradients as the plain path's
+  (attention_inputs_reference through autograd): they start the norms' backward from q and k, bf16, and the
+  forward's rstd, where the plain path rounds to bf16 between its steps; with the rows' scales, their gradient of
+  qkv is their own without, times the scales, rounded once more."""
 import numpy as np
 import pytest
 import torch
@@ -103,6 +105,8 @@ def gpt_loss_and_grads(num_layers: int, attention_moves: bool = False) -> tuple[
     tokens[torch.tensor([0, 100, 200, 300])] = 127  # documents
     loss = model(tokens[:-1], tokens[1:], torch.tensor(2, dtype=torch.int32))
     loss.backward()
+    for table in train_gpt.embedding_tables(model):
+        table.take_grad()
     return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
 
 
@@ -154,10 +158,11 @@ def test_kernels_are_as_close_to_float64_as_flex_attention():
                 assert err <= 1.25 * flex_err + 1e-6, f"window {w} {name} {part}: {err:.3e}, flex {flex_err:.3e}"
 
 
-def block_grad_args(T: int, H: int, mask: train_gpt.DocumentWindows, with_ve: bool, device: str,
-                    seed: int = 0) -> tuple[tuple, torch.Tensor]:
-    """window_attention_inputs_grad's arguments: an output gradient, qkv's v, ve, lambdas, the rotary tables, and
-    what the two forward ops make under mask of qkv (1, T, 3 H, 128) bf16 of rms 3; and that qkv."""
+def block_grad_args(T: int, H: int, mask: train_gpt.DocumentWindows, with_ve: bool, device: str, seed: int = 0,
+                    scaled: bool = False) -> tuple[tuple, torch.Tensor]:
+    """window_attention_inputs_grad's arguments: an output gradient, qkv's v, ve, lambdas, the rotary tables, what
+    the two forward ops make under mask of qkv (1, T, 3 H, 128) bf16 of rms 3, and the rows' scales (1, T, 1): ones,
+    or if scaled 1/4 to 4; and that qkv."""
     gen = torch.Generator().manual_seed(seed)
     qkv_in = (3 * torch.randn(1, T, 3 * H, 128, generator=gen)).bfloat16().to(device)
     ve = torch.randn(T, H * 128, generator=gen).bfloat16().to(device) if with_ve else None
@@ -166,7 +171,19 @@ def block_grad_args(T: int, H: int, mask: train_gpt.DocumentWindows, with_ve: bo
     q, k, v = qkv_prep(qkv_in, ve, lambdas, rotary.cos, rotary.sin)
     out, lse = window_attention(q, k, v, mask.starts, mask.window_blocks)
     raw_v, rstd = qkv_in[:, :, 2 * H:].contiguous(), qk_rstd(qkv_in)
-    return (grad_out, raw_v, ve, lambdas, rotary.cos, rotary.sin, q, k, v, rstd, out, lse, *mask), qkv_in
+    x_scale = 4.0 ** (2 * torch.rand(1, T, 1, generator=gen) - 1) if scaled else torch.ones(1, T, 1)
+    return (grad_out, raw_v, ve, lambdas, rotary.cos, rotary.sin, q, k, v, rstd, out, lse, *mask,
+            x_scale.to(device)), qkv_in
+
+
+def assert_scaled_once(scaled: tuple, unscaled: tuple, x_scale: torch.Tensor):
+    """window_attention_inputs_grad with the rows' x_scale against it with ones: the gradient of qkv is the other's
+    times x_scale, but for the roundings to bf16 of each (2^-8 of its size at most, each); those of ve and lambdas
+    are the same."""
+    exact = unscaled[0].double() * x_scale[..., None].double()
+    assert ((scaled[0].double() - exact).abs() <= 2**-7 * exact.abs()).all()
+    for got, expected in zip(scaled[1:], unscaled[1:]):
+        assert torch.equal(got, expected)
 
 
 def assert_as_close_to_float64_as_the_plain_path(fused: tuple, grads: tuple, qkv_in: torch.Tensor,
@@ -192,7 +209,8 @@ def test_block_grad_op_passes_opcheck(device):
     docs = document_ids(random_tokens(np.random.default_rng(8), num_blocks=T // 128), EOT).to(device)
     for w, with_ve in [(0, True), (1, False), (2, True)]:
         mask = document_windows(docs, torch.tensor(w, dtype=torch.int32, device=device))[0]
-        torch.library.opcheck(window_attention_inputs_grad, block_grad_args(T, 2, mask, with_ve, device)[0])
+        args = block_grad_args(T, 2, mask, with_ve, device, scaled=True)[0]
+        torch.library.opcheck(window_attention_inputs_grad, args)
 
 
 def test_block_grad_reference_is_the_two_grads_composed():
@@ -203,9 +221,11 @@ def test_block_grad_reference_is_the_two_grads_composed():
         args, _ = block_grad_args(T, 2, mask, with_ve, "cpu")
         grad_out, raw_v, ve, lambdas, cos, sin, q, k, v, rstd, out, lse = args[:12]
         grads = window_attention_grad(grad_out, q, k, v, out, lse, *mask)
-        for got, expected in zip(window_attention_inputs_grad(*args),
-                                 qkv_prep_grad_of_outputs(*grads, q, k, rstd, raw_v, ve, lambdas, cos, sin)):
+        composed = qkv_prep_grad_of_outputs(*grads, q, k, rstd, raw_v, ve, lambdas, cos, sin)
+        for got, expected in zip(window_attention_inputs_grad(*args), composed):
             assert torch.equal(got, expected)
+        x_scale = block_grad_args(T, 2, mask, with_ve, "cpu", scaled=True)[0][-1]
+        assert_scaled_once(window_attention_inputs_grad(*args[:-1], x_scale), composed, x_scale)
 
 
 def test_gpt_through_the_block_op_has_about_the_two_ops_gradients(monkeypatch):
@@ -219,7 +239,9 @@ def test_gpt_through_the_block_op_has_about_the_two_ops_gradients(monkeypatch):
 
     block_loss, block_grads = loss_and_grads(attention_block_fused)
     loss, grads = loss_and_grads(attention_block_reference)
-    assert block_loss == loss
+    # the block's qkv matmul scales its float32 sums by the norm's row scale, the two ops' matmul takes norm(x)
+    # rounded to bf16: the losses part by a bf16 step's effect
+    torch.testing.assert_close(block_loss, loss, rtol=2**-8, atol=0)
     for name, grad in grads.items():
         # the block's backward starts attention_inputs' from q and k, bf16 (2^-8 a step), the two ops' from qkv:
         # through 8 layers' backward the gradients part by a few steps of their largest value
@@ -256,3 +278,5 @@ def test_block_grad_kernels_are_as_close_to_float64_as_the_plain_path(with_ve):
             fused = window_attention_inputs_grad(*args)
             grads = window_attention_grad(grad_out, q, k, v, out, lse, *mask)
             assert_as_close_to_float64_as_the_plain_path(fused, grads, qkv_in, ve, lambdas, f"window {w} {name}")
+            x_scale = block_grad_args(T, H, mask, with_ve, "cuda", seed=w, scaled=True)[0][-1]
+            assert_scaled_once(window_attention_inputs_grad(*args[:-1], x_scale), fused, x_scale)

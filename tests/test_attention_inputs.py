@@ -7,14 +7,16 @@ autograd:
   token count that is not a multiple of the kernels' row block. On the CPU the ops run their reference bodies; on a
   CUDA GPU their Triton kernels;
 - a GPT with the fused ops gives the plain GPT's loss;
-- speedrun::qkv_matmul_prep (the qkv matmul with qkv_prep in its epilogue) passes opcheck, and on a Hopper GPU with
-  Gluon its kernel gives, at the model's sizes, what cuBLAS's matmul and qkv_prep's kernel give, within a bf16 step
-  of the larger (v: and lambdas[0] times a step of qkv's v)."""
+- speedrun::qkv_matmul_prep (the qkv matmul, its rows scaled, with qkv_prep in its epilogue) passes opcheck, and on
+  a Hopper GPU with Gluon its kernel gives, at the model's sizes, what cuBLAS's matmul (scaled by powers of two,
+  exactly) and qkv_prep's kernel give, within a bf16 step of the larger (v: and lambdas[0] times a step of qkv's
+  v)."""
 import pytest
 import torch
 
 import train_gpt
 from test_fused_mlp import devices as gluon_devices  # the CPU, and a Hopper GPU with Gluon
+from test_fused_mlp import scales
 from train_gpt import (Rotary, attention_inputs_fused, attention_inputs_reference, qk_rstd, qkv_matmul_prep,
                        qkv_prep, qkv_prep_grad)
 
@@ -68,8 +70,9 @@ def test_qkv_matmul_prep_passes_opcheck(device):
     x, w = (torch.randn(*shape, generator=gen).bfloat16().to(device) for shape in ((1, 128, 128), (384, 128)))
     ve = torch.randn(128, 128, generator=gen).bfloat16().to(device)
     lambdas, rotary = torch.tensor([0.7, 0.4]).to(device), Rotary(128, 128).to(device)
+    r = scales(128, device)[None]
     for v_embed in (ve, None):
-        torch.library.opcheck(qkv_matmul_prep, (x, w * 0.1, v_embed, lambdas, rotary.cos, rotary.sin))
+        torch.library.opcheck(qkv_matmul_prep, (x, r, w * 0.1, v_embed, lambdas, rotary.cos, rotary.sin))
 
 
 @pytest.mark.parametrize("device", devices())
@@ -107,13 +110,11 @@ def test_fused_qkv_is_off_on_the_cpu(restore_ops):
     assert "fused_qkv: off (no Triton on cpu); QK norm, rotary and the value mix run as plain PyTorch" in lines
 
 
-def assert_close_to_the_reference(fused: tuple, reference: tuple, x: torch.Tensor, w: torch.Tensor,
-                                  lambdas: torch.Tensor):
+def assert_close_to_the_reference(fused: tuple, reference: tuple, raw_v: torch.Tensor, lambdas: torch.Tensor):
     """qkv_matmul_prep's kernel against its reference body: the two matmuls' float32 sums may round an element of
     qkv to neighbouring bf16 values, which v takes times lambdas[0], and q and k, normed, within a step of the
-    larger."""
-    head_dim = fused[0].size(-1)
-    raw_v = torch.nn.functional.linear(x, w).unflatten(-1, (-1, head_dim))[:, :, 2 * fused[0].size(2):].double()
+    larger. raw_v: qkv's v."""
+    raw_v = raw_v.double()
     for part, got, expected in zip(("q", "k", "v", "rstd", "raw_v"), fused, reference):
         assert got.dtype == expected.dtype and got.shape == expected.shape, part
         got, expected = got.double(), expected.double()
@@ -132,7 +133,9 @@ def test_qkv_matmul_prep_kernel_gives_the_reference_at_the_models_sizes(with_ve)
         torch.randn(3 * H * 128, H * 128, generator=gen) * (H * 128) ** -0.5).bfloat16().cuda()
     ve = torch.randn(T, H * 128, generator=gen).bfloat16().cuda() if with_ve else None
     lambdas, rotary = torch.tensor([0.7, 0.4]).cuda(), Rotary(128, T).cuda()
-    fused = qkv_matmul_prep(x, w, ve, lambdas, rotary.cos, rotary.sin)
-    qkv = torch.nn.functional.linear(x, w).view(1, T, 3 * H, 128)  # the ops it replaces: cuBLAS, then qkv_prep's
+    r = scales(T, "cuda", seed=5, powers_of_two=True)[None]  # the bar is the matmul's alone: see scales
+    fused = qkv_matmul_prep(x, r, w, ve, lambdas, rotary.cos, rotary.sin)
+    # the ops it replaces: cuBLAS's matmul, the row scales (powers of two: exact in bf16), then qkv_prep's
+    qkv = (r * torch.nn.functional.linear(x, w)).bfloat16().view(1, T, 3 * H, 128)
     reference = (*qkv_prep(qkv, ve, lambdas, rotary.cos, rotary.sin), qk_rstd(qkv), qkv[:, :, 2 * H:])
-    assert_close_to_the_reference(fused, reference, x, w, lambdas)
+    assert_close_to_the_reference(fused, reference, qkv[:, :, 2 * H:], lambdas)

@@ -1,8 +1,8 @@
 """The GPU kernels' logic on the CPU, through tests/kernel_emulator.py: each kernel's body runs program by program
 (with its tiles, ranges, masks and pipelines as written) and meets the bar of its GPU test, at shapes that give a
 program several tiles and a loop more steps along K than the pipeline has stages:
-- the MLP's matmul with ReLU^2, forward and backward: within a rounding or two of float64 matmuls, and what a float32
-  sum may lose, h relu(a)'s square rounded;
+- the MLP's matmul with ReLU^2 and its rows' scales, forward and backward: within a rounding or two of float64
+  matmuls, and what a float32 sum may lose, h relu(a)'s square rounded;
 - the windowed attention, forward and backward, for windows of 0 to 14 blocks, long and short, on documents shorter
   than a block, spanning several or ending on a block boundary: its output and gradients within 2^-7 of the
   largest value of float64 attention's (its probabilities go to bf16 for their matmul; a key tile missed or masked
@@ -11,7 +11,8 @@ program several tiles and a loop more steps along K than the pipeline has stages
   bf16 step; the qkv matmul with attention_inputs' forward in its epilogue: its reference body's numbers within a
   step of the larger (v: and lambdas[0] times a step of qkv); the attention's backward kernels with
   attention_inputs' backward in their epilogues: gradients as close to float64's as the plain path's, with and
-  without a value embedding; a GPT through all of these (attention_block_fused) has its reference path's loss
+  without a value embedding, and with the rows' scales the gradient of qkv theirs without, times the scales,
+  rounded once more; a GPT through all of these (attention_block_fused) has its reference path's loss
   within 1e-3 and gradients within 2^-5 of their largest value;
 - the head's two kernels: the reference body's loss, its logits' gradient within a rounding step, in bf16 and in
   FP8, both FP8 layouts the same numbers;
@@ -27,9 +28,9 @@ import torch
 
 import train_gpt as tg
 from kernel_emulator import Descriptor, T, emulate
-from test_attention import assert_as_close_to_float64_as_the_plain_path, block_grad_args, qkv
+from test_attention import assert_as_close_to_float64_as_the_plain_path, assert_scaled_once, block_grad_args, qkv
 from test_attention_inputs import assert_close_to_the_reference
-from test_fused_mlp import assert_rounds_as_float64_matmuls, bf16
+from test_fused_mlp import assert_rounds_as_float64_matmuls, bf16, scales
 from test_head_loss import float32_cases
 from test_masks import EOT, random_tokens
 
@@ -39,10 +40,11 @@ def test_mlp_kernel_rounds_as_float64_matmuls_do():
     n, d, h = 4 * block_m, (stages + 1) * block_k, 2 * block_n  # 8 tiles over 3 programs
     x, w_fc, w_proj, grad_y = bf16(n, d), bf16(h, d, scale=0.05, seed=1), bf16(d, h, scale=0.05, seed=2), bf16(
         n, d, seed=3)
+    r = scales(n, seed=4)
     with emulate(tg, sms=3):
-        hidden = tg._matmul_relu2_cuda(x, w_fc)
-        grad_a = tg._matmul_relu2_grad_cuda(grad_y, w_proj, hidden)
-    assert_rounds_as_float64_matmuls(x, w_fc, w_proj, grad_y, hidden, grad_a)  # the GPU test's bar
+        hidden = tg._matmul_relu2_cuda(x, w_fc, r)
+        grad_a = tg._matmul_relu2_grad_cuda(grad_y, w_proj, hidden, r)
+    assert_rounds_as_float64_matmuls(x, r, w_fc, w_proj, grad_y, hidden, grad_a)  # the GPU test's bar
 
 
 @pytest.mark.parametrize("window", [0, 1, 2, 5, 14])
@@ -94,10 +96,11 @@ def test_qkv_matmul_prep_kernel_gives_the_reference_numbers(with_ve):
     x, w = bf16(1, T, dim), bf16(3 * dim, dim, scale=dim**-0.5, seed=1)
     ve = bf16(T, dim, seed=2) if with_ve else None
     lambdas, rotary = torch.tensor([0.7, 0.4]), tg.Rotary(128, T)
+    r = scales(T, seed=3, powers_of_two=True)[None]  # the bar is the matmul's alone: see scales
     with emulate(tg):
-        fused = tg._qkv_matmul_prep_gluon(x, w, ve, lambdas, rotary.cos, rotary.sin)
-    reference = tg.qkv_matmul_prep(x, w, ve, lambdas, rotary.cos, rotary.sin)
-    assert_close_to_the_reference(fused, reference, x, w, lambdas)  # the GPU test's bar
+        fused = tg._qkv_matmul_prep_gluon(x, r, w, ve, lambdas, rotary.cos, rotary.sin)
+    reference = tg.qkv_matmul_prep(x, r, w, ve, lambdas, rotary.cos, rotary.sin)
+    assert_close_to_the_reference(fused, reference, reference[-1], lambdas)  # the GPU test's bar
 
 
 @pytest.mark.parametrize("with_ve", [False, True])
@@ -108,10 +111,13 @@ def test_attention_block_backward_is_as_close_to_float64_as_the_plain_path(with_
         for name, mask in zip(("long", "short"), tg.document_windows(docs, torch.tensor(window, dtype=torch.int32))):
             args, qkv_in = block_grad_args(T, H, mask, with_ve, "cpu", seed=window)
             grad_out, _, ve, lambdas, _, _, q, k, v, _, out, lse = args[:12]
+            x_scale = block_grad_args(T, H, mask, with_ve, "cpu", seed=window, scaled=True)[0][-1]
             with emulate(tg):
                 fused = tg._window_attention_inputs_grad_triton(*args)
                 grads = tg._window_attention_grad_triton(grad_out, q, k, v, out, lse, *mask)
+                scaled = tg._window_attention_inputs_grad_triton(*args[:-1], x_scale)
             assert_as_close_to_float64_as_the_plain_path(fused, grads, qkv_in, ve, lambdas, f"window {window} {name}")
+            assert_scaled_once(scaled, fused, x_scale)
 
 
 @pytest.mark.parametrize("fp8", [False, True])
@@ -214,6 +220,8 @@ def test_gpt_through_the_block_kernels_has_about_the_reference_loss_and_gradient
                 tg.window_attention_inputs_grad = detached(tg._window_attention_inputs_grad_triton)
             loss = model(tokens[:-1], tokens[1:], torch.tensor(2, dtype=torch.int32))
             loss.backward()
+        for table in tg.embedding_tables(model):
+            table.take_grad()
         return loss.item(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
 
     (loss, grads), (reference_loss, reference_grads) = loss_and_grads(True), loss_and_grads(False)
