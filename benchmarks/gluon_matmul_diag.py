@@ -12,12 +12,21 @@ one chunk of the head's FP8 logits, each timed as:
   production epilogue's sums of exp(z) without storing the logits.
 "matmul only" against cuBLAS says whether the ping-pong matmul loop itself is slower; the epilogues add from there.
 With --tiles= (rows x columns x depth x stages, comma separated), "matmul only" also at each of those tiles.
+With --busy=n,..., "bf16 store" also after n passes over its accumulator before its store, each pass of each
+kind in --busy_ops (default mul): mul multiplies every element by 1.0 (128 FMULs a thread), sqrt takes its root
+(128 special-function instructions), round rounds it to bf16 and back as the epilogues do (64 packed conversions,
+128 unpacking instructions). Where the other warpgroup's matmul hides an epilogue, the time stays flat as n grows
+until the epilogue outlasts that matmul; where it does not, each pass adds its instructions' time a tile.
+With --op_stages=n,..., train_gpt's op also with n stages in its ring (its tile otherwise as it is). With
+--only=text, only the cases whose name holds text (e.g. --only=MLP).
 
 Each time is the median over 20 rounds of 10 calls queued back to back, per call (matmul_peak.median_ms).
 
-Usage: python benchmarks/gluon_matmul_diag.py [--tiles=128x128x64x5,128x128x128x3]
+Usage: python benchmarks/gluon_matmul_diag.py [--tiles=128x128x64x5,128x128x128x3] [--busy=4,8,16,32]
+                                              [--busy_ops=mul,sqrt,round] [--op_stages=3,5] [--only=MLP]
 """
 import inspect
+import itertools
 import sys
 from pathlib import Path
 
@@ -25,35 +34,38 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_gpt as tg  # noqa: E402
-from train_gpt import (_bf16_bits, _exp_kernel, _gluon_tiles, _matmul_buffers, _matmul_loads,  # noqa: E402
+from train_gpt import (_bf16, _bf16_bits, _exp_kernel, _gluon_tiles, _matmul_buffers, _matmul_loads,  # noqa: E402
                        _matmul_tile, _sigmoid_tanh_kernel, _tile_at, _tma_store, fence_async_shared, gl, gluon, tma)
 
 MATMUL_ONLY, BF16_STORE, ROW_SUMS_ONLY = 0, 1, 2
 PING_PONG_BF16 = tg.Tile((128, 128, 64), warps=4, stages=4)  # the MLP's and the qkv matmul's ping-pong tile
 PING_PONG_FP8 = tg.Tile((128, 128, 128), warps=4, stages=4)  # the logits'
 EPILOGUES = {MATMUL_ONLY: "matmul only", BF16_STORE: "bf16 store", ROW_SUMS_ONLY: "row sums only"}
+BUSY_OPS = ("mul", "sqrt", "round")
 
 
 @gluon.jit
-def _diag_kernel(x_desc, w_desc, out_desc, sums, M, N, K, SCALE: gl.constexpr, CAP: gl.constexpr,
-                 TEMPERATURE: gl.constexpr, EPILOGUE: gl.constexpr, W_KN: gl.constexpr, N_MAJOR: gl.constexpr,
-                 BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, INSTR_K: gl.constexpr):
+def _diag_kernel(x_desc, w_desc, out_desc, sums, M, N, K, busy, one, SCALE: gl.constexpr, CAP: gl.constexpr,
+                 TEMPERATURE: gl.constexpr, EPILOGUE: gl.constexpr, BUSY_OP: gl.constexpr, W_KN: gl.constexpr,
+                 N_MAJOR: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+                 INSTR_K: gl.constexpr):
     # train_gpt's ping-pong kernel (the MLP's, qkv's and logits'), with _diag_consumer's epilogues
     x_bufs, w_bufs, ready, empty, out_bufs, turn = _matmul_buffers(x_desc, w_desc, out_desc, STAGES)
     gl.warp_specialize([
-        (_diag_consumer, (out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, turn, M, N, K, SCALE, CAP,
-                          TEMPERATURE, EPILOGUE, W_KN, N_MAJOR, BM, BN, BK, STAGES, INSTR_K, 0)),
-        (_diag_consumer, (out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, turn, M, N, K, SCALE, CAP,
-                          TEMPERATURE, EPILOGUE, W_KN, N_MAJOR, BM, BN, BK, STAGES, INSTR_K, 1)),
+        (_diag_consumer, (out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, turn, M, N, K, busy, one, SCALE,
+                          CAP, TEMPERATURE, EPILOGUE, BUSY_OP, W_KN, N_MAJOR, BM, BN, BK, STAGES, INSTR_K, 0)),
+        (_diag_consumer, (out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, turn, M, N, K, busy, one, SCALE,
+                          CAP, TEMPERATURE, EPILOGUE, BUSY_OP, W_KN, N_MAJOR, BM, BN, BK, STAGES, INSTR_K, 1)),
         (_matmul_loads, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, M, N, K, W_KN, N_MAJOR, BM, BN, BK, STAGES)),
     ], [4, 1], [240, 24])
 
 
 @gluon.jit
-def _diag_consumer(out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, turn, M, N, K, SCALE: gl.constexpr,
-                   CAP: gl.constexpr, TEMPERATURE: gl.constexpr, EPILOGUE: gl.constexpr, W_KN: gl.constexpr,
-                   N_MAJOR: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-                   STAGES: gl.constexpr, INSTR_K: gl.constexpr, WHICH: gl.constexpr):
+def _diag_consumer(out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, turn, M, N, K, busy, one,
+                   SCALE: gl.constexpr, CAP: gl.constexpr, TEMPERATURE: gl.constexpr, EPILOGUE: gl.constexpr,
+                   BUSY_OP: gl.constexpr, W_KN: gl.constexpr, N_MAJOR: gl.constexpr, BM: gl.constexpr,
+                   BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, INSTR_K: gl.constexpr,
+                   WHICH: gl.constexpr):
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                      instr_shape=[16, BN, INSTR_K])
     k_steps = (K + BK - 1) // BK
@@ -67,6 +79,13 @@ def _diag_consumer(out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, turn,
         acc, count = _matmul_tile(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layout, W_KN, BM, BN,
                                   STAGES, WHICH)
         if EPILOGUE == 1:
+            for _ in range(busy):  # one is 1.0 at run time: the compiler cannot drop the passes
+                if BUSY_OP == 0:
+                    acc = acc * one
+                elif BUSY_OP == 1:
+                    acc = gl.sqrt(gl.abs(acc)) * one
+                else:
+                    acc = _bf16(acc * one).to(gl.float32)
             out_tile.store(acc.to(gl.bfloat16))
             fence_async_shared()
             _tma_store(out_desc, [off_m, off_n], out_tile)
@@ -81,9 +100,10 @@ def _diag_consumer(out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, turn,
 
 
 def diag_matmul(x: torch.Tensor, w: torch.Tensor, epilogue: int, w_kn: bool, n_major: bool,
-                tile: tg.Tile) -> tuple[torch.Tensor, torch.Tensor]:
+                tile: tg.Tile, busy: int = 0, busy_op: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """x @ w.T (or x @ w, w_kn) by _diag_kernel -> (the bf16 product, its rows' sums by column block (N / BN, M)):
-    the product only with the bf16 store (else an empty BM x BN tile), the sums only without it."""
+    the product only with the bf16 store (else an empty BM x BN tile), the sums only without it; the bf16 store
+    after `busy` passes of BUSY_OPS[busy_op] over the accumulator."""
     (BM, BN, BK), warps, stages = tile
     M, K = x.shape
     N = w.size(1) if w_kn else w.size(0)
@@ -93,8 +113,8 @@ def diag_matmul(x: torch.Tensor, w: torch.Tensor, epilogue: int, w_kn: bool, n_m
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     grid = (min(num_sms, -(-M // BM) * -(-N // BN)),)
     _diag_kernel[grid](_gluon_tiles(x, [BM, BK]), _gluon_tiles(w, [BK, BN] if w_kn else [BN, BK]),
-                       _gluon_tiles(out, [BM, BN]), sums, M, N, K, 1 / (tg.FP8_X_SCALE * tg.FP8_W_SCALE),
-                       tg.SOFTCAP, tg.SOFTCAP_TEMPERATURE, epilogue, w_kn, n_major, BM, BN, BK, stages,
+                       _gluon_tiles(out, [BM, BN]), sums, M, N, K, busy, 1.0, 1 / (tg.FP8_X_SCALE * tg.FP8_W_SCALE),
+                       tg.SOFTCAP, tg.SOFTCAP_TEMPERATURE, epilogue, busy_op, w_kn, n_major, BM, BN, BK, stages,
                        32 if fp8 else 16, num_warps=warps, maxnreg=168)
     return out, sums
 
@@ -109,7 +129,12 @@ def parse_tiles(arg: str) -> list[tg.Tile]:
 
 def main():
     from matmul_peak import median_ms
-    tiles = parse_tiles(next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--tiles=")), ""))
+    def option(name: str) -> str:
+        return next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith(f"--{name}=")), "")
+    tiles = parse_tiles(option("tiles"))
+    busy = [int(n) for n in filter(None, option("busy").split(","))]
+    busy_ops = [BUSY_OPS.index(op) for op in (option("busy_ops") or "mul").split(",")]
+    op_stages = [int(n) for n in filter(None, option("op_stages").split(","))]
     torch.manual_seed(0)
     T, D, H, n, V = 64 * 1024, 768, 4 * 768, tg.HEAD_CHUNK, 50304
     x, grad_y = torch.randn(T, D, device="cuda").bfloat16(), torch.randn(T, D, device="cuda").bfloat16()
@@ -126,20 +151,22 @@ def main():
     x_q = tg._e4m3(torch.randn(n, D, device="cuda"), tg.FP8_X_SCALE)
     w_q = tg._e4m3(torch.randn(V, D, device="cuda") * 0.05, tg.FP8_W_SCALE)
     one = torch.ones((), device="cuda")
-    cases = [  # name, x, w, w_kn, n_major, the op's tile, the ping-pong's, cuBLAS, train_gpt's op, epilogues to time
-        ("MLP forward", x, w_fc, False, False, tg.MLP_MATMUL, PING_PONG_BF16, lambda: x @ w_fc.T,
+    cases = [  # name, x, w, w_kn, n_major, the op's tile's name, the ping-pong's, cuBLAS, train_gpt's op, epilogues
+        ("MLP forward", x, w_fc, False, False, "MLP_MATMUL", PING_PONG_BF16, lambda: x @ w_fc.T,
          lambda: tg._matmul_relu2_cuda(x, w_fc, *scale), (MATMUL_ONLY, BF16_STORE)),
-        ("MLP backward", grad_y, w_proj, True, False, tg.MLP_MATMUL, PING_PONG_BF16, lambda: grad_y @ w_proj,
+        ("MLP backward", grad_y, w_proj, True, False, "MLP_MATMUL", PING_PONG_BF16, lambda: grad_y @ w_proj,
          lambda: tg._matmul_relu2_grad_cuda(grad_y, w_proj, h, *scale), (MATMUL_ONLY, BF16_STORE)),
-        ("qkv matmul with its prep", x, w_qkv, False, False, tg.QKV_MATMUL, PING_PONG_BF16, lambda: x @ w_qkv.T,
+        ("qkv matmul with its prep", x, w_qkv, False, False, "QKV_MATMUL", PING_PONG_BF16, lambda: x @ w_qkv.T,
          lambda: tg._qkv_matmul_prep_gluon(*qkv_args), (MATMUL_ONLY, BF16_STORE)),
-        ("FP8 logits, a chunk", x_q, w_q, False, True, tg.HEAD_MATMUL, PING_PONG_FP8,
+        ("FP8 logits, a chunk", x_q, w_q, False, True, "HEAD_MATMUL", PING_PONG_FP8,
          lambda: torch._scaled_mm(x_q, w_q.T, out_dtype=torch.bfloat16, scale_a=one / tg.FP8_X_SCALE,
                                   scale_b=one / tg.FP8_W_SCALE, use_fast_accum=True),
          lambda: tg._logits_gluon(x_q, w_q), (MATMUL_ONLY, BF16_STORE, ROW_SUMS_ONLY)),
     ]
     print(f"{torch.cuda.get_device_name()}, torch {torch.version.__version__}; ms a call (TFLOP/s)")
     for name, a, b, w_kn, n_major, op_tile, tile, cublas, op, epilogues in cases:
+        if option("only") not in name:
+            continue
         flops = 2 * a.size(0) * a.size(1) * (b.size(1) if w_kn else b.size(0))
 
         def line(label: str, fn) -> str:
@@ -147,7 +174,16 @@ def main():
             return f"  {label:<34} {ms:7.3f} ms ({flops / ms / 1e9:5.0f})"
         print(f"{name}: {a.size(0)} x {a.size(1)} @ {'w' if w_kn else 'w.T'}, {tuple(b.shape)} {b.dtype}")
         print(line("cuBLAS", cublas))
-        print(line(f"train_gpt's op, {tile_name(op_tile)}", op))
+        print(line(f"train_gpt's op, {tile_name(getattr(tg, op_tile))}", op))
+        for stages in op_stages:
+            saved = getattr(tg, op_tile)
+            setattr(tg, op_tile, saved._replace(stages=stages))
+            try:
+                print(line(f"train_gpt's op, {tile_name(getattr(tg, op_tile))}", op))
+            except Exception as e:  # e.g. out of shared memory: say so and go on
+                print(f"  train_gpt's op, {stages} stages: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+            finally:
+                setattr(tg, op_tile, saved)
         # the bf16 store's product against cuBLAS's, which _scaled_mm scales: a broken variant shows, not a test
         unscale = 1 / (tg.FP8_X_SCALE * tg.FP8_W_SCALE) if a.dtype == torch.float8_e4m3fn else 1.0
         expected = cublas().float()
@@ -158,6 +194,9 @@ def main():
                 check = f"  max |diff| from cuBLAS {(got - expected).abs().max().item():.2e}"
             print(line(f"{EPILOGUES[epilogue]}, {tile_name(tile)}",
                        lambda: diag_matmul(a, b, epilogue, w_kn, n_major, tile)) + check)
+            for kind, n in itertools.product(busy_ops, busy) if epilogue == BF16_STORE else ():
+                print(line(f"bf16 store after {n} {BUSY_OPS[kind]}, {tile_name(tile)}",
+                           lambda: diag_matmul(a, b, epilogue, w_kn, n_major, tile, n, kind)))
         for other in tiles:
             try:
                 print(line(f"matmul only, {tile_name(other)}", lambda: diag_matmul(a, b, MATMUL_ONLY, w_kn, n_major,
