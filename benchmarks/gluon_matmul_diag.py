@@ -131,6 +131,7 @@ def parse_tiles(arg: str) -> list[tg.Tile]:
 
 def main():
     from matmul_peak import median_ms
+
     def option(name: str) -> str:
         return next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith(f"--{name}=")), "")
     tiles = parse_tiles(option("tiles"))
