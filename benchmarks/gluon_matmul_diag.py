@@ -140,6 +140,7 @@ def main():
     op_stages = [int(n) for n in filter(None, option("op_stages").split(","))]
     if option("in_flight"):  # before anything compiles: a kernel refuses a global changed after its compile
         tg.MMA_IN_FLIGHT = gl.constexpr(int(option("in_flight")))
+    in_flight = getattr(tg, "MMA_IN_FLIGHT", 1)  # an older train_gpt.py (kernel_pair.sh) keeps one in flight
     torch.manual_seed(0)
     T, D, H, n, V = 64 * 1024, 768, 4 * 768, tg.HEAD_CHUNK, 50304
     x, grad_y = torch.randn(T, D, device="cuda").bfloat16(), torch.randn(T, D, device="cuda").bfloat16()
@@ -169,7 +170,7 @@ def main():
          lambda: tg._logits_gluon(x_q, w_q), (MATMUL_ONLY, BF16_STORE, ROW_SUMS_ONLY)),
     ]
     print(f"{torch.cuda.get_device_name()}, torch {torch.version.__version__}; ms a call (TFLOP/s); "
-          f"{getattr(tg.MMA_IN_FLIGHT, 'value', tg.MMA_IN_FLIGHT)} wgmma groups in flight")
+          f"{getattr(in_flight, 'value', in_flight)} wgmma groups in flight")
     for name, a, b, w_kn, n_major, op_tile, tile, cublas, op, epilogues in cases:
         if option("only") not in name:
             continue
