@@ -2761,19 +2761,13 @@ def _matmul_loads(x_desc, w_desc, x_bufs, w_bufs, ready, empty, M, N, K, W_KN: g
             count += 1
 
 
-# The wgmma groups (a stage's matmul each) a consumer warpgroup of the ping-pong kernels keeps in flight while it
-# awaits the next stage; a stage goes back to the loading warp once its group is retired, so the ring prefetches
-# STAGES - MMA_IN_FLIGHT stages ahead.
-MMA_IN_FLIGHT = gl.constexpr(1)
-
-
 @gluon.jit
 def _matmul_tile(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layout: gl.constexpr,
                  W_KN: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr, WHICH: gl.constexpr):
-    """A consumer warpgroup's matmul of one tile by wgmma from the ring (MMA_IN_FLIGHT groups in flight while the
-    next stage is awaited) -> the float32 accumulator and the ring's count past the other warpgroup's next tile.
-    The two take turns at their matmuls (turn): a wait on a stage's barrier tells only the parity of its fills, so
-    a warpgroup may wait for a stage's next fill only once the other has waited for the fill before it."""
+    """A consumer warpgroup's matmul of one tile by wgmma from the ring (one in flight while the next stage is
+    awaited) -> the float32 accumulator and the ring's count past the other warpgroup's next tile. The two take
+    turns at their matmuls (turn): a wait on a stage's barrier tells only the parity of its fills, so a warpgroup
+    may wait for a stage's next fill only once the other has waited for the fill before it."""
     acc = gl.zeros((BM, BN), dtype=gl.float32, layout=layout)
     mbarrier.wait(turn.index(WHICH), phase ^ (1 - WHICH))  # warpgroup 0's first wait passes at once
     for k in range(k_steps):
@@ -2783,15 +2777,12 @@ def _matmul_tile(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layo
             acc = warpgroup_mma(x_bufs.index(stage), w_bufs.index(stage), acc, is_async=True)
         else:
             acc = warpgroup_mma(x_bufs.index(stage), w_bufs.index(stage).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=MMA_IN_FLIGHT, deps=(acc,))
-        # the stage of the group just retired
-        mbarrier.arrive(empty.index((count + STAGES - MMA_IN_FLIGHT) % STAGES), count=1, pred=k >= MMA_IN_FLIGHT)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        mbarrier.arrive(empty.index((count + STAGES - 1) % STAGES), count=1, pred=k > 0)  # the one before
         count += 1
     mbarrier.arrive(turn.index(1 - WHICH), count=1)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    for i in gl.static_range(MMA_IN_FLIGHT):  # the stages of the groups that were still in flight
-        mbarrier.arrive(empty.index((count + STAGES - MMA_IN_FLIGHT + i) % STAGES), count=1,
-                        pred=k_steps + i >= MMA_IN_FLIGHT)
+    mbarrier.arrive(empty.index((count + STAGES - 1) % STAGES), count=1)
     return acc, count + k_steps
 
 

@@ -18,14 +18,12 @@ kind in --busy_ops (default mul): mul multiplies every element by 1.0 (128 FMULs
 128 unpacking instructions). Where the other warpgroup's matmul hides an epilogue, the time stays flat as n grows
 until the epilogue outlasts that matmul; where it does not, each pass adds its instructions' time a tile.
 With --op_stages=n,..., train_gpt's op also with n stages in its ring (its tile otherwise as it is). With
---only=text, only the cases whose name holds text (e.g. --only=MLP). With --in_flight=n, every ping-pong kernel
-(the ops' and this bench's) keeps n wgmma groups in flight (train_gpt.MMA_IN_FLIGHT), for the whole run.
+--only=text, only the cases whose name holds text (e.g. --only=MLP).
 
 Each time is the median over 20 rounds of 10 calls queued back to back, per call (matmul_peak.median_ms).
 
 Usage: python benchmarks/gluon_matmul_diag.py [--tiles=128x128x64x5,128x128x128x3] [--busy=4,8,16,32]
                                               [--busy_ops=mul,sqrt,round] [--op_stages=3,5] [--only=MLP]
-                                              [--in_flight=2]
 """
 import inspect
 import itertools
@@ -138,9 +136,6 @@ def main():
     busy = [int(n) for n in filter(None, option("busy").split(","))]
     busy_ops = [BUSY_OPS.index(op) for op in (option("busy_ops") or "mul").split(",")]
     op_stages = [int(n) for n in filter(None, option("op_stages").split(","))]
-    if option("in_flight"):  # before anything compiles: a kernel refuses a global changed after its compile
-        tg.MMA_IN_FLIGHT = gl.constexpr(int(option("in_flight")))
-    in_flight = getattr(tg, "MMA_IN_FLIGHT", 1)  # an older train_gpt.py (kernel_pair.sh) keeps one in flight
     torch.manual_seed(0)
     T, D, H, n, V = 64 * 1024, 768, 4 * 768, tg.HEAD_CHUNK, 50304
     x, grad_y = torch.randn(T, D, device="cuda").bfloat16(), torch.randn(T, D, device="cuda").bfloat16()
@@ -169,8 +164,7 @@ def main():
                                   scale_b=one / tg.FP8_W_SCALE, use_fast_accum=True),
          lambda: tg._logits_gluon(x_q, w_q), (MATMUL_ONLY, BF16_STORE, ROW_SUMS_ONLY)),
     ]
-    print(f"{torch.cuda.get_device_name()}, torch {torch.version.__version__}; ms a call (TFLOP/s); "
-          f"{getattr(in_flight, 'value', in_flight)} wgmma groups in flight")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.version.__version__}; ms a call (TFLOP/s)")
     for name, a, b, w_kn, n_major, op_tile, tile, cublas, op, epilogues in cases:
         if option("only") not in name:
             continue
