@@ -1,33 +1,114 @@
-import subprocess, sys, time, torch
-sys.path.insert(0, "benchmarks")  # run from the repository root
-import gluon_matmul_diag as gd
+"""At what clock and power the MLP's matmuls run when they run for seconds, as in training.
+
+A GPU at its power limit lowers its clock until it draws no more: then a kernel's time follows the energy its
+work takes, not only its cycles, and work that a warp-specialised kernel would hide behind the tensor cores still
+costs time. Each case runs back to back for --seconds while `nvidia-smi` samples the SM clock, the power draw and
+whether the software power cap holds the clock; per case: ms a call, the mean clock and power over the run (its
+first 0.5 s and last 0.2 s left out), the share of samples under the power cap, and the cycles a call at that
+clock (ms x MHz), which the clock no longer moves. "idle" is a pause between rounds, as a reference.
+
+    python3 benchmarks/clocks_under_load.py [--seconds=3] [--rounds=2] [--only=backward]
+"""
+import datetime
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gluon_matmul_diag as gd  # noqa: E402
+
 tg = gd.tg
-smi = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,clocks.sm,power.draw,power.limit,temperature.gpu,"
-                        "clocks_event_reasons.sw_power_cap,clocks_event_reasons.hw_slowdown,clocks_event_reasons.sw_thermal_slowdown",
-                        "--format=csv,noheader,nounits", "-lms", "50"], stdout=open("/tmp/smi.csv", "w"))
-T, D, H = 64 * 1024, 768, 3072
-x = torch.randn(T, D, device="cuda").bfloat16()
-w = (torch.randn(H, D, device="cuda") * D**-0.5).bfloat16()
-s = torch.ones(T, 1, device="cuda")
-tile = gd.PING_PONG_BF16
-cases = [("cublas", lambda: x @ w.T), ("op", lambda: tg._matmul_relu2_cuda(x, w, s)),
-         ("store", lambda: gd.diag_matmul(x, w, gd.BF16_STORE, False, False, tile)),
-         ("store+16mul", lambda: gd.diag_matmul(x, w, gd.BF16_STORE, False, False, tile, 16, 0)),
-         ("store+4sqrt", lambda: gd.diag_matmul(x, w, gd.BF16_STORE, False, False, tile, 4, 1)),
-         ("idle", None)]
-for _, fn in cases:
-    if fn: fn()
-torch.cuda.synchronize(); time.sleep(1)
-for name, fn in cases * 2:
-    t0 = time.time(); n = 0
-    if fn is None:
-        time.sleep(2); print(name, t0, time.time(), flush=True); continue
-    e0 = torch.cuda.Event(enable_timing=True); e1 = torch.cuda.Event(enable_timing=True)
-    e0.record()
-    while time.time() - t0 < 3:
-        for _ in range(50): fn()
-        n += 50
+QUERY = "timestamp,clocks.sm,power.draw,power.limit,temperature.gpu,clocks_event_reasons.sw_power_cap"
+
+
+def cases() -> list[tuple[str, object]]:
+    """-> (name, a call) for the MLP forward and backward at a 1-GPU sequence's shapes, as the diag bench's."""
+    T, D, H = 64 * 1024, 768, 4 * 768
+    x, grad_y = torch.randn(T, D, device="cuda").bfloat16(), torch.randn(T, D, device="cuda").bfloat16()
+    w_fc = (torch.randn(H, D, device="cuda") * D**-0.5).bfloat16()
+    w_proj = (torch.randn(D, H, device="cuda") * H**-0.5).bfloat16()
+    scale = torch.ones(T, 1, device="cuda")
+    h = tg._matmul_relu2_cuda(x, w_fc, scale)
+    tile, store = gd.PING_PONG_BF16, gd.BF16_STORE
+    return [
+        ("forward, cuBLAS", lambda: x @ w_fc.T),
+        ("forward, train_gpt's op", lambda: tg._matmul_relu2_cuda(x, w_fc, scale)),
+        ("forward, bf16 store", lambda: gd.diag_matmul(x, w_fc, store, False, False, tile)),
+        ("forward, bf16 store after 16 mul", lambda: gd.diag_matmul(x, w_fc, store, False, False, tile, 16, 0)),
+        ("forward, bf16 store after 4 sqrt", lambda: gd.diag_matmul(x, w_fc, store, False, False, tile, 4, 1)),
+        ("backward, cuBLAS", lambda: grad_y @ w_proj),
+        ("backward, train_gpt's op", lambda: tg._matmul_relu2_grad_cuda(grad_y, w_proj, h, scale)),
+        ("backward, bf16 store", lambda: gd.diag_matmul(grad_y, w_proj, store, True, False, tile)),
+    ]
+
+
+def run_for(fn, seconds: float) -> float:
+    """Calls fn back to back for about `seconds` -> ms a call."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0, calls = time.time(), 0
+    start.record()
+    while time.time() - t0 < seconds:
+        for _ in range(50):
+            fn()
+        calls += 50
         torch.cuda.synchronize()
-    e1.record(); torch.cuda.synchronize()
-    print(name, t0, time.time(), f"{e0.elapsed_time(e1) / n:.4f} ms", flush=True)
-time.sleep(0.3); smi.terminate(); smi.wait()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / calls
+
+
+def samples(path: Path) -> list[tuple[float, list[str]]]:
+    """nvidia-smi's lines -> (seconds since the epoch, the other fields); its timestamps are in local time."""
+    rows = []
+    for line in path.read_text().splitlines():
+        stamp, *fields = (v.strip() for v in line.split(","))
+        try:
+            rows.append((datetime.datetime.strptime(stamp, "%Y/%m/%d %H:%M:%S.%f").timestamp(), fields))
+        except ValueError:
+            continue
+    return rows
+
+
+def main():
+    def option(name: str, default: str) -> str:
+        return next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith(f"--{name}=")), default)
+    seconds, rounds, only = float(option("seconds", "3")), int(option("rounds", "2")), option("only", "")
+    todo = [(name, fn) for name, fn in cases() if only in name] + [("idle", None)]
+    for _, fn in todo:  # compile everything before the clocks count
+        if fn:
+            fn()
+    torch.cuda.synchronize()
+    log = Path(tempfile.mkdtemp()) / "smi.csv"
+    with open(log, "w") as out:
+        smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={QUERY}", "--format=csv,noheader,nounits", "-lms", "50"],
+                               stdout=out)
+        time.sleep(1)
+        spans = []
+        for name, fn in todo * rounds:
+            t0 = time.time()
+            ms = run_for(fn, seconds) if fn else time.sleep(seconds / 1.5)
+            spans.append((name, t0, time.time(), ms))
+        time.sleep(0.3)
+        smi.terminate()
+        smi.wait()
+    rows = samples(log)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.version.__version__}; {seconds:g} s a case, each round in turn")
+    for name, t0, t1, ms in spans:
+        got = [fields for t, fields in rows if t0 + 0.5 <= t <= t1 - 0.2]
+        if not got:
+            print(f"{name:<34} no samples")
+            continue
+        mhz = sum(float(f[0]) for f in got) / len(got)
+        watts = sum(float(f[1]) for f in got) / len(got)
+        capped = sum(f[4] == "Active" for f in got)
+        timed = f"{ms:7.4f} ms, {ms * mhz:6.0f} kcycles" if ms else " " * 24
+        print(f"{name:<34} {timed}  {mhz:5.0f} MHz {watts:6.1f} W (limit {got[0][2]}), {got[-1][3]} C, "
+              f"power cap {capped}/{len(got)} samples")
+
+
+if __name__ == "__main__":
+    main()
