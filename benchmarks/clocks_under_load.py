@@ -1,4 +1,5 @@
-"""At what clock and power the MLP's matmuls run when they run for seconds, as in training.
+"""At what clock and power the MLP's matmuls and the attention's kernels run when they run for seconds, as in
+training.
 
 A GPU at its power limit lowers its clock until it draws no more: then a kernel's time follows the energy its
 work takes, not only its cycles, and work that a warp-specialised kernel would hide behind the tensor cores still
@@ -7,7 +8,10 @@ whether the software power cap holds the clock; per case: ms a call, the mean cl
 first 0.5 s and last 0.2 s left out), the share of samples under the power cap, and the cycles a call at that
 clock (ms x MHz), which the clock no longer moves. "idle" is a pause between rounds, as a reference.
 
-    python3 benchmarks/clocks_under_load.py [--seconds=3] [--rounds=2] [--only=backward]
+The attention's cases are one layer's forward and backward (the gradients of q, k and v) at the longest long
+window, 14 blocks, with window_attention_bench.py's documents.
+
+    python3 benchmarks/clocks_under_load.py [--seconds=3] [--rounds=2] [--only=attention]
 """
 import datetime
 import subprocess
@@ -20,13 +24,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gluon_matmul_diag as gd  # noqa: E402
+import window_attention_bench as wab  # noqa: E402
 
 tg = gd.tg
 QUERY = "timestamp,clocks.sm,power.draw,power.limit,temperature.gpu,clocks_event_reasons.sw_power_cap"
 
 
 def cases() -> list[tuple[str, object]]:
-    """-> (name, a call) for the MLP forward and backward at a 1-GPU sequence's shapes, as the diag bench's."""
+    """-> (name, a call) for the MLP forward and backward at a 1-GPU sequence's shapes, as the diag bench's, and
+    the attention at window 14."""
     T, D, H = 64 * 1024, 768, 4 * 768
     x, grad_y = torch.randn(T, D, device="cuda").bfloat16(), torch.randn(T, D, device="cuda").bfloat16()
     w_fc = (torch.randn(H, D, device="cuda") * D**-0.5).bfloat16()
@@ -43,7 +49,15 @@ def cases() -> list[tuple[str, object]]:
         ("backward, cuBLAS", lambda: grad_y @ w_proj),
         ("backward, train_gpt's op", lambda: tg._matmul_relu2_grad_cuda(grad_y, w_proj, h, scale)),
         ("backward, bf16 store", lambda: gd.diag_matmul(grad_y, w_proj, store, True, False, tile)),
-    ]
+    ] + attention_cases()
+
+
+def attention_cases() -> list[tuple[str, object]]:
+    mask = tg.document_windows(wab.documents(wab.T), torch.tensor(14, dtype=torch.int32, device="cuda"))[0]
+    q, k, v, grad_out = (torch.randn(1, wab.T, wab.H, wab.HEAD_DIM, device="cuda").bfloat16() for _ in range(4))
+    out, lse = tg.window_attention(q, k, v, mask.starts, mask.window_blocks)
+    return [("attention forward, window 14", lambda: tg.window_attention(q, k, v, mask.starts, mask.window_blocks)),
+            ("attention backward, window 14", lambda: tg.window_attention_grad(grad_out, q, k, v, out, lse, *mask))]
 
 
 def run_for(fn, seconds: float) -> float:
