@@ -1,19 +1,24 @@
-"""At what clock and power the MLP's matmuls and the attention's kernels run when they run for seconds, as in
-training.
+"""At what clock and power train_gpt.py's matmuls and attention kernels run when they run for seconds, as in
+training, and the energy a call takes.
 
 A GPU at its power limit lowers its clock until it draws no more: then a kernel's time follows the energy its
 work takes, not only its cycles, and work that a warp-specialised kernel would hide behind the tensor cores still
 costs time. Each case runs back to back for --seconds while `nvidia-smi` samples the SM clock, the power draw and
-whether the software power cap holds the clock; per case: ms a call, the mean clock and power over the run (its
-first 0.5 s and last 0.2 s left out), the share of samples under the power cap, and the cycles a call at that
-clock (ms x MHz), which the clock no longer moves. "idle" is a pause between rounds, as a reference.
+whether the software power cap holds the clock; per case: ms a call, the cycles a call at the mean clock (ms x
+MHz), the energy a call at the mean power (ms x W = mJ), the mean clock and power over the run (its first 0.5 s
+and last 0.2 s left out), and the share of samples under the power cap. "idle" is a pause between rounds.
 
-The attention's cases are one layer's forward and backward (the gradients of q, k and v) at the longest long
-window, 14 blocks, with window_attention_bench.py's documents.
+The cases, at a 1-GPU sequence's shapes (64K tokens): the MLP's forward and backward, the qkv matmul with its
+prep and the FP8 logits of a chunk, each by cuBLAS and by train_gpt's op; the MLP's ping-pong loop with a plain
+bf16 store, and with 16 multiply or 4 square-root passes before it (gluon_matmul_diag.py's --busy); one attention
+layer's forward and backward (the gradients of q, k and v) at the longest long window, 14 blocks, with
+window_attention_bench.py's documents. --train_gpt=FILE times another version's ops (e.g. from
+`git show REV:train_gpt.py > FILE`); a case that fails says so and the others go on.
 
-    python3 benchmarks/clocks_under_load.py [--seconds=3] [--rounds=2] [--only=attention]
+    python3 benchmarks/clocks_under_load.py [--seconds=3] [--rounds=2] [--only=attention] [--train_gpt=FILE]
 """
 import datetime
+import importlib.util
 import subprocess
 import sys
 import tempfile
@@ -22,37 +27,44 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gluon_matmul_diag as gd  # noqa: E402
-import window_attention_bench as wab  # noqa: E402
-
-tg = gd.tg
 QUERY = "timestamp,clocks.sm,power.draw,power.limit,temperature.gpu,clocks_event_reasons.sw_power_cap"
 
 
-def cases() -> list[tuple[str, object]]:
-    """-> (name, a call) for the MLP forward and backward at a 1-GPU sequence's shapes, as the diag bench's, and
-    the attention at window 14."""
-    T, D, H = 64 * 1024, 768, 4 * 768
+def cases(gd) -> list[tuple[str, object]]:
+    """-> (name, a call) for each case, with gluon_matmul_diag gd (and its train_gpt, gd.tg)."""
+    tg = gd.tg
+    T, D, H, V = 64 * 1024, 768, 4 * 768, 50304
     x, grad_y = torch.randn(T, D, device="cuda").bfloat16(), torch.randn(T, D, device="cuda").bfloat16()
     w_fc = (torch.randn(H, D, device="cuda") * D**-0.5).bfloat16()
     w_proj = (torch.randn(D, H, device="cuda") * H**-0.5).bfloat16()
+    w_qkv = (torch.randn(3 * D, D, device="cuda") * D**-0.5).bfloat16()
     scale = torch.ones(T, 1, device="cuda")
     h = tg._matmul_relu2_cuda(x, w_fc, scale)
+    ve, rotary = torch.randn(T, D, device="cuda").bfloat16(), tg.Rotary(128, T).cuda()
+    qkv_args = (x[None], scale[None], w_qkv, ve, torch.tensor([0.7, 0.4], device="cuda"), rotary.cos, rotary.sin)
+    x_q = tg._e4m3(torch.randn(tg.HEAD_CHUNK, D, device="cuda"), tg.FP8_X_SCALE)
+    w_q = tg._e4m3(torch.randn(V, D, device="cuda") * 0.05, tg.FP8_W_SCALE)
+    one = torch.ones((), device="cuda")
     tile, store = gd.PING_PONG_BF16, gd.BF16_STORE
     return [
-        ("forward, cuBLAS", lambda: x @ w_fc.T),
-        ("forward, train_gpt's op", lambda: tg._matmul_relu2_cuda(x, w_fc, scale)),
-        ("forward, bf16 store", lambda: gd.diag_matmul(x, w_fc, store, False, False, tile)),
-        ("forward, bf16 store after 16 mul", lambda: gd.diag_matmul(x, w_fc, store, False, False, tile, 16, 0)),
-        ("forward, bf16 store after 4 sqrt", lambda: gd.diag_matmul(x, w_fc, store, False, False, tile, 4, 1)),
-        ("backward, cuBLAS", lambda: grad_y @ w_proj),
-        ("backward, train_gpt's op", lambda: tg._matmul_relu2_grad_cuda(grad_y, w_proj, h, scale)),
-        ("backward, bf16 store", lambda: gd.diag_matmul(grad_y, w_proj, store, True, False, tile)),
-    ] + attention_cases()
+        ("MLP forward, cuBLAS", lambda: x @ w_fc.T),
+        ("MLP forward, train_gpt's op", lambda: tg._matmul_relu2_cuda(x, w_fc, scale)),
+        ("MLP forward, bf16 store", lambda: gd.diag_matmul(x, w_fc, store, False, False, tile)),
+        ("MLP forward, store after 16 mul", lambda: gd.diag_matmul(x, w_fc, store, False, False, tile, 16, 0)),
+        ("MLP forward, store after 4 sqrt", lambda: gd.diag_matmul(x, w_fc, store, False, False, tile, 4, 1)),
+        ("MLP backward, cuBLAS", lambda: grad_y @ w_proj),
+        ("MLP backward, train_gpt's op", lambda: tg._matmul_relu2_grad_cuda(grad_y, w_proj, h, scale)),
+        ("MLP backward, bf16 store", lambda: gd.diag_matmul(grad_y, w_proj, store, True, False, tile)),
+        ("qkv, cuBLAS", lambda: x @ w_qkv.T),
+        ("qkv with its prep, train_gpt's op", lambda: tg._qkv_matmul_prep_gluon(*qkv_args)),
+        ("FP8 logits, cuBLAS", lambda: torch._scaled_mm(x_q, w_q.T, out_dtype=torch.bfloat16, use_fast_accum=True,
+                                                         scale_a=one / tg.FP8_X_SCALE, scale_b=one / tg.FP8_W_SCALE)),
+        ("FP8 logits, train_gpt's op", lambda: tg._logits_gluon(x_q, w_q)),
+    ] + attention_cases(tg)
 
 
-def attention_cases() -> list[tuple[str, object]]:
+def attention_cases(tg) -> list[tuple[str, object]]:
+    import window_attention_bench as wab
     mask = tg.document_windows(wab.documents(wab.T), torch.tensor(14, dtype=torch.int32, device="cuda"))[0]
     q, k, v, grad_out = (torch.randn(1, wab.T, wab.H, wab.HEAD_DIM, device="cuda").bfloat16() for _ in range(4))
     out, lse = tg.window_attention(q, k, v, mask.starts, mask.window_blocks)
@@ -91,10 +103,21 @@ def main():
     def option(name: str, default: str) -> str:
         return next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith(f"--{name}=")), default)
     seconds, rounds, only = float(option("seconds", "3")), int(option("rounds", "2")), option("only", "")
-    todo = [(name, fn) for name, fn in cases() if only in name] + [("idle", None)]
-    for _, fn in todo:  # compile everything before the clocks count
-        if fn:
-            fn()
+    if option("train_gpt", ""):  # before the diag bench imports train_gpt: it takes this one
+        spec = importlib.util.spec_from_file_location("train_gpt", option("train_gpt", ""))
+        sys.modules["train_gpt"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["train_gpt"])
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import gluon_matmul_diag as gd
+
+    todo = []
+    for name, fn in [case for case in cases(gd) if only in case[0]] + [("idle", None)]:
+        try:  # compile everything before the clocks count
+            if fn:
+                fn()
+            todo.append((name, fn))
+        except Exception as e:  # e.g. an older train_gpt.py without this op: say so and go on
+            print(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
     torch.cuda.synchronize()
     log = Path(tempfile.mkdtemp()) / "smi.csv"
     with open(log, "w") as out:
@@ -110,7 +133,8 @@ def main():
         smi.terminate()
         smi.wait()
     rows = samples(log)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.version.__version__}; {seconds:g} s a case, each round in turn")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.version.__version__}, {gd.tg.__file__}; "
+          f"{seconds:g} s a case, each round in turn")
     for name, t0, t1, ms in spans:
         got = [fields for t, fields in rows if t0 + 0.5 <= t <= t1 - 0.2]
         if not got:
@@ -119,7 +143,7 @@ def main():
         mhz = sum(float(f[0]) for f in got) / len(got)
         watts = sum(float(f[1]) for f in got) / len(got)
         capped = sum(f[4] == "Active" for f in got)
-        timed = f"{ms:7.4f} ms, {ms * mhz:6.0f} kcycles" if ms else " " * 24
+        timed = f"{ms:7.4f} ms {ms * mhz:6.0f} kcycles {ms * watts:6.1f} mJ" if ms else " " * 35
         print(f"{name:<34} {timed}  {mhz:5.0f} MHz {watts:6.1f} W (limit {got[0][2]}), {got[-1][3]} C, "
               f"power cap {capped}/{len(got)} samples")
 
