@@ -15,7 +15,12 @@ layer's forward and backward (the gradients of q, k and v) at the longest long w
 window_attention_bench.py's documents. --train_gpt=FILE times another version's ops (e.g. from
 `git show REV:train_gpt.py > FILE`); a case that fails says so and the others go on.
 
+With --trace=FILE, instead: a summary of the samples that `SMI_LOG=FILE benchmarks/cold_run.sh ...` wrote during
+a training run, per GPU: of the samples above 300 W (the GPU at work, not compiling or waiting), the share under
+the power cap, the clock's 10th, 50th and 90th percentiles and the mean power.
+
     python3 benchmarks/clocks_under_load.py [--seconds=3] [--rounds=2] [--only=attention] [--train_gpt=FILE]
+    python3 benchmarks/clocks_under_load.py --trace=FILE
 """
 import datetime
 import importlib.util
@@ -99,9 +104,25 @@ def samples(path: Path) -> list[tuple[float, list[str]]]:
     return rows
 
 
+def trace(path: Path):
+    """Prints --trace's summary of cold_run.sh's SMI_LOG (fields: index, clock, power, power cap)."""
+    by_gpu = {}
+    for _, (gpu, mhz, watts, cap) in samples(path):
+        if float(watts) > 300:
+            by_gpu.setdefault(gpu, []).append((float(mhz), float(watts), cap == "Active"))
+    for gpu, rows in sorted(by_gpu.items()):
+        clocks = sorted(mhz for mhz, _, _ in rows)
+        p10, p50, p90 = (clocks[int(q * (len(clocks) - 1))] for q in (0.1, 0.5, 0.9))
+        print(f"GPU {gpu}: {len(rows)} samples above 300 W, {sum(c for _, _, c in rows) / len(rows):.0%} under the "
+              f"power cap; clock p10/p50/p90 {p10:.0f}/{p50:.0f}/{p90:.0f} MHz; "
+              f"mean {sum(w for _, w, _ in rows) / len(rows):.0f} W")
+
+
 def main():
     def option(name: str, default: str) -> str:
         return next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith(f"--{name}=")), default)
+    if option("trace", ""):
+        return trace(Path(option("trace", "")))
     seconds, rounds, only = float(option("seconds", "3")), int(option("rounds", "2")), option("only", "")
     if option("train_gpt", ""):  # before the diag bench imports train_gpt: it takes this one
         spec = importlib.util.spec_from_file_location("train_gpt", option("train_gpt", ""))
