@@ -2847,8 +2847,8 @@ FP8_X_SCALE, FP8_W_SCALE = 2.0, 32.0
 # The mean over the tokens makes each logit's gradient about 1/tokens: grad_s = 2^13 * tokens brings it into
 # float8_e5m2's range (2^29 at the record's 65,536 tokens; a fixed 2^29 overflows at the smoke preset's 1024).
 FP8_GRAD_SCALE_PER_TOKEN = 2.0**13
-HEAD_CHUNK = 8192  # tokens a chunk: its logits are 0.8 GB in bf16
-GRAD_W_CHUNKS = 2  # chunks a span: each one more holds another chunk's FP8 gradient (0.4 GB) until the span ends
+HEAD_CHUNK = 16384  # tokens a chunk: its logits are 1.6 GB in bf16
+GRAD_W_CHUNKS = 2  # chunks a span: each one more holds another chunk's FP8 gradient (0.8 GB) until the span ends
 
 
 # The row-sum kernel's block (rows x vocabulary) and the gradient kernel's tile, as benchmarks/logit_grad_check.py
