@@ -3114,12 +3114,16 @@ def _sigmoid_kernel(logits, TEMPERATURE: tl.constexpr):  # float32 -> sigmoid(lo
 
 
 @triton.jit
-def _sigmoid_tanh_kernel(logits, TEMPERATURE: tl.constexpr):  # float32 -> about sigmoid(logits / TEMPERATURE)
-    # as (1 + tanh(x / 2)) / 2, for the row sums alone: with their exp, two special-function instructions a logit
-    # where _sigmoid_kernel takes three. Its soft cap is off by up to 1.1e-4 (at |logits| 4 to 64), so a row's
-    # log-sum-exp and loss are too; each row of the gradient scales by as little, 30 times less than its rounding
-    # to bf16. The val loss is computed apart, exactly.
-    return 0.5 + 0.5 * _special_kernel(logits * (0.5 / TEMPERATURE), "tanh.approx.f32")
+def _exp_softcap_kernel(logits, CAP: tl.constexpr, TEMPERATURE: tl.constexpr):
+    # float32 -> about exp(CAP sigmoid(logits / TEMPERATURE)), for the row sums alone: the sigmoid as
+    # (1 + tanh(x / 2)) / 2, so that with the exp it takes two special-function instructions a logit where
+    # _sigmoid_kernel takes three, and its scalings and the exp's fold into one multiply-add: 2^(A tanh + A) for
+    # A = CAP log2(e) / 2. Its soft cap is off by up to 1.1e-4 (at |logits| 4 to 64), so a row's log-sum-exp and
+    # loss are too; each row of the gradient scales by as little, 30 times less than its rounding to bf16. The val
+    # loss is computed apart, exactly.
+    A: tl.constexpr = CAP * LOG2E_KERNEL * 0.5
+    return _special_kernel(_special_kernel(logits * (0.5 / TEMPERATURE), "tanh.approx.f32") * A + A,
+                           "ex2.approx.ftz.f32")
 
 
 @triton.jit
@@ -3133,9 +3137,8 @@ def _lse_kernel(logits, targets, lse, losses, n, V, CAP: tl.constexpr, TEMPERATU
     for start in range(0, V, COLS):
         cols = start + tl.arange(0, COLS)
         ok = row_ok[:, None] & (cols < V)[None, :]
-        s = _sigmoid_tanh_kernel(tl.load(logits + row_start[:, None] + cols[None, :], mask=ok).to(tl.float32),
-                                 TEMPERATURE)
-        total += tl.sum(tl.where(ok, _exp_kernel(CAP * s), 0.0), axis=1)
+        z = tl.load(logits + row_start[:, None] + cols[None, :], mask=ok).to(tl.float32)
+        total += tl.sum(tl.where(ok, _exp_softcap_kernel(z, CAP, TEMPERATURE), 0.0), axis=1)
     _store_lse_and_losses(total, logits, targets, lse, losses, rows, row_ok, V, CAP, TEMPERATURE)
 
 
@@ -3225,7 +3228,7 @@ def _logits_consumer(out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, tur
         out_tile.store((bits >> 16).to(gl.int16).to(gl.bfloat16, bitcast=True))
         fence_async_shared()
         _tma_store(out_desc, [off_m, off_n], out_tile)
-        exp_z = _exp_kernel(CAP * _sigmoid_tanh_kernel(bits.to(gl.float32, bitcast=True), TEMPERATURE))
+        exp_z = _exp_softcap_kernel(bits.to(gl.float32, bitcast=True), CAP, TEMPERATURE)
         rows = off_m + tile_rows
         gl.store(sums + off_n // BN * M + rows, gl.sum(exp_z, axis=1), mask=rows < M)
         phase ^= 1
