@@ -1681,6 +1681,14 @@ def _bf16(x):
 
 
 @triton.jit
+def _f32_of_bf16(x):
+    """bf16 -> float32 (exact), two at a time: the first value shifted up, the second masked, an instruction each,
+    where Triton's conversion takes two for the second (a permute, then the shift)."""
+    return tl.inline_asm_elementwise("{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r", [x],
+                                     dtype=tl.float32, is_pure=True, pack=2)
+
+
+@triton.jit
 def _relu_square_bf16(y):
     """relu(y)^2 of bf16 y, in bf16, two at a time by the packed bf16 instructions: the same bits as squaring in
     float32 and rounding, since the square of a bf16 is exact in float32 and both round it once. Where the float32
@@ -2342,7 +2350,7 @@ def _qkv_matmul_prep_consumer(q_desc, k_desc, v_desc, raw_v_desc, scale, ve, lam
         out_tile.store(_bf16(acc * x_scale))  # qkv's tile, rounded as stored
         gl.thread_barrier()  # all of it, before each thread reads its halves back
         first, second = out_tile.slice(0, HALF, dim=1), out_tile.slice(HALF, HALF, dim=1)
-        y1, y2 = first.load(halves).to(gl.float32), second.load(halves).to(gl.float32)
+        y1, y2 = _f32_of_bf16(first.load(halves)), _f32_of_bf16(second.load(halves))
         rows = gl.minimum(off_m + tile_rows, M - 1)  # rows past M (x's are zeros) read row M - 1's tables
         if head < 2 * H:  # q or k: normed, then rotated
             r = gl.rsqrt((gl.sum(y1 * y1, axis=1) + gl.sum(y2 * y2, axis=1)) / BN + 1.1920928955078125e-07)
@@ -2358,8 +2366,8 @@ def _qkv_matmul_prep_consumer(q_desc, k_desc, v_desc, raw_v_desc, scale, ve, lam
             if HAS_VE:
                 l1 = gl.load(lambdas + 1)
                 at = rows.to(gl.int64)[:, None] * (H * BN) + col + half_cols[None, :]
-                y1 = l0 * y1 + l1 * gl.load(ve + at).to(gl.float32)
-                y2 = l0 * y2 + l1 * gl.load(ve + at + HALF).to(gl.float32)
+                y1 = l0 * y1 + l1 * _f32_of_bf16(gl.load(ve + at))
+                y2 = l0 * y2 + l1 * _f32_of_bf16(gl.load(ve + at + HALF))
             else:
                 y1, y2 = l0 * y1, l0 * y2
             tma.store_wait(0)  # qkv's v has left out_tile
@@ -2819,9 +2827,9 @@ def _matmul_relu2_consumer(h_desc, out_desc, scale, x_bufs, w_bufs, ready, empty
         acc, count = _matmul_tile(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layout, W_KN, BM, BN,
                                   STAGES, WHICH)
         if BACKWARD:
-            y = _bf16(acc).to(gl.float32)
+            y = _f32_of_bf16(_bf16(acc))
             mbarrier.wait(h_bar, phase)
-            relu_a = _bf16(gl.sqrt(out_tile.load(layout).to(gl.float32))).to(gl.float32)
+            relu_a = _f32_of_bf16(_bf16(gl.sqrt(_f32_of_bf16(out_tile.load(layout)))))
             out_tile.store((y * relu_a * (2 * r)).to(gl.bfloat16))
         else:
             out_tile.store(_relu_square_bf16(_bf16(acc * r)))
