@@ -177,7 +177,7 @@ def test_triton_kernels_match_reference_at_extreme_logits(fp8):
 @pytest.mark.skipif(not torch.cuda.is_available() or not train_gpt.HAS_TRITON, reason="needs a CUDA GPU and Triton")
 def test_triton_row_sums_within_tanh_bound_at_every_bf16_logit():
     """The row-sum kernel takes the soft cap's sigmoid as tanh, whose z is off by up to 1.1e-4 (train_gpt.py's
-    comment at _sigmoid_tanh_kernel): its log-sum-exp and losses stay within that of float64's, for every finite
+    comment at _exp_softcap_kernel): its log-sum-exp and losses stay within that of float64's, for every finite
     bf16 logit, sorted into rows so that each row's logits lie close together, the worst case for the bound."""
     x = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     x = x[torch.isfinite(x)].sort().values
