@@ -1697,14 +1697,6 @@ def _relu_square_bf16(y):
                                      "=r,r", [y], dtype=tl.bfloat16, is_pure=True, pack=2)
 
 
-@triton.jit
-def _bf16_bits(x):
-    """_bf16 by integer instructions: the bits of x rounded to bf16, as a float32's (int32, the low 16 bits zero).
-    .to(float32, bitcast=True) is the rounded value, (bits >> 16).to(int16).to(bfloat16, bitcast=True) the bf16."""
-    bits = x.to(tl.int32, bitcast=True)
-    return (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-
-
 # The Gluon kernels' TMA copies, by their names before and after Triton 3.7 renamed them
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
@@ -3232,11 +3224,11 @@ def _logits_consumer(out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, tur
         tma.store_wait(0)  # the last tile's logits have left out_tile
         acc, count = _matmul_tile(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layout, False, BM, BN,
                                   STAGES, WHICH)
-        bits = _bf16_bits(acc * SCALE)  # here _bf16 would spill registers
-        out_tile.store((bits >> 16).to(gl.int16).to(gl.bfloat16, bitcast=True))
+        z = _bf16(acc * SCALE)
+        out_tile.store(z)
         fence_async_shared()
         _tma_store(out_desc, [off_m, off_n], out_tile)
-        exp_z = _exp_softcap_kernel(bits.to(gl.float32, bitcast=True), CAP, TEMPERATURE)
+        exp_z = _exp_softcap_kernel(_f32_of_bf16(z), CAP, TEMPERATURE)
         rows = off_m + tile_rows
         gl.store(sums + off_n // BN * M + rows, gl.sum(exp_z, axis=1), mask=rows < M)
         phase ^= 1
