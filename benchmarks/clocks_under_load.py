@@ -36,36 +36,20 @@ QUERY = "timestamp,clocks.sm,power.draw,power.limit,temperature.gpu,clocks_event
 
 
 def cases(gd) -> list[tuple[str, object]]:
-    """-> (name, a call) for each case, with gluon_matmul_diag gd (and its train_gpt, gd.tg)."""
-    tg = gd.tg
-    T, D, H, V = 64 * 1024, 768, 4 * 768, 50304
-    x, grad_y = torch.randn(T, D, device="cuda").bfloat16(), torch.randn(T, D, device="cuda").bfloat16()
-    w_fc = (torch.randn(H, D, device="cuda") * D**-0.5).bfloat16()
-    w_proj = (torch.randn(D, H, device="cuda") * H**-0.5).bfloat16()
-    w_qkv = (torch.randn(3 * D, D, device="cuda") * D**-0.5).bfloat16()
-    scale = torch.ones(T, 1, device="cuda")
-    h = tg._matmul_relu2_cuda(x, w_fc, scale)
-    ve, rotary = torch.randn(T, D, device="cuda").bfloat16(), tg.Rotary(128, T).cuda()
-    qkv_args = (x[None], scale[None], w_qkv, ve, torch.tensor([0.7, 0.4], device="cuda"), rotary.cos, rotary.sin)
-    x_q = tg._e4m3(torch.randn(tg.HEAD_CHUNK, D, device="cuda"), tg.FP8_X_SCALE)
-    w_q = tg._e4m3(torch.randn(V, D, device="cuda") * 0.05, tg.FP8_W_SCALE)
-    one = torch.ones((), device="cuda")
-    tile, store = gd.PING_PONG_BF16, gd.BF16_STORE
-    return [
-        ("MLP forward, cuBLAS", lambda: x @ w_fc.T),
-        ("MLP forward, train_gpt's op", lambda: tg._matmul_relu2_cuda(x, w_fc, scale)),
-        ("MLP forward, bf16 store", lambda: gd.diag_matmul(x, w_fc, store, False, False, tile)),
-        ("MLP forward, store after 16 mul", lambda: gd.diag_matmul(x, w_fc, store, False, False, tile, 16, 0)),
-        ("MLP forward, store after 4 sqrt", lambda: gd.diag_matmul(x, w_fc, store, False, False, tile, 4, 1)),
-        ("MLP backward, cuBLAS", lambda: grad_y @ w_proj),
-        ("MLP backward, train_gpt's op", lambda: tg._matmul_relu2_grad_cuda(grad_y, w_proj, h, scale)),
-        ("MLP backward, bf16 store", lambda: gd.diag_matmul(grad_y, w_proj, store, True, False, tile)),
-        ("qkv, cuBLAS", lambda: x @ w_qkv.T),
-        ("qkv with its prep, train_gpt's op", lambda: tg._qkv_matmul_prep_gluon(*qkv_args)),
-        ("FP8 logits, cuBLAS", lambda: torch._scaled_mm(x_q, w_q.T, out_dtype=torch.bfloat16, use_fast_accum=True,
-                                                         scale_a=one / tg.FP8_X_SCALE, scale_b=one / tg.FP8_W_SCALE)),
-        ("FP8 logits, train_gpt's op", lambda: tg._logits_gluon(x_q, w_q)),
-    ] + attention_cases(tg)
+    """-> (name, a call) for each case, with gluon_matmul_diag gd (and its train_gpt, gd.tg): its ops' cuBLAS and
+    train_gpt calls, and the MLP's ping-pong loop with a bf16 store (forward: also after extra passes)."""
+    calls = []
+    for name, a, b, w_kn, _, _, tile, cublas, op, _ in gd.op_cases():
+        calls += [(f"{name}, cuBLAS", cublas), (f"{name}, train_gpt's op", op)]
+        if name.startswith("MLP"):
+            calls.append((f"{name}, bf16 store", lambda a=a, b=b, w_kn=w_kn, tile=tile:
+                          gd.diag_matmul(a, b, gd.BF16_STORE, w_kn, False, tile)))
+        if name == "MLP forward":
+            for n, kind in ((16, 0), (4, 1)):
+                def busy(a=a, b=b, tile=tile, n=n, kind=kind):
+                    return gd.diag_matmul(a, b, gd.BF16_STORE, False, False, tile, n, kind)
+                calls.append((f"{name}, store after {n} {gd.BUSY_OPS[kind]}", busy))
+    return calls + attention_cases(gd.tg)
 
 
 def attention_cases(tg) -> list[tuple[str, object]]:
@@ -159,13 +143,13 @@ def main():
     for name, t0, t1, ms in spans:
         got = [fields for t, fields in rows if t0 + 0.5 <= t <= t1 - 0.2]
         if not got:
-            print(f"{name:<34} no samples")
+            print(f"{name:<40} no samples")
             continue
         mhz = sum(float(f[0]) for f in got) / len(got)
         watts = sum(float(f[1]) for f in got) / len(got)
         capped = sum(f[4] == "Active" for f in got)
         timed = f"{ms:7.4f} ms {ms * mhz:6.0f} kcycles {ms * watts:6.1f} mJ" if ms else " " * 35
-        print(f"{name:<34} {timed}  {mhz:5.0f} MHz {watts:6.1f} W (limit {got[0][2]}), {got[-1][3]} C, "
+        print(f"{name:<40} {timed}  {mhz:5.0f} MHz {watts:6.1f} W (limit {got[0][2]}), {got[-1][3]} C, "
               f"power cap {capped}/{len(got)} samples")
 
 

@@ -127,16 +127,9 @@ def parse_tiles(arg: str) -> list[tg.Tile]:
     return tiles
 
 
-def main():
-    from matmul_peak import median_ms
-
-    def option(name: str) -> str:
-        return next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith(f"--{name}=")), "")
-    tiles = parse_tiles(option("tiles"))
-    busy = [int(n) for n in filter(None, option("busy").split(","))]
-    busy_ops = [BUSY_OPS.index(op) for op in (option("busy_ops") or "mul").split(",")]
-    op_stages = [int(n) for n in filter(None, option("op_stages").split(","))]
-    torch.manual_seed(0)
+def op_cases() -> list[tuple]:
+    """train_gpt's four ping-pong ops at a 1-GPU sequence's shapes (64K tokens, a head chunk), each with its
+    inputs, tiles, a cuBLAS call of the same product, a call of the op and the epilogues to time beside it."""
     T, D, H, n, V = 64 * 1024, 768, 4 * 768, tg.HEAD_CHUNK, 50304
     x, grad_y = torch.randn(T, D, device="cuda").bfloat16(), torch.randn(T, D, device="cuda").bfloat16()
     w_fc = (torch.randn(H, D, device="cuda") * D**-0.5).bfloat16()
@@ -152,7 +145,7 @@ def main():
     x_q = tg._e4m3(torch.randn(n, D, device="cuda"), tg.FP8_X_SCALE)
     w_q = tg._e4m3(torch.randn(V, D, device="cuda") * 0.05, tg.FP8_W_SCALE)
     one = torch.ones((), device="cuda")
-    cases = [  # name, x, w, w_kn, n_major, the op's tile's name, the ping-pong's, cuBLAS, train_gpt's op, epilogues
+    return [  # name, x, w, w_kn, n_major, the op's tile's name, the ping-pong's, cuBLAS, train_gpt's op, epilogues
         ("MLP forward", x, w_fc, False, False, "MLP_MATMUL", PING_PONG_BF16, lambda: x @ w_fc.T,
          lambda: tg._matmul_relu2_cuda(x, w_fc, *scale), (MATMUL_ONLY, BF16_STORE)),
         ("MLP backward", grad_y, w_proj, True, False, "MLP_MATMUL", PING_PONG_BF16, lambda: grad_y @ w_proj,
@@ -164,6 +157,19 @@ def main():
                                   scale_b=one / tg.FP8_W_SCALE, use_fast_accum=True),
          lambda: tg._logits_gluon(x_q, w_q), (MATMUL_ONLY, BF16_STORE, ROW_SUMS_ONLY)),
     ]
+
+
+def main():
+    from matmul_peak import median_ms
+
+    def option(name: str) -> str:
+        return next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith(f"--{name}=")), "")
+    tiles = parse_tiles(option("tiles"))
+    busy = [int(n) for n in filter(None, option("busy").split(","))]
+    busy_ops = [BUSY_OPS.index(op) for op in (option("busy_ops") or "mul").split(",")]
+    op_stages = [int(n) for n in filter(None, option("op_stages").split(","))]
+    torch.manual_seed(0)
+    cases = op_cases()
     print(f"{torch.cuda.get_device_name()}, torch {torch.version.__version__}; ms a call (TFLOP/s)")
     for name, a, b, w_kn, n_major, op_tile, tile, cublas, op, epilogues in cases:
         if option("only") not in name:
