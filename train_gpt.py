@@ -1681,11 +1681,20 @@ def _bf16(x):
 
 
 @triton.jit
-def _bf16_bits(x):
-    """_bf16 by integer instructions: the bits of x rounded to bf16, as a float32's (int32, the low 16 bits zero).
-    .to(float32, bitcast=True) is the rounded value, (bits >> 16).to(int16).to(bfloat16, bitcast=True) the bf16."""
-    bits = x.to(tl.int32, bitcast=True)
-    return (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+def _f32_of_bf16(x):
+    """bf16 -> float32 (exact), two at a time: the first value shifted up, the second masked, an instruction each,
+    where Triton's conversion takes two for the second (a permute, then the shift)."""
+    return tl.inline_asm_elementwise("{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r", [x],
+                                     dtype=tl.float32, is_pure=True, pack=2)
+
+
+@triton.jit
+def _relu_square_bf16(y):
+    """relu(y)^2 of bf16 y, in bf16, two at a time by the packed bf16 instructions: the same bits as squaring in
+    float32 and rounding, since the square of a bf16 is exact in float32 and both round it once. Where the float32
+    path unpacks, compares, multiplies and packs again, this takes one max and one multiply for two values."""
+    return tl.inline_asm_elementwise("{ .reg .b32 z, r; mov.b32 z, 0; max.bf16x2 r, $1, z; mul.rn.bf16x2 $0, r, r; }",
+                                     "=r,r", [y], dtype=tl.bfloat16, is_pure=True, pack=2)
 
 
 # The Gluon kernels' TMA copies, by their names before and after Triton 3.7 renamed them
@@ -2333,7 +2342,7 @@ def _qkv_matmul_prep_consumer(q_desc, k_desc, v_desc, raw_v_desc, scale, ve, lam
         out_tile.store(_bf16(acc * x_scale))  # qkv's tile, rounded as stored
         gl.thread_barrier()  # all of it, before each thread reads its halves back
         first, second = out_tile.slice(0, HALF, dim=1), out_tile.slice(HALF, HALF, dim=1)
-        y1, y2 = first.load(halves).to(gl.float32), second.load(halves).to(gl.float32)
+        y1, y2 = _f32_of_bf16(first.load(halves)), _f32_of_bf16(second.load(halves))
         rows = gl.minimum(off_m + tile_rows, M - 1)  # rows past M (x's are zeros) read row M - 1's tables
         if head < 2 * H:  # q or k: normed, then rotated
             r = gl.rsqrt((gl.sum(y1 * y1, axis=1) + gl.sum(y2 * y2, axis=1)) / BN + 1.1920928955078125e-07)
@@ -2349,8 +2358,8 @@ def _qkv_matmul_prep_consumer(q_desc, k_desc, v_desc, raw_v_desc, scale, ve, lam
             if HAS_VE:
                 l1 = gl.load(lambdas + 1)
                 at = rows.to(gl.int64)[:, None] * (H * BN) + col + half_cols[None, :]
-                y1 = l0 * y1 + l1 * gl.load(ve + at).to(gl.float32)
-                y2 = l0 * y2 + l1 * gl.load(ve + at + HALF).to(gl.float32)
+                y1 = l0 * y1 + l1 * _f32_of_bf16(gl.load(ve + at))
+                y2 = l0 * y2 + l1 * _f32_of_bf16(gl.load(ve + at + HALF))
             else:
                 y1, y2 = l0 * y1, l0 * y2
             tma.store_wait(0)  # qkv's v has left out_tile
@@ -2810,13 +2819,12 @@ def _matmul_relu2_consumer(h_desc, out_desc, scale, x_bufs, w_bufs, ready, empty
         acc, count = _matmul_tile(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layout, W_KN, BM, BN,
                                   STAGES, WHICH)
         if BACKWARD:
-            y = _bf16(acc).to(gl.float32)
+            y = _f32_of_bf16(_bf16(acc))
             mbarrier.wait(h_bar, phase)
-            relu_a = _bf16(gl.sqrt(out_tile.load(layout).to(gl.float32))).to(gl.float32)
-            out_tile.store((y * 2 * relu_a * r).to(gl.bfloat16))
+            relu_a = _f32_of_bf16(_bf16(gl.sqrt(_f32_of_bf16(out_tile.load(layout)))))
+            out_tile.store((y * relu_a * (2 * r)).to(gl.bfloat16))
         else:
-            relu_a = gl.maximum(_bf16(acc * r).to(gl.float32), 0.0)
-            out_tile.store((relu_a * relu_a).to(gl.bfloat16))
+            out_tile.store(_relu_square_bf16(_bf16(acc * r)))
         fence_async_shared()
         _tma_store(out_desc, [off_m, off_n], out_tile)
         phase ^= 1
@@ -2839,8 +2847,8 @@ FP8_X_SCALE, FP8_W_SCALE = 2.0, 32.0
 # The mean over the tokens makes each logit's gradient about 1/tokens: grad_s = 2^13 * tokens brings it into
 # float8_e5m2's range (2^29 at the record's 65,536 tokens; a fixed 2^29 overflows at the smoke preset's 1024).
 FP8_GRAD_SCALE_PER_TOKEN = 2.0**13
-HEAD_CHUNK = 8192  # tokens a chunk: its logits are 0.8 GB in bf16
-GRAD_W_CHUNKS = 2  # chunks a span: each one more holds another chunk's FP8 gradient (0.4 GB) until the span ends
+HEAD_CHUNK = 16384  # tokens a chunk: its logits are 1.6 GB in bf16
+GRAD_W_CHUNKS = 2  # chunks a span: each one more holds another chunk's FP8 gradient (0.8 GB) until the span ends
 
 
 # The row-sum kernel's block (rows x vocabulary) and the gradient kernel's tile, as benchmarks/logit_grad_check.py
@@ -3106,12 +3114,16 @@ def _sigmoid_kernel(logits, TEMPERATURE: tl.constexpr):  # float32 -> sigmoid(lo
 
 
 @triton.jit
-def _sigmoid_tanh_kernel(logits, TEMPERATURE: tl.constexpr):  # float32 -> about sigmoid(logits / TEMPERATURE)
-    # as (1 + tanh(x / 2)) / 2, for the row sums alone: with their exp, two special-function instructions a logit
-    # where _sigmoid_kernel takes three. Its soft cap is off by up to 1.1e-4 (at |logits| 4 to 64), so a row's
-    # log-sum-exp and loss are too; each row of the gradient scales by as little, 30 times less than its rounding
-    # to bf16. The val loss is computed apart, exactly.
-    return 0.5 + 0.5 * _special_kernel(logits * (0.5 / TEMPERATURE), "tanh.approx.f32")
+def _exp_softcap_kernel(logits, CAP: tl.constexpr, TEMPERATURE: tl.constexpr):
+    # float32 -> about exp(CAP sigmoid(logits / TEMPERATURE)), for the row sums alone: the sigmoid as
+    # (1 + tanh(x / 2)) / 2, so that with the exp it takes two special-function instructions a logit where
+    # _sigmoid_kernel takes three, and its scalings and the exp's fold into one multiply-add: 2^(A tanh + A) for
+    # A = CAP log2(e) / 2. Its soft cap is off by up to 1.1e-4 (at |logits| 4 to 64), so a row's log-sum-exp and
+    # loss are too; each row of the gradient scales by as little, 30 times less than its rounding to bf16. The val
+    # loss is computed apart, exactly.
+    A: tl.constexpr = CAP * LOG2E_KERNEL * 0.5
+    return _special_kernel(_special_kernel(logits * (0.5 / TEMPERATURE), "tanh.approx.f32") * A + A,
+                           "ex2.approx.ftz.f32")
 
 
 @triton.jit
@@ -3125,9 +3137,8 @@ def _lse_kernel(logits, targets, lse, losses, n, V, CAP: tl.constexpr, TEMPERATU
     for start in range(0, V, COLS):
         cols = start + tl.arange(0, COLS)
         ok = row_ok[:, None] & (cols < V)[None, :]
-        s = _sigmoid_tanh_kernel(tl.load(logits + row_start[:, None] + cols[None, :], mask=ok).to(tl.float32),
-                                 TEMPERATURE)
-        total += tl.sum(tl.where(ok, _exp_kernel(CAP * s), 0.0), axis=1)
+        z = tl.load(logits + row_start[:, None] + cols[None, :], mask=ok).to(tl.float32)
+        total += tl.sum(tl.where(ok, _exp_softcap_kernel(z, CAP, TEMPERATURE), 0.0), axis=1)
     _store_lse_and_losses(total, logits, targets, lse, losses, rows, row_ok, V, CAP, TEMPERATURE)
 
 
@@ -3213,11 +3224,11 @@ def _logits_consumer(out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, tur
         tma.store_wait(0)  # the last tile's logits have left out_tile
         acc, count = _matmul_tile(x_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layout, False, BM, BN,
                                   STAGES, WHICH)
-        bits = _bf16_bits(acc * SCALE)  # here _bf16 would spill registers
-        out_tile.store((bits >> 16).to(gl.int16).to(gl.bfloat16, bitcast=True))
+        z = _bf16(acc * SCALE)
+        out_tile.store(z)
         fence_async_shared()
         _tma_store(out_desc, [off_m, off_n], out_tile)
-        exp_z = _exp_kernel(CAP * _sigmoid_tanh_kernel(bits.to(gl.float32, bitcast=True), TEMPERATURE))
+        exp_z = _exp_softcap_kernel(_f32_of_bf16(z), CAP, TEMPERATURE)
         rows = off_m + tile_rows
         gl.store(sums + off_n // BN * M + rows, gl.sum(exp_z, axis=1), mask=rows < M)
         phase ^= 1

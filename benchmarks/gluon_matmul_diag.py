@@ -34,8 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_gpt as tg  # noqa: E402
-from train_gpt import (_bf16, _bf16_bits, _exp_kernel, _gluon_tiles, _matmul_buffers, _matmul_loads,  # noqa: E402
-                       _matmul_tile, _sigmoid_tanh_kernel, _tile_at, _tma_store, fence_async_shared, gl, gluon, tma)
+from train_gpt import (_bf16, _exp_softcap_kernel, _f32_of_bf16, _gluon_tiles, _matmul_buffers,  # noqa: E402
+                       _matmul_loads, _matmul_tile, _tile_at, _tma_store, fence_async_shared, gl, gluon, tma)
 
 MATMUL_ONLY, BF16_STORE, ROW_SUMS_ONLY = 0, 1, 2
 PING_PONG_BF16 = tg.Tile((128, 128, 64), warps=4, stages=4)  # the MLP's and the qkv matmul's ping-pong tile
@@ -91,8 +91,7 @@ def _diag_consumer(out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, turn,
             _tma_store(out_desc, [off_m, off_n], out_tile)
         else:
             if EPILOGUE == 2:
-                acc = _exp_kernel(CAP * _sigmoid_tanh_kernel(_bf16_bits(acc * SCALE).to(gl.float32, bitcast=True),
-                                                             TEMPERATURE))
+                acc = _exp_softcap_kernel(_f32_of_bf16(_bf16(acc * SCALE)), CAP, TEMPERATURE)
             rows = off_m + tile_rows
             gl.store(sums + off_n // BN * M + rows, gl.sum(acc, axis=1), mask=rows < M)
         phase ^= 1

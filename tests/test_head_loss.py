@@ -8,7 +8,8 @@
   is one matmul over a span of chunks, and when the last span is short;
 - on a GPU, inductor's coordinate-descent tuning (--coordinate_descent_tuning=1) leaves its FP8 results unchanged;
 - on a GPU, the row sums' tanh sigmoid keeps the log-sum-exp and the losses within 1.2e-4 of float64's;
-- on a GPU, the kernels' two bf16 roundings (_bf16, _bf16_bits) give torch's bits for any finite float32;
+- on a GPU, the kernels' packed bf16 helpers give torch's numbers for any finite float32: the rounding (_bf16),
+  the way back (_f32_of_bf16) and relu's square (_relu_square_bf16);
 - bind_ops binds the FP8 head with its row sums in the matmul on Hopper with Gluon, else without;
 - on Hopper, the Gluon FP8 logits matmul gives _scaled_mm's logits and the row sums of the row-sum kernel, and the
   op with it (sums_in_matmul) the loss and gradients of the op without it.
@@ -177,7 +178,7 @@ def test_triton_kernels_match_reference_at_extreme_logits(fp8):
 @pytest.mark.skipif(not torch.cuda.is_available() or not train_gpt.HAS_TRITON, reason="needs a CUDA GPU and Triton")
 def test_triton_row_sums_within_tanh_bound_at_every_bf16_logit():
     """The row-sum kernel takes the soft cap's sigmoid as tanh, whose z is off by up to 1.1e-4 (train_gpt.py's
-    comment at _sigmoid_tanh_kernel): its log-sum-exp and losses stay within that of float64's, for every finite
+    comment at _exp_softcap_kernel): its log-sum-exp and losses stay within that of float64's, for every finite
     bf16 logit, sorted into rows so that each row's logits lie close together, the worst case for the bound."""
     x = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     x = x[torch.isfinite(x)].sort().values
@@ -249,12 +250,13 @@ if train_gpt.HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _rounded(x, packed, by_bits, n, BLOCK: tl.constexpr):
+    def _rounded(x, packed, unpacked, relu_square, n, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         value = tl.load(x + i, mask=i < n)
-        tl.store(packed + i, train_gpt._bf16(value), mask=i < n)
-        bits = train_gpt._bf16_bits(value)
-        tl.store(by_bits + i, (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True), mask=i < n)
+        rounded = train_gpt._bf16(value)
+        tl.store(packed + i, rounded, mask=i < n)
+        tl.store(unpacked + i, train_gpt._f32_of_bf16(rounded), mask=i < n)
+        tl.store(relu_square + i, train_gpt._relu_square_bf16(rounded), mask=i < n)
 
 
 def float32_cases(randoms: int, subnormals: int) -> torch.Tensor:
@@ -267,10 +269,12 @@ def float32_cases(randoms: int, subnormals: int) -> torch.Tensor:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not train_gpt.HAS_TRITON, reason="needs a CUDA GPU and Triton")
-def test_kernel_bf16_roundings_are_torchs():
+def test_kernel_bf16_helpers_give_torchs_numbers():
     x = float32_cases(1 << 20, 1 << 16).cuda()
-    packed, by_bits = (torch.empty(len(x), dtype=torch.bfloat16, device="cuda") for _ in range(2))
-    _rounded[(triton.cdiv(len(x), 1024),)](x, packed, by_bits, len(x), 1024)
-    expected = x.bfloat16().view(torch.int16)
-    assert torch.equal(packed.view(torch.int16), expected)
-    assert torch.equal(by_bits.view(torch.int16), expected)
+    packed, relu_square = (torch.empty(len(x), dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    unpacked = torch.empty(len(x), device="cuda")
+    _rounded[(triton.cdiv(len(x), 1024),)](x, packed, unpacked, relu_square, len(x), 1024)
+    rounded = x.bfloat16()
+    assert torch.equal(packed.view(torch.int16), rounded.view(torch.int16))
+    assert torch.equal(unpacked.view(torch.int32), rounded.float().view(torch.int32))  # each of a pair in its place
+    assert torch.equal(relu_square.view(torch.int16), F.relu(rounded).square().view(torch.int16))
