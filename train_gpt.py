@@ -3033,7 +3033,7 @@ def _head_loss_chunks(x: Tensor, w: Tensor, targets: Tensor, fp8: bool,
         w_q_t = w_q.T
     grad_s = FP8_GRAD_SCALE_PER_TOKEN * len(x) if fp8 else None
     loss = torch.zeros((), dtype=torch.float32, device=x.device)
-    grad_x, grad_w = torch.empty_like(x), torch.zeros_like(w, dtype=torch.float32)
+    grad_x, grad_w = torch.empty_like(x), None
     span = HEAD_CHUNK * GRAD_W_CHUNKS if fp8 else HEAD_CHUNK
     for start in range(0, len(x), span):
         tokens = slice(start, start + span)
@@ -3136,16 +3136,18 @@ def _grad_x(g: Tensor, w_q_t: Tensor, grad_s: float | None) -> Tensor:
     return torch._scaled_mm(g, w_q_t.T, out_dtype=torch.bfloat16, scale_a=one / grad_s, scale_b=one / FP8_W_SCALE)
 
 
-def _add_grad_w(grad_w: Tensor, g_t: Tensor, x_q: Tensor, grad_s: float | None) -> Tensor:
+def _add_grad_w(grad_w: Tensor | None, g_t: Tensor, x_q: Tensor, grad_s: float | None) -> Tensor:
     """grad_w + the gradient for w (V, D) float32 of n tokens: g_t (V, n) their logits' gradient transposed, x_q
-    (n, D) their inputs. _scaled_mm wants its second operand column-major: g_t contiguous is g transposed."""
+    (n, D) their inputs; for the first span (grad_w None) that gradient alone, as it came, not added to zeros.
+    _scaled_mm wants its second operand column-major: g_t contiguous is g transposed."""
     if grad_s is None:
-        return grad_w + (g_t @ x_q).float()
-    one = torch.ones((), dtype=torch.float32, device=g_t.device)
-    # (D, n) @ (n, V) and a transpose is faster than (V, n) @ (n, D) for (V, D) = (50304, 768)
-    part = torch._scaled_mm(x_q.T.contiguous(), g_t.T, out_dtype=torch.float32, scale_a=one / FP8_X_SCALE,
-                            scale_b=one / grad_s)
-    return grad_w + part.T
+        part = (g_t @ x_q).float()
+    else:
+        one = torch.ones((), dtype=torch.float32, device=g_t.device)
+        # (D, n) @ (n, V) and a transpose is faster than (V, n) @ (n, D) for (V, D) = (50304, 768)
+        part = torch._scaled_mm(x_q.T.contiguous(), g_t.T, out_dtype=torch.float32, scale_a=one / FP8_X_SCALE,
+                                scale_b=one / grad_s).T
+    return part if grad_w is None else grad_w + part
 
 
 # Compiled on the GPU, once per shape: eagerly, the float8 transposed copy of w is a slow kernel of its own and
