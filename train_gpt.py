@@ -812,7 +812,9 @@ def train_step(model: nn.Module, inputs: Tensor, targets: Tensor, window: Tensor
             seq_loss = model(seq_in, seq_target, window) / accum
             seq_loss.backward()
             loss += seq_loss.detach()
-    if dist.is_initialized():
+    # one rank in a process group (torchrun --nproc_per_node=1) has nothing to average: its collectives would copy
+    averaging = dist.is_initialized() and dist.get_world_size() > 1
+    if averaging:
         # async, in this order on the wire: Muon's reduce-scatters, then the all-reduces of Adam's gradients and
         # the loss, which run while Muon orthogonalises; its all-gathers queue behind them. The tables' float32
         # sums are averaged before they are rounded, so that any number of ranks rounds them alike.
@@ -822,7 +824,7 @@ def train_step(model: nn.Module, inputs: Tensor, targets: Tensor, window: Tensor
         averaged = [dist.all_reduce(t, op=dist.ReduceOp.AVG, async_op=True)
                     for t in [*(table.grad_sum for table in tables), *grads, loss]]
     muon.step()
-    if dist.is_initialized():
+    if averaging:
         for work in averaged:
             work.wait()
     for table in tables:

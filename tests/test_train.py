@@ -2,7 +2,8 @@
 - the run trains (the loss falls), says what its warm-up does before it, and its log parses, also for
   tools/summarize.py; --profile_at writes a profile that tools/profile_summary.py reads;
 - on 1 and 2 ranks it prints the losses pinned in SMOKE_LOSSES, within CPU_ROUNDING;
-- 1 process accumulating 2 sequences ends with the same weights as 2 processes with 1 each;
+- 1 process accumulating 2 sequences ends with the same weights as 2 processes with 1 each; one rank in a process
+  group sends no collective in a step;
 - 8 processes, the main command's count, print 1 process's losses (batch_seqs=8);
 - a resumed run repeats the uninterrupted run's losses bit for bit, also on another world size, and a
   checkpoint of another configuration, or on other data (a train shard replaced by another), is refused; a
@@ -103,6 +104,29 @@ def test_smoke_run_trains(tmp_path):
 
 def test_one_rank_prints_the_pinned_losses(tmp_path, smoke_data):
     assert_pinned(step_lines(log_of(torchrun(tmp_path, *smoke_data, nproc=1), tmp_path)))
+
+
+def test_one_rank_in_a_process_group_averages_nothing(monkeypatch, free_port):
+    # torchrun --nproc_per_node=1 makes a process group of one rank: a collective there would only copy (NCCL's
+    # one-rank all-reduce still runs a kernel a tensor), so train_step sends none
+    def refuse(*args, **kwargs):
+        raise AssertionError("a collective on one rank")
+
+    args = train_gpt.Hyperparameters(**train_gpt.PRESETS["smoke"])
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port}", rank=0, world_size=1)
+    try:
+        model = train_gpt.build_model(args, torch.device("cpu"))
+        adam, muon = train_gpt.build_optimizers(model, args, rank=0, world_size=1)
+        for name in ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor"):
+            monkeypatch.setattr(torch.distributed, name, refuse)
+        monkeypatch.setattr(train_gpt, "reduce_scatter", refuse)
+        monkeypatch.setattr(train_gpt, "all_gather", refuse)
+        tokens = torch.randint(0, args.vocab_size, (args.batch_seqs * args.seq_len + 1,))
+        window = train_gpt.window_tensor(0, args, torch.device("cpu"))
+        loss = train_gpt.train_step(model, tokens[:-1], tokens[1:], window, args.seq_len, adam, muon)
+        assert torch.isfinite(loss)
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def test_world_size_invariance(tmp_path, smoke_data):
