@@ -85,7 +85,7 @@ def _diag_consumer(out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, turn,
                 elif BUSY_OP == 1:
                     acc = gl.sqrt(gl.abs(acc)) * one
                 else:
-                    acc = _bf16(acc * one).to(gl.float32)
+                    acc = _f32_of_bf16(_bf16(acc * one))
             out_tile.store(acc.to(gl.bfloat16))
             fence_async_shared()
             _tma_store(out_desc, [off_m, off_n], out_tile)
