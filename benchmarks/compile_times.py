@@ -2,7 +2,9 @@
 spent in each of its phases, summed over every compiled function and recompile, largest first; phases nest, so the
 rows do not add up. Then the seconds of each compiled frame (a function, or a recompile of one) in the order they
 were compiled. Run it with an empty cache (as benchmarks/cold_run.sh does) to see what a user pays on a fresh
-machine, and with TORCH_LOGS=recompiles to see why anything compiled twice.
+machine, and with TORCH_LOGS=recompiles to see why anything compiled twice. Last, the seconds of each Triton or
+Gluon kernel compiled in this process, in order: ours compile there when first launched, one after another (inductor
+compiles its own kernels in worker processes; those it loads in this process are listed too).
 
 Usage: torchrun --standalone --nproc_per_node=N benchmarks/compile_times.py [SCRIPT.py] [--name=value ...]
 SCRIPT defaults to this repository's train_gpt.py; another (say an older version from `git show`) is compared so.
@@ -10,9 +12,24 @@ SCRIPT defaults to this repository's train_gpt.py; another (say an older version
 import os
 import runpy
 import sys
+import time
 from pathlib import Path
 
 import torch._dynamo.utils
+
+kernel_compiles = []  # (kernel name, seconds) of each compile in this process
+try:
+    import triton.compiler
+
+    def timed_compile(src, *args, _compile=triton.compiler.compile, **kwargs):
+        t0 = time.perf_counter()
+        kernel = _compile(src, *args, **kwargs)
+        kernel_compiles.append((getattr(src, "name", "?"), time.perf_counter() - t0))
+        return kernel
+
+    triton.compiler.compile = timed_compile  # a kernel's first launch binds triton.compiler.compile
+except ImportError:
+    pass
 
 args = sys.argv[1:]
 script = args.pop(0) if args and args[0].endswith(".py") else str(Path(__file__).resolve().parents[1] / "train_gpt.py")
@@ -25,5 +42,9 @@ finally:
         print("compile phases: seconds, calls, name")
         for name, times in sorted(metrics.items(), key=lambda item: -sum(item[1]))[:30]:
             print(f"{sum(times):9.2f} {len(times):5d}  {name}")
-        print("compiled frames, in order: " + ", ".join(f"{t:.1f}" for t in metrics.get("_compile.compile_inner", [])),
-              flush=True)
+        print("compiled frames, in order: " + ", ".join(f"{t:.1f}" for t in metrics.get("_compile.compile_inner", [])))
+        print(f"Triton kernels compiled in this process: {len(kernel_compiles)}, "
+              f"{sum(t for _, t in kernel_compiles):.2f} s; in order, seconds and name:")
+        for name, seconds in kernel_compiles:
+            print(f"{seconds:9.2f}  {name}")
+        sys.stdout.flush()
