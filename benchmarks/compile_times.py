@@ -3,8 +3,8 @@ spent in each of its phases, summed over every compiled function and recompile, 
 rows do not add up. Then the seconds of each compiled frame (a function, or a recompile of one) in the order they
 were compiled. Run it with an empty cache (as benchmarks/cold_run.sh does) to see what a user pays on a fresh
 machine, and with TORCH_LOGS=recompiles to see why anything compiled twice. Last, the seconds of each Triton or
-Gluon kernel compiled in this process, in order: ours compile there when first launched, one after another (inductor
-compiles its own kernels in worker processes; those it loads in this process are listed too).
+Gluon kernel of ours compiled in this process, in order: each compiles at its first launch (inductor's kernels compile
+in its worker processes, through triton.compile, and are not listed).
 
 Usage: torchrun --standalone --nproc_per_node=N benchmarks/compile_times.py [SCRIPT.py] [--name=value ...]
 SCRIPT defaults to this repository's train_gpt.py; another (say an older version from `git show`) is compared so.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch._dynamo.utils
 
-kernel_compiles = []  # (kernel name, seconds) of each compile in this process
+kernel_compiles = []  # (kernel name, seconds) of each compile of a @triton.jit or @gluon.jit kernel here
 try:
     import triton.compiler
 
@@ -27,7 +27,7 @@ try:
         kernel_compiles.append((getattr(src, "name", "?"), time.perf_counter() - t0))
         return kernel
 
-    triton.compiler.compile = timed_compile  # a kernel's first launch binds triton.compiler.compile
+    triton.compiler.compile = timed_compile  # what a jit kernel's first launch calls (not triton.compile)
 except ImportError:
     pass
 
@@ -43,7 +43,7 @@ finally:
         for name, times in sorted(metrics.items(), key=lambda item: -sum(item[1]))[:30]:
             print(f"{sum(times):9.2f} {len(times):5d}  {name}")
         print("compiled frames, in order: " + ", ".join(f"{t:.1f}" for t in metrics.get("_compile.compile_inner", [])))
-        print(f"Triton kernels compiled in this process: {len(kernel_compiles)}, "
+        print(f"our Triton kernels compiled in this process: {len(kernel_compiles)}, "
               f"{sum(t for _, t in kernel_compiles):.2f} s; in order, seconds and name:")
         for name, seconds in kernel_compiles:
             print(f"{seconds:9.2f}  {name}")
