@@ -3,8 +3,9 @@ spent in each of its phases, summed over every compiled function and recompile, 
 rows do not add up. Then the seconds of each compiled frame (a function, or a recompile of one) in the order they
 were compiled. Run it with an empty cache (as benchmarks/cold_run.sh does) to see what a user pays on a fresh
 machine, and with TORCH_LOGS=recompiles to see why anything compiled twice. Last, the seconds of each Triton or
-Gluon kernel of ours compiled in this process, in order: each compiles at its first launch (inductor's kernels compile
-in its worker processes, through triton.compile, and are not listed).
+Gluon kernel of ours compiled in this process, in order, with when it began (seconds from the script's start) and its
+thread: each compiles at its first launch (inductor's kernels compile in its worker processes, through
+triton.compile, and are not listed).
 
 Usage: torchrun --standalone --nproc_per_node=N benchmarks/compile_times.py [SCRIPT.py] [--name=value ...]
 SCRIPT defaults to this repository's train_gpt.py; another (say an older version from `git show`) is compared so.
@@ -12,19 +13,22 @@ SCRIPT defaults to this repository's train_gpt.py; another (say an older version
 import os
 import runpy
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch._dynamo.utils
 
-kernel_compiles = []  # (kernel name, seconds) of each compile of a @triton.jit or @gluon.jit kernel here
+start = time.perf_counter()
+kernel_compiles = []  # (began at, seconds, name, thread) of each compile of a @triton.jit or @gluon.jit kernel
 try:
     import triton.compiler
 
     def timed_compile(src, *args, _compile=triton.compiler.compile, **kwargs):
         t0 = time.perf_counter()
         kernel = _compile(src, *args, **kwargs)
-        kernel_compiles.append((getattr(src, "name", "?"), time.perf_counter() - t0))
+        kernel_compiles.append((t0 - start, time.perf_counter() - t0, getattr(src, "name", "?"),
+                                threading.current_thread().name))
         return kernel
 
     triton.compiler.compile = timed_compile  # what a jit kernel's first launch calls (not triton.compile)
@@ -43,8 +47,9 @@ finally:
         for name, times in sorted(metrics.items(), key=lambda item: -sum(item[1]))[:30]:
             print(f"{sum(times):9.2f} {len(times):5d}  {name}")
         print("compiled frames, in order: " + ", ".join(f"{t:.1f}" for t in metrics.get("_compile.compile_inner", [])))
-        print(f"our Triton kernels compiled in this process: {len(kernel_compiles)}, "
-              f"{sum(t for _, t in kernel_compiles):.2f} s; in order, seconds and name:")
-        for name, seconds in kernel_compiles:
-            print(f"{seconds:9.2f}  {name}")
+        total = sum(seconds for _, seconds, _, _ in kernel_compiles)
+        print(f"our Triton kernels compiled in this process: {len(kernel_compiles)}, {total:.2f} s; in order: "
+              f"began at, seconds, name, thread")
+        for began, seconds, name, thread in kernel_compiles:
+            print(f"{began:9.2f} {seconds:9.2f}  {name}  {thread}")
         sys.stdout.flush()
