@@ -971,9 +971,11 @@ def warm_up(model: nn.Module, raw_model: nn.Module, adam: torch.optim.Adam, muon
     restore the initial weights and optimizer state. The first step compiles; the second runs with the
     optimizers' state, so that the first timed step compiles nothing. Meanwhile a thread compiles our GPU
     kernels (precompile_kernels)."""
+    # only where the masks are our kernels': building FlexAttention's block masks writes torch.fx's tracing state,
+    # which is the process's, not a thread's, while the main thread traces the model
+    precompile = args.warmup_steps and device.type == "cuda" and attention_masks is document_windows
     with ThreadPoolExecutor(1) as pool:
-        precompiled = pool.submit(precompile_kernels, block_kinds(raw_model), args, device) \
-            if args.warmup_steps and device.type == "cuda" else None
+        precompiled = pool.submit(precompile_kernels, block_kinds(raw_model), args, device) if precompile else None
         # kept on the CPU: a GPU copy would add the weights' size to the peak memory
         initial = dict(model={name: t.to("cpu", copy=True) for name, t in raw_model.state_dict().items()},
                        adam=copy.deepcopy(adam.state_dict()), muon=copy.deepcopy(muon.state_dict()))
