@@ -948,11 +948,12 @@ def block_kinds(model: "GPT") -> list[tuple[nn.Module, bool]]:
 
 
 def precompile_kernels(blocks: list[tuple[nn.Module, bool]], args: Hyperparameters, device: torch.device):
-    """Run a short sequence forward and back through each block of block_kinds. A GPU kernel of ours compiles at
-    its first launch, for its dtypes and tiles and for which of its sizes divide by 16, not for the sizes
-    themselves: so this compiles what the model's steps launch. warm_up() runs it in a thread while
-    torch.compile compiles the model, much of that time waiting on the worker processes that compile inductor's
-    kernels; the model's first step then finds ours compiled, where it would compile them one after another."""
+    """Run a short sequence forward and back through each block of block_kinds, and the Hopper head loss's
+    kernels on a few rows. A GPU kernel of ours compiles at its first launch, for its dtypes and tiles and for
+    which of its sizes divide by 16, not for the sizes themselves: so this compiles what the model's steps launch.
+    warm_up() runs it in a thread while torch.compile compiles the model, much of that time waiting on the worker
+    processes that compile inductor's kernels; the model's first step then finds ours compiled, where it would
+    compile them one after another."""
     if device.type == "cuda":
         torch.cuda.set_device(device)  # the current device is a thread's own
     T = min(args.seq_len, 32 * BLOCK_SIZE)  # sizes that divide by 16 where a step's do
@@ -963,6 +964,12 @@ def precompile_kernels(blocks: list[tuple[nn.Module, bool]], args: Hyperparamete
                  for shape in [(1, T, args.model_dim), (1, T, args.model_dim), (T, args.model_dim)])
     for block, takes_ve in blocks:
         block(x, ve if takes_ve else None, x0, mask).float().sum().backward()
+    if head_loss is head_loss_fp8_hopper:  # its kernels only: its compiled steps are bound to a chunk's shape
+        n, V = 256, next_multiple(args.vocab_size, 128)
+        x_q, w_q = (torch.zeros(rows, args.model_dim, device=device).to(torch.float8_e4m3fn) for rows in (n, V))
+        logits, sums = _logits_gluon(x_q, w_q)
+        g_t = torch.empty(V, 2 * n, dtype=torch.float8_e5m2, device=device)[:, :n]  # a chunk of a span's, as a step's
+        _loss_and_logit_grad_triton(logits, torch.zeros(n, dtype=torch.int64, device=device), 1 / n, 1.0, g_t, sums)
 
 
 def warm_up(model: nn.Module, raw_model: nn.Module, adam: torch.optim.Adam, muon: Muon, args: Hyperparameters,
