@@ -1,11 +1,11 @@
 """Where a cold compile goes: runs a train_gpt.py as torchrun would, then prints on rank 0 the seconds torch.compile
 spent in each of its phases, summed over every compiled function and recompile, largest first; phases nest, so the
 rows do not add up. Then the seconds of each compiled frame (a function, or a recompile of one) in the order they
-were compiled. Run it with an empty cache (as benchmarks/cold_run.sh does) to see what a user pays on a fresh
-machine, and with TORCH_LOGS=recompiles to see why anything compiled twice. Last, the seconds of each Triton or
-Gluon kernel of ours compiled in this process, in order, with when it began (seconds from the script's start) and its
-thread: each compiles at its first launch (inductor's kernels compile in its worker processes, through
-triton.compile, and are not listed).
+were compiled, and inductor's kernels compiled in this process because its worker processes were not yet up. Run it
+with an empty cache (as benchmarks/cold_run.sh does) to see what a user pays on a fresh machine, and with
+TORCH_LOGS=recompiles to see why anything compiled twice. Last, the seconds of each Triton or Gluon kernel of ours
+compiled in this process, in order, with when it began (seconds from the script's start) and its thread: each
+compiles at its first launch (inductor's own go through triton.compile and are not in this list).
 
 Usage: torchrun --standalone --nproc_per_node=N benchmarks/compile_times.py [SCRIPT.py] [--name=value ...]
 SCRIPT defaults to this repository's train_gpt.py; another (say an older version from `git show`) is compared so.
@@ -47,6 +47,9 @@ finally:
         for name, times in sorted(metrics.items(), key=lambda item: -sum(item[1]))[:30]:
             print(f"{sum(times):9.2f} {len(times):5d}  {name}")
         print("compiled frames, in order: " + ", ".join(f"{t:.1f}" for t in metrics.get("_compile.compile_inner", [])))
+        in_process = metrics.get("async_compile.precompile", [])  # inductor compiles here while its workers start
+        print(f"inductor's kernels compiled in this process, not its workers: {len(in_process)}, "
+              f"{sum(in_process):.2f} s")
         total = sum(seconds for _, seconds, _, _ in kernel_compiles)
         print(f"our Triton kernels compiled in this process: {len(kernel_compiles)}, {total:.2f} s; in order: "
               f"began at, seconds, name, thread")
