@@ -18,8 +18,9 @@ logits. Credits for single tricks are in the comments where they are used. This 
 It reads top to bottom: hyperparameters, the model, the attention masks, Muon, the data, the training steps and
 main(); then what goes on around a run (the command line, launch checks, smoke data, checkpoints, profiles); then
 the ops that have GPU kernels. The model calls ops by name (attention_masks, attention_block: the qkv matmul,
-attention_inputs then attention, relu2_mlp, head_loss); bind_ops() binds each of these six, once a run, to its
-implementation, whose plain-PyTorch reference is what the CPU runs and what the tests compare the kernels with.
+attention_inputs then attention, residual_projection, relu2_mlp, head_loss); bind_ops() binds each of these
+seven, once a run, to its implementation, whose plain-PyTorch reference is what the CPU runs and what the tests
+compare the kernels with.
 """
 import copy
 import ctypes
@@ -310,11 +311,12 @@ class CausalSelfAttention(nn.Module):
         self.rotary = Rotary(self.head_dim, max_seq_len)
         self.c_proj = CastedLinear(dim, dim, zero_init=True)
 
-    def forward(self, x: Tensor, r: Tensor, ve: Tensor | None, mask: "BlockMask | DocumentWindows") -> Tensor:
-        """The attention of norm(x) = scaled(x, r)."""
+    def forward(self, x: Tensor, r: Tensor, ve: Tensor | None,
+                mask: "BlockMask | DocumentWindows") -> tuple[Tensor, Tensor]:
+        """x plus the attention of norm(x) = scaled(x, r), and that sum's row scale."""
         B, T, D = x.shape
         out = attention_block(x, r, self.qkv_w.flatten(end_dim=1).type_as(x), ve, self.lambdas, self.rotary, mask)
-        return self.c_proj(out.reshape(B, T, D))
+        return residual_projection(x, out.reshape(B, T, D), self.c_proj.weight.type_as(x))
 
 
 class MLP(nn.Module):
@@ -338,10 +340,12 @@ class Block(nn.Module):
     def forward(self, x: Tensor, ve: Tensor | None, x0: Tensor, mask: "BlockMask | DocumentWindows") -> Tensor:
         x = self.lambdas[0] * x + self.lambdas[1] * x0
         # The attention and the MLP take norm(x) as x and its row scale: their fused matmuls scale in their epilogues,
-        # so norm(x) is never stored. Each residual add lands in the kernel that sums the next row scale's squares.
+        # so norm(x) is never stored. Each residual add lands in the kernel that sums the next row scale's squares:
+        # the attention's in its output projection (residual_projection).
+        r = row_scale(x)
         if self.attn is not None:
-            x = x + self.attn(x, row_scale(x), ve, mask)
-        return x + self.mlp(x, row_scale(x))
+            x, r = self.attn(x, r, ve, mask)
+        return x + self.mlp(x, r)
 
 
 def layer_tables(num_layers: int) -> tuple[tuple, tuple]:
@@ -1656,11 +1660,11 @@ def write_profile(profiler: torch.profiler.profile, path: Path, steps: int):
 # ----------------------------------------------------------------------------------------------------------------
 # Ops and their implementations
 # The model calls ops by name: attention_masks, attention_block (the qkv matmul, attention_inputs, attention),
-# relu2_mlp and head_loss. bind_ops() binds each of these six names once a run, from the run's switches and what the
-# device can do; until then they name the plain implementations, which run anywhere (the end of this section). Each
-# op's section holds, in this order: its tile settings, its implementations, its plain-PyTorch reference (what the CPU
-# runs, and what the tests compare the kernels with), its custom ops with their fakes, their launchers, and their
-# Triton kernels.
+# residual_projection, relu2_mlp and head_loss. bind_ops() binds each of these seven names once a run, from the run's
+# switches and what the device can do; until then they name the plain implementations, which run anywhere (the end of
+# this section). Each op's section holds, in this order: its tile settings, its implementations, its plain-PyTorch
+# reference (what the CPU runs, and what the tests compare the kernels with), its custom ops with their fakes, their
+# launchers, and their Triton kernels.
 
 
 class Tile(NamedTuple):
@@ -1688,6 +1692,16 @@ def _f32_of_bf16(x):
     where Triton's conversion takes two for the second (a permute, then the shift)."""
     return tl.inline_asm_elementwise("{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r", [x],
                                      dtype=tl.float32, is_pure=True, pack=2)
+
+
+@triton.jit
+def _add_bf16(a, b):
+    """a + b of bf16 a and b, in bf16, two at a time by the packed bf16 add: the same bits as adding in float32 and
+    rounding, since that float32 sum is exact unless one term is under 2^-16 of the other, which then moves neither
+    rounding off the larger. Where the float32 path unpacks both, adds and packs again, this takes one instruction
+    for two values."""
+    return tl.inline_asm_elementwise("add.rn.bf16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.bfloat16, is_pure=True,
+                                     pack=2)
 
 
 @triton.jit
@@ -1754,6 +1768,7 @@ def bind_ops(args: Hyperparameters, device: torch.device) -> list[str]:
     ops = dict(attention_masks=masks, attention=attend,
                attention_inputs=attention_inputs_fused if fused_qkv else attention_inputs_reference,
                attention_block=attention_block_fused if fused_block else attention_block_reference,
+               residual_projection=residual_projection_fused if fused_block else residual_projection_reference,
                relu2_mlp=relu2_mlp_fused if args.fused_mlp and gluon_here else relu2_mlp_reference,
                head_loss=(head_loss_fp8_hopper if gluon_here else head_loss_fp8) if args.fp8_head and fp8
                else head_loss_bf16)
@@ -2833,6 +2848,128 @@ def _matmul_relu2_consumer(h_desc, out_desc, scale, x_bufs, w_bufs, ready, empty
     tma.store_wait(0)
 
 
+# --- residual_projection: the attention's output projection, the residual add after it and the next row scale's
+# squares, one Gluon matmul on Hopper. Compiled, the plain path is a cuBLAS matmul whose output an inductor kernel
+# reads again with x, to add them and sum the squares: the matmul here reads x's tile in its epilogue instead, and
+# stores the sum and each tile's row sums of squares, whose rows' totals give the row scale. Rounding as compiled:
+# the product to bf16, then the sum; the row scale's sums in another order.
+
+# The MLP's ping-pong tile
+RESIDUAL_MATMUL = MLP_MATMUL
+
+
+def residual_projection_fused(x: Tensor, y: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """residual_projection_reference by the Gluon matmul below (matmul_residual)."""
+    out, r = ResidualProjection.apply(x.flatten(end_dim=-2), y.flatten(end_dim=-2), w)
+    return out.view_as(x), r.view(*x.shape[:-1], 1)
+
+
+def residual_projection_reference(x: Tensor, y: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """x + y @ w.T for x, y (..., dim) and w (dim, dim) bf16, and the sum's row scale (..., 1) float32."""
+    out = x + F.linear(y, w)
+    return out, row_scale(out)
+
+
+class ResidualProjection(torch.autograd.Function):
+    """residual_projection_fused for x, y (n, dim): out = x + y @ w.T and r, out's row scale, from the matmul's
+    row sums of squares. Saves y, w, out and r."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor, w: Tensor):
+        out, squares = matmul_residual(y, w, x)
+        r = torch.rsqrt(squares.sum(0) / out.size(1) + torch.finfo(torch.float32).eps)[:, None]
+        ctx.save_for_backward(y, w, out, r)
+        return out, r
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, grad_r: Tensor):
+        y, w, out, r = ctx.saved_tensors
+        # r = (mean(out^2) + eps)^(-1/2): r's gradient reaches out as grad_r (-r^3 / dim) out
+        grad = (grad_out.float() - grad_r * r**3 / out.size(1) * out.float()).bfloat16()
+        return grad, grad @ w, grad.T @ y
+
+
+@torch.library.custom_op("speedrun::matmul_residual", mutates_args=())
+def matmul_residual(y: Tensor, w: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """y (n, k), w (m, k) and x (n, m) bf16 -> out = x + y @ w.T (the product rounded to bf16, then the sum), (n, m)
+    bf16, and its squares' sums over each tile of RESIDUAL_MATMUL's columns, (tiles, n) float32. This body is the
+    reference; on CUDA the Gluon kernel runs instead."""
+    out = (x.float() + (y @ w.T).float()).bfloat16()
+    block_n = RESIDUAL_MATMUL.block[1]
+    padded = F.pad(out.float(), (0, -out.size(1) % block_n))
+    return out, padded.square().view(out.size(0), -1, block_n).sum(-1).T.contiguous()
+
+
+@matmul_residual.register_fake
+def _(y: Tensor, w: Tensor, x: Tensor):
+    tiles = -(-x.size(1) // RESIDUAL_MATMUL.block[1])
+    return torch.empty_like(x), x.new_empty(tiles, x.size(0), dtype=torch.float32)
+
+
+@matmul_residual.register_kernel("cuda")
+def _matmul_residual_gluon(y: Tensor, w: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    y, w, x = y.contiguous(), w.contiguous(), x.contiguous()
+    (M, K), N = y.shape, w.size(0)
+    (BM, BN, BK), warps, stages = RESIDUAL_MATMUL
+    out = torch.empty_like(x)
+    squares = x.new_empty(triton.cdiv(N, BN), M, dtype=torch.float32)
+    num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    grid = (min(num_sms, triton.cdiv(M, BM) * triton.cdiv(N, BN)),)
+    _matmul_residual_kernel[grid](_gluon_tiles(y, [BM, BK]), _gluon_tiles(w, [BN, BK]), _gluon_tiles(x, [BM, BN]),
+                                  _gluon_tiles(out, [BM, BN]), squares, M, N, K, BM, BN, BK, stages, num_warps=warps,
+                                  maxnreg=168)
+    return out, squares
+
+
+@gluon.jit
+def _matmul_residual_kernel(y_desc, w_desc, x_desc, out_desc, squares, M, N, K, BM: gl.constexpr, BN: gl.constexpr,
+                            BK: gl.constexpr, STAGES: gl.constexpr):
+    # out = x + y @ w.T (w stored (N, K)), and squares[j, row] the sum of out's squares over the row's j-th tile of
+    # BN columns: the MLP's ping-pong matmul, x's tile loaded into the output tile's shared memory during it
+    y_bufs, w_bufs, ready, empty, out_bufs, turn = _matmul_buffers(y_desc, w_desc, out_desc, STAGES)
+    x_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(x_ready.index(i), count=1)
+    gl.warp_specialize([
+        (_matmul_residual_consumer, (x_desc, out_desc, squares, y_bufs, w_bufs, ready, empty, out_bufs, x_ready, turn,
+                                     M, N, K, BM, BN, BK, STAGES, 0)),
+        (_matmul_residual_consumer, (x_desc, out_desc, squares, y_bufs, w_bufs, ready, empty, out_bufs, x_ready, turn,
+                                     M, N, K, BM, BN, BK, STAGES, 1)),
+        (_matmul_loads, (y_desc, w_desc, y_bufs, w_bufs, ready, empty, M, N, K, False, False, BM, BN, BK, STAGES)),
+    ], [4, 1], [240, 24])
+
+
+@gluon.jit
+def _matmul_residual_consumer(x_desc, out_desc, squares, y_bufs, w_bufs, ready, empty, out_bufs, x_ready, turn, M,
+                              N, K, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+                              WHICH: gl.constexpr):
+    # warpgroup WHICH, as _matmul_relu2_consumer's backward, with x's tile where that one loads h's
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
+    tile_rows = gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
+    k_steps = (K + BK - 1) // BK
+    count = WHICH * k_steps
+    out_tile, x_bar, phase = out_bufs.index(WHICH), x_ready.index(WHICH), 0
+    for tile in range(gl.program_id(0) + WHICH * gl.num_programs(0), (M + BM - 1) // BM * ((N + BN - 1) // BN),
+                      2 * gl.num_programs(0)):
+        off_m, off_n = _tile_at(tile, M, N, BM, BN, False)
+        tma.store_wait(0)  # the last tile's output has left out_tile
+        mbarrier.expect(x_bar, x_desc.block_type.nbytes)
+        _tma_load(x_desc, [off_m, off_n], x_bar, out_tile)
+        acc, count = _matmul_tile(y_bufs, w_bufs, ready, empty, turn, count, phase, k_steps, layout, False, BM, BN,
+                                  STAGES, WHICH)
+        product = _bf16(acc)
+        mbarrier.wait(x_bar, phase)
+        out = _add_bf16(product, out_tile.load(layout))
+        value = _f32_of_bf16(out)
+        rows = off_m + tile_rows
+        gl.store(squares + off_n // BN * M + rows, gl.sum(value * value, axis=1), mask=rows < M)
+        out_tile.store(out)
+        fence_async_shared()
+        _tma_store(out_desc, [off_m, off_n], out_tile)
+        phase ^= 1
+    tma.store_wait(0)
+
+
 # --- head_loss: the lm_head's training loss, fused and in chunks of tokens
 # The lm_head matmul (FP8 head by @YouJiacheng), the soft cap and the cross entropy, with the gradients of x and w
 # computed in the same pass, HEAD_CHUNK tokens at a time: the (tokens, V) logits never exist whole (at 64K tokens:
@@ -2898,7 +3035,7 @@ def _head_loss_chunks(x: Tensor, w: Tensor, targets: Tensor, fp8: bool,
         w_q_t = w_q.T
     grad_s = FP8_GRAD_SCALE_PER_TOKEN * len(x) if fp8 else None
     loss = torch.zeros((), dtype=torch.float32, device=x.device)
-    grad_x, grad_w = torch.empty_like(x), torch.zeros_like(w, dtype=torch.float32)
+    grad_x, grad_w = torch.empty_like(x), None
     span = HEAD_CHUNK * GRAD_W_CHUNKS if fp8 else HEAD_CHUNK
     for start in range(0, len(x), span):
         tokens = slice(start, start + span)
@@ -3001,16 +3138,18 @@ def _grad_x(g: Tensor, w_q_t: Tensor, grad_s: float | None) -> Tensor:
     return torch._scaled_mm(g, w_q_t.T, out_dtype=torch.bfloat16, scale_a=one / grad_s, scale_b=one / FP8_W_SCALE)
 
 
-def _add_grad_w(grad_w: Tensor, g_t: Tensor, x_q: Tensor, grad_s: float | None) -> Tensor:
+def _add_grad_w(grad_w: Tensor | None, g_t: Tensor, x_q: Tensor, grad_s: float | None) -> Tensor:
     """grad_w + the gradient for w (V, D) float32 of n tokens: g_t (V, n) their logits' gradient transposed, x_q
-    (n, D) their inputs. _scaled_mm wants its second operand column-major: g_t contiguous is g transposed."""
+    (n, D) their inputs; for the first span (grad_w None) that gradient alone, as it came, not added to zeros.
+    _scaled_mm wants its second operand column-major: g_t contiguous is g transposed."""
     if grad_s is None:
-        return grad_w + (g_t @ x_q).float()
-    one = torch.ones((), dtype=torch.float32, device=g_t.device)
-    # (D, n) @ (n, V) and a transpose is faster than (V, n) @ (n, D) for (V, D) = (50304, 768)
-    part = torch._scaled_mm(x_q.T.contiguous(), g_t.T, out_dtype=torch.float32, scale_a=one / FP8_X_SCALE,
-                            scale_b=one / grad_s)
-    return grad_w + part.T
+        part = (g_t @ x_q).float()
+    else:
+        one = torch.ones((), dtype=torch.float32, device=g_t.device)
+        # (D, n) @ (n, V) and a transpose is faster than (V, n) @ (n, D) for (V, D) = (50304, 768)
+        part = torch._scaled_mm(x_q.T.contiguous(), g_t.T, out_dtype=torch.float32, scale_a=one / FP8_X_SCALE,
+                                scale_b=one / grad_s).T
+    return part if grad_w is None else grad_w + part
 
 
 # Compiled on the GPU, once per shape: eagerly, the float8 transposed copy of w is a slow kernel of its own and
@@ -3240,7 +3379,7 @@ def _logits_consumer(out_desc, sums, x_bufs, w_bufs, ready, empty, out_bufs, tur
 # ----------------------------------------------------------------------------------------------------------------
 # Until bind_ops() binds this run's, the ops are the plain implementations, which run on any device
 attention_masks, attention, attention_inputs = block_masks, attention_dense, attention_inputs_reference
-attention_block = attention_block_reference
+attention_block, residual_projection = attention_block_reference, residual_projection_reference
 relu2_mlp, head_loss = relu2_mlp_reference, head_loss_bf16
 
 

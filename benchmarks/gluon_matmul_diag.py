@@ -1,10 +1,11 @@
 """Where train_gpt.py's Gluon matmuls lose time against cuBLAS, at the model's shapes, on one Hopper GPU.
 
-For the MLP's up-projection (forward), its backward (grad_y against w_proj stored (K, N)), the qkv projection and
-one chunk of the head's FP8 logits, each timed as:
+For the MLP's up-projection (forward), its backward (grad_y against w_proj stored (K, N)), the qkv projection,
+one chunk of the head's FP8 logits and the attention's output projection with the residual, each timed as:
 - cuBLAS's matmul alone, bf16 out (torch.mm, or torch._scaled_mm for FP8);
 - train_gpt.py's op (the matmul with its epilogue: ReLU^2, its gradient from h, QK norm, rotary and the value mix
-  with a value embedding, the logits' row sums; row scales of 1 where the op takes them);
+  with a value embedding, the logits' row sums, the residual add and its squares' sums; row scales of 1 where the
+  op takes them);
 - train_gpt.py's ping-pong kernel (its loading warp, buffers and matmul loop, imported from train_gpt.py; the
   MLP's, the qkv matmul's and the logits') at 128 x 128 tiles, with another
   epilogue: "matmul only" stores a row sum of the float32 accumulator, 128 floats a tile; "bf16 store" rounds the
@@ -127,7 +128,7 @@ def parse_tiles(arg: str) -> list[tg.Tile]:
 
 
 def op_cases() -> list[tuple]:
-    """train_gpt's four ping-pong ops at a 1-GPU sequence's shapes (64K tokens, a head chunk), each with its
+    """train_gpt's ping-pong ops at a 1-GPU sequence's shapes (64K tokens, a head chunk), each with its
     inputs, tiles, a cuBLAS call of the same product, a call of the op and the epilogues to time beside it."""
     T, D, H, n, V = 64 * 1024, 768, 4 * 768, tg.HEAD_CHUNK, 50304
     x, grad_y = torch.randn(T, D, device="cuda").bfloat16(), torch.randn(T, D, device="cuda").bfloat16()
@@ -144,7 +145,7 @@ def op_cases() -> list[tuple]:
     x_q = tg._e4m3(torch.randn(n, D, device="cuda"), tg.FP8_X_SCALE)
     w_q = tg._e4m3(torch.randn(V, D, device="cuda") * 0.05, tg.FP8_W_SCALE)
     one = torch.ones((), device="cuda")
-    return [  # name, x, w, w_kn, n_major, the op's tile's name, the ping-pong's, cuBLAS, train_gpt's op, epilogues
+    cases = [  # name, x, w, w_kn, n_major, the op's tile's name, the ping-pong's, cuBLAS, train_gpt's op, epilogues
         ("MLP forward", x, w_fc, False, False, "MLP_MATMUL", PING_PONG_BF16, lambda: x @ w_fc.T,
          lambda: tg._matmul_relu2_cuda(x, w_fc, *scale), (MATMUL_ONLY, BF16_STORE)),
         ("MLP backward", grad_y, w_proj, True, False, "MLP_MATMUL", PING_PONG_BF16, lambda: grad_y @ w_proj,
@@ -156,6 +157,11 @@ def op_cases() -> list[tuple]:
                                   scale_b=one / tg.FP8_W_SCALE, use_fast_accum=True),
          lambda: tg._logits_gluon(x_q, w_q), (MATMUL_ONLY, BF16_STORE, ROW_SUMS_ONLY)),
     ]
+    if hasattr(tg, "_matmul_residual_gluon"):  # the attention's output projection since round 44
+        w_o = (torch.randn(D, D, device="cuda") * D**-0.5).bfloat16()
+        cases.append(("output projection with the residual", x, w_o, False, False, "RESIDUAL_MATMUL", PING_PONG_BF16,
+                      lambda: x @ w_o.T, lambda: tg._matmul_residual_gluon(x, w_o, grad_y), (MATMUL_ONLY, BF16_STORE)))
+    return cases
 
 
 def main():

@@ -22,5 +22,6 @@ def free_port() -> int:
 def restore_ops(monkeypatch):
     """bind_ops() rebinds train_gpt's op names: the test's bindings are undone after it."""
     import train_gpt
-    for name in ("attention_masks", "attention", "attention_inputs", "attention_block", "relu2_mlp", "head_loss"):
+    for name in ("attention_masks", "attention", "attention_inputs", "attention_block", "residual_projection",
+                 "relu2_mlp", "head_loss"):
         monkeypatch.setattr(train_gpt, name, getattr(train_gpt, name))

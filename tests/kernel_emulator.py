@@ -494,13 +494,14 @@ def dot(a, b, acc=None, **_):
 
 
 def inline_asm_elementwise(asm, constraints, args, dtype, is_pure=True, pack=1):
-    x = _v(args[0]).float()
+    args = [_v(arg).float() for arg in args]
     for instruction, fn in (("tanh.approx", torch.tanh), ("ex2.approx", torch.exp2), ("rcp.approx", torch.reciprocal),
                             ("cvt.rn.bf16x2.f32", lambda x: x.bfloat16()),
                             ("max.bf16x2", lambda x: x.relu().square()),  # train_gpt's _relu_square_bf16
+                            ("add.rn.bf16x2", lambda a, b: a + b),  # train_gpt's _add_bf16
                             ("shl.b32", lambda x: x)):  # train_gpt's _f32_of_bf16
         if instruction in asm:
-            return T(fn(x).to(dtype))
+            return T(fn(*args).to(dtype))
     raise NotImplementedError(f"the emulator has no inline assembly {asm!r}")
 
 

@@ -250,13 +250,15 @@ if train_gpt.HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _rounded(x, packed, unpacked, relu_square, n, BLOCK: tl.constexpr):
+    def _rounded(x, packed, unpacked, relu_square, summed, n, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         value = tl.load(x + i, mask=i < n)
         rounded = train_gpt._bf16(value)
         tl.store(packed + i, rounded, mask=i < n)
         tl.store(unpacked + i, train_gpt._f32_of_bf16(rounded), mask=i < n)
         tl.store(relu_square + i, train_gpt._relu_square_bf16(rounded), mask=i < n)
+        other = train_gpt._bf16(tl.load(x + n - 1 - i, mask=i < n))  # the values in reverse order
+        tl.store(summed + i, train_gpt._add_bf16(rounded, other), mask=i < n)
 
 
 def float32_cases(randoms: int, subnormals: int) -> torch.Tensor:
@@ -271,10 +273,12 @@ def float32_cases(randoms: int, subnormals: int) -> torch.Tensor:
 @pytest.mark.skipif(not torch.cuda.is_available() or not train_gpt.HAS_TRITON, reason="needs a CUDA GPU and Triton")
 def test_kernel_bf16_helpers_give_torchs_numbers():
     x = float32_cases(1 << 20, 1 << 16).cuda()
-    packed, relu_square = (torch.empty(len(x), dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    packed, relu_square, summed = (torch.empty(len(x), dtype=torch.bfloat16, device="cuda") for _ in range(3))
     unpacked = torch.empty(len(x), device="cuda")
-    _rounded[(triton.cdiv(len(x), 1024),)](x, packed, unpacked, relu_square, len(x), 1024)
+    _rounded[(triton.cdiv(len(x), 1024),)](x, packed, unpacked, relu_square, summed, len(x), 1024)
     rounded = x.bfloat16()
     assert torch.equal(packed.view(torch.int16), rounded.view(torch.int16))
     assert torch.equal(unpacked.view(torch.int32), rounded.float().view(torch.int32))  # each of a pair in its place
     assert torch.equal(relu_square.view(torch.int16), F.relu(rounded).square().view(torch.int16))
+    expected_sums = (rounded.float() + rounded.flip(0).float()).bfloat16()
+    assert torch.equal(summed.view(torch.int16), expected_sums.view(torch.int16))

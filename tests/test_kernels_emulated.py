@@ -3,6 +3,8 @@
 program several tiles and a loop more steps along K than the pipeline has stages:
 - the MLP's matmul with ReLU^2 and its rows' scales, forward and backward: within a rounding or two of float64
   matmuls, and what a float32 sum may lose, h relu(a)'s square rounded;
+- the attention's output projection with the residual add: the sum within a bf16 step of float64's, its row sums
+  of squares those of the sum, a row's last tile of columns half full;
 - the windowed attention, forward and backward, for windows of 0 to 14 blocks, long and short, on documents shorter
   than a block, spanning several or ending on a block boundary: its output and gradients within 2^-7 of the
   largest value of float64 attention's (its probabilities go to bf16 for their matmul; a key tile missed or masked
@@ -12,8 +14,8 @@ program several tiles and a loop more steps along K than the pipeline has stages
   step of the larger (v: and lambdas[0] times a step of qkv); the attention's backward kernels with
   attention_inputs' backward in their epilogues: gradients as close to float64's as the plain path's, with and
   without a value embedding, and with the rows' scales the gradient of qkv theirs without, times the scales,
-  rounded once more; a GPT through all of these (attention_block_fused) has its reference path's loss
-  within 1e-3 and gradients within 2^-5 of their largest value;
+  rounded once more; a GPT through all of these (attention_block_fused, residual_projection_fused) has its
+  reference path's loss within 1e-3 and gradients within 2^-5 of their largest value;
 - the head's two kernels: the reference body's loss, its logits' gradient within a rounding step, in bf16 and in
   FP8, both FP8 layouts the same numbers;
 - the head's FP8 logits matmul with the row sums in its epilogue: logits within a bf16 step of float64's, and the
@@ -31,6 +33,7 @@ from kernel_emulator import Descriptor, emulate
 from test_attention import assert_as_close_to_float64_as_the_plain_path, assert_scaled_once, block_grad_args, qkv
 from test_attention_inputs import assert_close_to_the_reference
 from test_fused_mlp import assert_rounds_as_float64_matmuls, bf16, scales
+from test_residual_projection import assert_sum_and_squares_as_float64
 from test_masks import EOT, random_tokens
 
 
@@ -44,6 +47,15 @@ def test_mlp_kernel_rounds_as_float64_matmuls_do():
         hidden = tg._matmul_relu2_cuda(x, w_fc, r)
         grad_a = tg._matmul_relu2_grad_cuda(grad_y, w_proj, hidden, r)
     assert_rounds_as_float64_matmuls(x, r, w_fc, w_proj, grad_y, hidden, grad_a)  # the GPU test's bar
+
+
+def test_residual_matmul_kernel_gives_the_sum_and_its_squares():
+    (block_m, block_n, block_k), _, stages = tg.RESIDUAL_MATMUL
+    n, d, k = 4 * block_m, 2 * block_n + block_n // 2, (stages + 1) * block_k  # 12 tiles over 3 programs, the last
+    y, w, x = bf16(n, k), bf16(d, k, scale=0.05, seed=1), bf16(n, d, seed=2)  # of a row's columns half full
+    with emulate(tg, sms=3):
+        out, squares = tg._matmul_residual_gluon(y, w, x)
+    assert_sum_and_squares_as_float64(y, w, x, out, squares)  # the GPU test's bar
 
 
 @pytest.mark.parametrize("window", [0, 1, 2, 5, 14])
@@ -198,6 +210,8 @@ def test_gpt_through_the_block_kernels_has_about_the_reference_loss_and_gradient
         monkeypatch.setattr(tg, "attention_inputs", tg.attention_inputs_fused)
         block = tg.attention_block_fused if kernels else tg.attention_block_reference
         monkeypatch.setattr(tg, "attention_block", block)
+        projection = tg.residual_projection_fused if kernels else tg.residual_projection_reference
+        monkeypatch.setattr(tg, "residual_projection", projection)
         torch.manual_seed(0)
         model = tg.GPT(vocab_size=128, num_layers=2, num_heads=2, model_dim=256, max_seq_len=512)
         torch.nn.init.normal_(model.lm_head.weight, std=0.1)  # not the zero inits: gradients reach every weight
@@ -210,6 +224,7 @@ def test_gpt_through_the_block_kernels_has_about_the_reference_loss_and_gradient
                 tg.qkv_matmul_prep = detached(tg._qkv_matmul_prep_gluon)
                 tg.window_attention = detached(tg._window_attention_triton)
                 tg.window_attention_inputs_grad = detached(tg._window_attention_inputs_grad_triton)
+                tg.matmul_residual = detached(tg._matmul_residual_gluon)
             loss = model(tokens[:-1], tokens[1:], torch.tensor(2, dtype=torch.int32))
             loss.backward()
         for table in tg.embedding_tables(model):

@@ -31,6 +31,7 @@ from profile_summary import category  # noqa: E402
     ("_matmul_relu2_kernel", "MLP matmuls with ReLU^2 (Gluon)"),  # train_gpt's fused MLP, not "other"
     ("_qkv_prep_grad_kernel", "RMS norms, rotary, residuals"),
     ("_qkv_matmul_prep_kernel", "qkv matmul with its prep (Gluon)"),  # a matmul first: not the norms
+    ("_matmul_residual_kernel", "output projection with the residual (Gluon)"),  # not the MLP's, nor cuBLAS's
     ("triton_per_fused__fused_rms_norm__fused_rms_norm_backward_add_matmul_relu2_grad_mul_select_view_8",
      "RMS norms, rotary, residuals"),  # a norm's backward, named after the fused MLP's op beside it
     ("ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)", profile_summary.COMMUNICATION),

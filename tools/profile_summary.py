@@ -41,6 +41,8 @@ def category(name: str) -> str | None:
         return "MLP matmuls with ReLU^2 (Gluon)"
     if name.startswith("_qkv_matmul_prep_kernel"):  # train_gpt's qkv projection with QK norm, rotary, value mix
         return "qkv matmul with its prep (Gluon)"
+    if name.startswith("_matmul_residual_kernel"):  # train_gpt's attention output projection, residual add, squares
+        return "output projection with the residual (Gluon)"
     if name.startswith("_logits_kernel"):  # train_gpt's FP8 logits matmul on Hopper, with the row sums of exp(z)
         return "matmul, FP8 (lm_head)"
     if name in ("_lse_kernel", "_lse_of_sums_kernel", "_logit_grad_kernel") or "float8_copy" in name:  # eager casts
