@@ -787,7 +787,8 @@ def build_optimizers(model: nn.Module, args: Hyperparameters, rank: int, world_s
     scalars = [p for p in model.parameters() if p.ndim < 2]
     adam = torch.optim.Adam([dict(params=[model.lm_head.weight]), dict(params=embeddings), dict(params=scalars)],
                             betas=ADAM_BETAS, eps=ADAM_EPS, fused=True)
-    orthogonalize = torch.compile(newton_schulz5, dynamic=False) if args.compile else newton_schulz5
+    # dynamic: one graph for every shape Muon batches (three on one GPU), where each shape was a compile of its own
+    orthogonalize = torch.compile(newton_schulz5, dynamic=True) if args.compile else newton_schulz5
     muon = Muon(matrices, lr=args.muon_lr, momentum=args.muon_momentum_start, rank=rank, world_size=world_size,
                 orthogonalize=orthogonalize)
     set_schedule(adam, muon, 0, args)
