@@ -943,25 +943,67 @@ def warm_up_note(args: Hyperparameters) -> str:
             f"H100/H200, up to 2 on several GPUs; about 20 s with a warm cache)")
 
 
+def block_kinds(model: "GPT") -> list[tuple[nn.Module, bool]]:
+    """A copy of the model's first block of each kind (with or without attention and a value embedding), and
+    whether it takes a value embedding: a thread may run them while the model trains."""
+    kinds = {}
+    for block, which_ve in zip(model.blocks, model.layer_value_embeds):
+        kinds.setdefault((block.attn is None, which_ve is None), block)
+    return [(copy.deepcopy(block), not no_ve) for (_, no_ve), block in kinds.items()]
+
+
+def precompile_kernels(blocks: list[tuple[nn.Module, bool]], args: Hyperparameters, device: torch.device):
+    """Run a short sequence forward and back through each block of block_kinds, and the Hopper head loss's
+    kernels on a few rows. A GPU kernel of ours compiles at its first launch, for its dtypes and tiles and for
+    which of its sizes divide by 16, not for the sizes themselves: so this compiles what the model's steps launch.
+    warm_up() runs it in a thread while torch.compile compiles the model, much of that time waiting on the worker
+    processes that compile inductor's kernels; the model's first step then finds ours compiled, where it would
+    compile them one after another."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the current device is a thread's own
+    T = min(args.seq_len, 32 * BLOCK_SIZE)  # sizes that divide by 16 where a step's do
+    eot = args.vocab_size - 1
+    tokens = torch.where(torch.arange(T, device=device) % 1000 == 999, eot, 0)  # documents of 1000 tokens
+    mask, _ = attention_masks(document_ids(tokens, eot), window_tensor(0, args, device))
+    x, x0, ve = (torch.ones(shape, dtype=torch.bfloat16, device=device, requires_grad=True)
+                 for shape in [(1, T, args.model_dim), (1, T, args.model_dim), (T, args.model_dim)])
+    for block, takes_ve in blocks:
+        block(x, ve if takes_ve else None, x0, mask).float().sum().backward()
+    if head_loss is head_loss_fp8_hopper:  # its kernels only: its compiled steps are bound to a chunk's shape
+        n, V = 256, next_multiple(args.vocab_size, 128)
+        x_q, w_q = (torch.zeros(rows, args.model_dim, device=device).to(torch.float8_e4m3fn) for rows in (n, V))
+        logits, sums = _logits_gluon(x_q, w_q)
+        g_t = torch.empty(V, 2 * n, dtype=torch.float8_e5m2, device=device)[:, :n]  # a chunk of a span's, as a step's
+        _loss_and_logit_grad_triton(logits, torch.zeros(n, dtype=torch.int64, device=device), 1 / n, 1.0, g_t, sums)
+
+
 def warm_up(model: nn.Module, raw_model: nn.Module, adam: torch.optim.Adam, muon: Muon, args: Hyperparameters,
             rank: int, world_size: int, device: torch.device):
     """Compile and run warmup_steps training steps and one validation step on random tokens, untimed, then
     restore the initial weights and optimizer state. The first step compiles; the second runs with the
-    optimizers' state, so that the first timed step compiles nothing."""
-    # kept on the CPU: a GPU copy would add the weights' size to the peak memory
-    initial = dict(model={name: t.to("cpu", copy=True) for name, t in raw_model.state_dict().items()},
-                   adam=copy.deepcopy(adam.state_dict()), muon=copy.deepcopy(muon.state_dict()))
-    local_tokens = args.batch_seqs * args.seq_len // world_size
-    generator = torch.Generator().manual_seed(args.seed)
-    for step in range(args.warmup_steps):
-        dummy = torch.randint(0, args.vocab_size, (local_tokens + 1,), generator=generator, dtype=torch.int32)
-        set_schedule(adam, muon, step, args)
-        train_step(model, *batch_to_device(dummy, device), window_tensor(step, args, device), args.seq_len, adam,
-                   muon)
-    if args.warmup_steps:
-        one_val_step = dataclasses.replace(args, val_tokens=world_size * args.seq_len)
-        dummy = torch.randint(0, args.vocab_size, (one_val_step.val_tokens + 1,), generator=generator)
-        evaluate(model, dummy, window_tensor(0, args, device), one_val_step, rank, world_size, device)
+    optimizers' state, so that the first timed step compiles nothing. Meanwhile a thread compiles our GPU
+    kernels (precompile_kernels)."""
+    # only where the masks are our kernels': building FlexAttention's block masks writes torch.fx's tracing state,
+    # which is the process's, not a thread's, while the main thread traces the model
+    precompile = args.warmup_steps and device.type == "cuda" and attention_masks is document_windows
+    with ThreadPoolExecutor(1) as pool:
+        precompiled = pool.submit(precompile_kernels, block_kinds(raw_model), args, device) if precompile else None
+        # kept on the CPU: a GPU copy would add the weights' size to the peak memory
+        initial = dict(model={name: t.to("cpu", copy=True) for name, t in raw_model.state_dict().items()},
+                       adam=copy.deepcopy(adam.state_dict()), muon=copy.deepcopy(muon.state_dict()))
+        local_tokens = args.batch_seqs * args.seq_len // world_size
+        generator = torch.Generator().manual_seed(args.seed)
+        for step in range(args.warmup_steps):
+            dummy = torch.randint(0, args.vocab_size, (local_tokens + 1,), generator=generator, dtype=torch.int32)
+            set_schedule(adam, muon, step, args)
+            train_step(model, *batch_to_device(dummy, device), window_tensor(step, args, device), args.seq_len,
+                       adam, muon)
+        if args.warmup_steps:
+            one_val_step = dataclasses.replace(args, val_tokens=world_size * args.seq_len)
+            dummy = torch.randint(0, args.vocab_size, (one_val_step.val_tokens + 1,), generator=generator)
+            evaluate(model, dummy, window_tensor(0, args, device), one_val_step, rank, world_size, device)
+        if precompiled is not None:
+            precompiled.result()  # raises what the thread raised
     raw_model.load_state_dict(initial["model"])
     adam.load_state_dict(initial["adam"])
     muon.load_state_dict(initial["muon"])

@@ -3,7 +3,7 @@
   tools/summarize.py; --profile_at writes a profile that tools/profile_summary.py reads;
 - on 1 and 2 ranks it prints the losses pinned in SMOKE_LOSSES, within CPU_ROUNDING;
 - 1 process accumulating 2 sequences ends with the same weights as 2 processes with 1 each; one rank in a process
-  group sends no collective in a step;
+  group sends no collective in a step; the warm-up's precompiling thread runs copies of the model's blocks;
 - 8 processes, the main command's count, print 1 process's losses (batch_seqs=8);
 - a resumed run repeats the uninterrupted run's losses bit for bit, also on another world size, and a
   checkpoint of another configuration, or on other data (a train shard replaced by another), is refused; a
@@ -126,6 +126,22 @@ def test_one_rank_in_a_process_group_averages_nothing(monkeypatch, free_port):
         assert torch.isfinite(loss)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_the_warm_up_precompiles_on_copies_of_each_kind_of_block():
+    # warm_up's thread runs one block of each kind forward and back, so that our GPU kernels compile beside
+    # torch.compile; it runs copies, and the model it copied from is untouched
+    model = train_gpt.GPT(vocab_size=1024, num_layers=12, num_heads=2, model_dim=64, max_seq_len=1024)
+    kinds = train_gpt.block_kinds(model)
+    assert [(block.attn is not None, takes_ve) for block, takes_ve in kinds] == [(True, True), (True, False),
+                                                                                 (False, False)]
+    assert not {id(p) for block, _ in kinds for p in block.parameters()} & {id(p) for p in model.parameters()}
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    args = train_gpt.Hyperparameters(**train_gpt.PRESETS["smoke"])
+    train_gpt.precompile_kernels(kinds, args, torch.device("cpu"))
+    assert all(p.grad is not None for block, _ in kinds for p in block.parameters())
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())
 
 
 def test_world_size_invariance(tmp_path, smoke_data):
