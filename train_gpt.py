@@ -65,6 +65,7 @@ if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
 
 import numpy as np
 import torch
+import torch._inductor.async_compile
 import torch._inductor.config
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -1074,6 +1075,10 @@ def main(argv: list[str], stops: "Stops"):
     stops.install()
     args = parse_args(argv)
     rank, world_size, device = setup_distributed(args.collective_timeout)
+    if args.compile and device.type == "cuda":
+        # inductor's compile workers take seconds to start, and until they are up it compiles in this process, one
+        # kernel after another: start them now, beside the data checks and the model's construction
+        torch._inductor.async_compile.maybe_warm_pool()
     check_config(args, world_size)
     train_files, val_file, fingerprint, smoke_note = prepare_data(args)
     ckpt = None
