@@ -363,13 +363,10 @@ class GPT(nn.Module):
     """A U-Net of transformer blocks (U-Net by @brendanh0gan): encoder layer i's output is added, weighted,
     to the input of decoder layer num_layers-1-i. Three value embeddings (by @KoszarskyB, after @Grad62304977's
     value residual) feed the layers VALUE_EMBEDS names. forward returns the mean cross entropy of the soft-capped
-    logits. max_window_blocks: the longest long window it will train with, which sizes the attention backward's
-    buffer (None: the sequence's length, a buffer that grows with its square)."""
+    logits."""
 
-    def __init__(self, vocab_size: int, num_layers: int, num_heads: int, model_dim: int, max_seq_len: int,
-                 max_window_blocks: int | None = None):
+    def __init__(self, vocab_size: int, num_layers: int, num_heads: int, model_dim: int, max_seq_len: int):
         super().__init__()
-        self.max_window_blocks = max_window_blocks
         self.eot_token = vocab_size - 1  # the last token ends a document (GPT-2: 50256)
         self.layer_value_embeds, self.layer_windows = layer_tables(num_layers)
         self.embed = Embedding(vocab_size, model_dim)
@@ -384,8 +381,7 @@ class GPT(nn.Module):
         """input_seq, target_seq: (T,) token ids; window_blocks: 0-d int tensor, the long window in blocks
         (a tensor, so that the window can grow without recompiling)."""
         ve = [embed(input_seq) for embed in self.value_embeds]
-        long_mask, short_mask = attention_masks(document_ids(input_seq, self.eot_token), window_blocks,
-                                                self.max_window_blocks)
+        long_mask, short_mask = attention_masks(document_ids(input_seq, self.eot_token), window_blocks)
         masks = dict(long=long_mask, short=short_mask)
 
         x = x0 = norm(self.embed(input_seq)[None])  # norm of the embedding by @Grad62304977
@@ -447,9 +443,8 @@ def window_counts(partial_num: Tensor, full_num: Tensor, window_blocks: Tensor) 
             torch.clamp_max(full_num, window_blocks - 1).clamp_min(0))
 
 
-def block_masks(docs: Tensor, window_blocks: Tensor, max_blocks: int | None = None) -> tuple[BlockMask, BlockMask]:
-    """The long (window_blocks) and short (window_blocks // 2) masks of a (T,) sequence with document ids docs.
-    max_blocks, the bound that document_windows takes, is not needed here."""
+def block_masks(docs: Tensor, window_blocks: Tensor) -> tuple[BlockMask, BlockMask]:
+    """The long (window_blocks) and short (window_blocks // 2) masks of a (T,) sequence with document ids docs."""
 
     def document_causal(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (docs[q_idx] == docs[kv_idx])
@@ -472,23 +467,17 @@ def block_masks(docs: Tensor, window_blocks: Tensor, max_blocks: int | None = No
 
 class DocumentWindows(NamedTuple):
     """A long or short mask as the kernels take it: per token the first token of its document (starts) and the end
-    of that document (ends, exclusive), int32 (T,); the window in blocks, a 0-d int32 tensor; and the longest
-    window it will take, a bound that sizes the backward's buffer of score gradients."""
+    of that document (ends, exclusive), int32 (T,); the window in blocks, a 0-d int32 tensor."""
     starts: Tensor
     ends: Tensor
     window_blocks: Tensor
-    max_blocks: int
 
 
-def document_windows(docs: Tensor, window_blocks: Tensor,
-                     max_blocks: int | None = None) -> tuple[DocumentWindows, DocumentWindows]:
-    """block_masks' long and short masks as DocumentWindows. max_blocks: the longest long window in blocks that
-    window_blocks will hold (None: the sequence's length, which bounds any window)."""
+def document_windows(docs: Tensor, window_blocks: Tensor) -> tuple[DocumentWindows, DocumentWindows]:
+    """block_masks' long and short masks as DocumentWindows."""
     starts = torch.searchsorted(docs, docs, out_int32=True)  # docs are sorted: the first index of each id
     ends = torch.searchsorted(docs, docs, right=True, out_int32=True)
-    max_blocks = -(-len(docs) // BLOCK_SIZE) if max_blocks is None else max_blocks
-    return (DocumentWindows(starts, ends, window_blocks, max_blocks),
-            DocumentWindows(starts, ends, window_blocks // 2, max_blocks // 2))
+    return DocumentWindows(starts, ends, window_blocks), DocumentWindows(starts, ends, window_blocks // 2)
 
 
 def window_first_keys(starts: Tensor, window_blocks: Tensor) -> Tensor:
@@ -936,8 +925,7 @@ def build_model(args: Hyperparameters, device: torch.device) -> nn.Module:
     """The same initial weights on every rank and any world size: made on the CPU from the seed, then
     broadcast from rank 0 all the same."""
     torch.manual_seed(args.seed)
-    model = GPT(args.vocab_size, args.num_layers, args.num_heads, args.model_dim, args.seq_len,
-                window_blocks_at(args.num_iterations, args)).to(device)
+    model = GPT(args.vocab_size, args.num_layers, args.num_heads, args.model_dim, args.seq_len).to(device)
     if dist.is_initialized():
         for p in model.parameters():
             dist.broadcast(p.detach(), 0)
@@ -1842,8 +1830,7 @@ def bind_ops(args: Hyperparameters, device: torch.device) -> list[str]:
 # the kernels' reference; on the CPU dense SDPA.
 
 # Each kernel's tile: (query rows, key rows). Both divide BLOCK_SIZE; the key kernel's query rows divide its key
-# rows, the query kernels' key rows their query rows. The two backward kernels share one square tile: the key
-# kernel stores the scores' gradient of each pair of tiles for the query kernel.
+# rows, the query kernels' key rows their query rows.
 ATTENTION_FORWARD = Tile((64, 64), warps=4, stages=3)
 ATTENTION_GRAD_Q = Tile((64, 64), warps=4, stages=2)
 ATTENTION_GRAD_KV = Tile((64, 64), warps=4, stages=2)
@@ -1887,17 +1874,15 @@ class WindowAttention(torch.autograd.Function):
     """attention_windows with the two custom ops below; saves the output and its log-sum-exp."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, starts: Tensor, ends: Tensor, window_blocks: Tensor,
-                max_blocks: int):
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, starts: Tensor, ends: Tensor, window_blocks: Tensor):
         out, lse = window_attention(q, k, v, starts, window_blocks)
         ctx.save_for_backward(q, k, v, out, lse, starts, ends, window_blocks)
-        ctx.max_blocks = max_blocks
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        grads = window_attention_grad(grad_out, *ctx.saved_tensors, ctx.max_blocks)
-        return *grads, None, None, None, None
+        grads = window_attention_grad(grad_out, *ctx.saved_tensors)
+        return *grads, None, None, None
 
 
 def _window_scores(q: Tensor, k: Tensor, starts: Tensor, window_blocks: Tensor) -> Tensor:
@@ -1923,10 +1908,9 @@ def _(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, window_blocks: Tensor):
 
 @torch.library.custom_op("speedrun::window_attention_grad", mutates_args=())
 def window_attention_grad(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, starts: Tensor,
-                          ends: Tensor, window_blocks: Tensor, max_blocks: int) -> tuple[Tensor, Tensor, Tensor]:
-    """window_attention's backward: the gradient of the output -> those of q, k and v. max_blocks bounds
-    window_blocks (DocumentWindows). This body is the reference; on CUDA _window_attention_grad_triton runs
-    instead."""
+                          ends: Tensor, window_blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """window_attention's backward: the gradient of the output -> those of q, k and v. This body is the reference;
+    on CUDA _window_attention_grad_triton runs instead."""
     q, k, v, grad_out = (t.float() for t in (q, k, v, grad_out))
     p = _window_scores(q, k, starts, window_blocks).softmax(-1)
     grad_p = torch.einsum("bqhd,bkhd->bhqk", grad_out, v)
@@ -1938,7 +1922,7 @@ def window_attention_grad(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out
 
 @window_attention_grad.register_fake
 def _(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, starts: Tensor, ends: Tensor,
-      window_blocks: Tensor, max_blocks: int):
+      window_blocks: Tensor):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -1964,30 +1948,23 @@ def _window_attention_triton(q: Tensor, k: Tensor, v: Tensor, starts: Tensor,
 
 @window_attention_grad.register_kernel("cuda")
 def _window_attention_grad_triton(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                                  starts: Tensor, ends: Tensor, window_blocks: Tensor,
-                                  max_blocks: int) -> tuple[Tensor, Tensor, Tensor]:
+                                  starts: Tensor, ends: Tensor, window_blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     grads = tuple(q.new_empty(q.shape) for _ in range(3))
-    _window_attention_grad_kernels(grad_out, q, k, v, out, lse, starts, ends, window_blocks, max_blocks, grads)
+    _window_attention_grad_kernels(grad_out, q, k, v, out, lse, starts, ends, window_blocks, grads)
     return grads
 
 
 def _window_attention_grad_kernels(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                                   starts: Tensor, ends: Tensor, window_blocks: Tensor, max_blocks: int,
-                                   grads: tuple[Tensor, ...], inputs: tuple = ()):
-    """Launches the kernel of delta, then the key kernel, which also stores the scores' gradient of each pair of
-    tiles it visits, then the query kernel, which multiplies those by the keys; they store into grads = (grad_q,
-    grad_k, grad_v). Given inputs = (raw_v, rstd, x_scale, ve, lambdas, cos, sin, partial, has_ve), the kernels go
-    on with attention_inputs' backward, and grads are (grad_qkv, grad_qkv, grad_ve): see
-    window_attention_inputs_grad."""
+                                   starts: Tensor, ends: Tensor, window_blocks: Tensor, grads: tuple[Tensor, ...],
+                                   inputs: tuple = ()):
+    """Launches the query kernel, then the key kernel, which store into grads = (grad_q, grad_k, grad_v). Given
+    inputs = (raw_v, rstd, x_scale, ve, lambdas, cos, sin, partial, has_ve), the kernels go on with
+    attention_inputs' backward, and grads are (grad_qkv, grad_qkv, grad_ve): see window_attention_inputs_grad."""
     _, T, H, head_dim = q.shape
     grad_out, q, k, v, out = (t.contiguous() for t in (grad_out, q, k, v, out))
+    delta = torch.empty_like(lse)  # per query: the sum of grad_out * out, which the query kernel computes and stores
     fused = bool(inputs)
     raw_v, rstd, x_scale, ve, lambdas, cos, sin, partial, has_ve = inputs or (q,) * 8 + (False,)  # placeholders
-    (block_m, block_n), warps, stages = ATTENTION_GRAD_KV
-    if ATTENTION_GRAD_Q.block != (block_m, block_n) or block_m != block_n:
-        raise ValueError(f"ATTENTION_GRAD_Q's tile {ATTENTION_GRAD_Q.block} and ATTENTION_GRAD_KV's "
-                         f"{(block_m, block_n)} must be one square tile: the key kernel stores the scores' gradients "
-                         "for the query kernel")
 
     def grid(block: int) -> tuple[int, int]:
         # fused, heads first: the H programs of a tile run side by side, and all but the first find its rows of cos
@@ -1996,29 +1973,17 @@ def _window_attention_grad_kernels(grad_out: Tensor, q: Tensor, k: Tensor, v: Te
         # read the tables from HBM
         return (H, T // block) if fused else (T // block, H)
 
-    delta = torch.empty_like(lse)  # per query: the sum of grad_out * out
-    _attention_delta_kernel[grid(block_m)](out, grad_out, delta, T, H, head_dim, block_m, fused, num_warps=4)
-    # The scores' gradient of query tile i and key tile i - j, bf16 and transposed (keys x queries), at slot j of
-    # tile i's row: a tile's keys reach back at most 2 max_blocks - 1 tiles (_key_range), and no further than T.
-    slots = min(2 * max(max_blocks, 1), T // block_m)
-    grad_scores = _grad_scores_buffer(q, H * (T // block_m) * slots * block_n, block_m)
-    grad_scores_desc = TensorDescriptor.from_tensor(grad_scores, [block_n, block_m])
-    _window_attention_grad_kv_kernel[grid(block_n)](
-        _tiles_of(q, block_m), _tiles_of(k, block_n), _tiles_of(v, block_n), _tiles_of(grad_out, block_m), lse, delta,
-        ends, window_blocks, grad_scores_desc, slots, *grads[1:], raw_v, rstd, x_scale, ve, lambdas, cos, sin,
-        partial, T, ATTENTION_SCALE * LOG2E, ATTENTION_SCALE, H, head_dim, BLOCK_SIZE, block_m, block_n, fused,
-        has_ve, num_warps=warps, num_stages=stages)
     (block_m, block_n), warps, stages = ATTENTION_GRAD_Q
     _window_attention_grad_q_kernel[grid(block_m)](
-        _tiles_of(q, block_m), _tiles_of(k, block_n), grad_scores_desc, slots, starts, window_blocks, grads[0], rstd,
-        x_scale, cos, sin, T, ATTENTION_SCALE, H, head_dim, BLOCK_SIZE, block_m, block_n, fused, num_warps=warps,
-        num_stages=stages)
-
-
-def _grad_scores_buffer(like: Tensor, rows: int, cols: int) -> Tensor:
-    """The key kernel's scores' gradients for the query kernel, bf16: not zeroed, because the query kernel reads only
-    the pairs of tiles that the key kernel has written (a test fills it with nan)."""
-    return like.new_empty(rows, cols)
+        _tiles_of(q, block_m), _tiles_of(k, block_n), _tiles_of(v, block_n), _tiles_of(grad_out, block_m), out, lse,
+        delta, starts, window_blocks, grads[0], rstd, x_scale, cos, sin, T, ATTENTION_SCALE * LOG2E, ATTENTION_SCALE, H,
+        head_dim, BLOCK_SIZE, block_m, block_n, fused, num_warps=warps, num_stages=stages)
+    (block_m, block_n), warps, stages = ATTENTION_GRAD_KV
+    _window_attention_grad_kv_kernel[grid(block_n)](
+        _tiles_of(q, block_m), _tiles_of(k, block_n), _tiles_of(v, block_n), _tiles_of(grad_out, block_m), lse, delta,
+        ends, window_blocks, *grads[1:], raw_v, rstd, x_scale, ve, lambdas, cos, sin, partial, T,
+        ATTENTION_SCALE * LOG2E, ATTENTION_SCALE, H, head_dim, BLOCK_SIZE, block_m, block_n, fused, has_ve,
+        num_warps=warps, num_stages=stages)
 
 
 @triton.jit
@@ -2039,17 +2004,6 @@ def _tile_and_head(BLOCK: tl.constexpr, HEADS_FIRST: tl.constexpr):
     else:
         row0, head = tl.program_id(0) * BLOCK, tl.program_id(1)
     return row0, head
-
-
-@triton.jit
-def _attention_delta_kernel(out, grad_out, delta, T, H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                            HEADS_FIRST: tl.constexpr):
-    # delta = sum(grad_out * out) of each of a tile's queries at one head, for the key kernel
-    m0, head = _tile_and_head(BLOCK_M, HEADS_FIRST)
-    rows, dims = m0 + tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM)
-    at = rows[:, None] * (H * HEAD_DIM) + head * HEAD_DIM + dims[None, :]
-    products = tl.load(out + at).to(tl.float32) * tl.load(grad_out + at).to(tl.float32)
-    tl.store(delta + head * T + rows, tl.sum(products, 1))
 
 
 # Each kernel walks its tile's range of keys (or queries) in one pipelined loop, with a branch that masks only
@@ -2091,42 +2045,54 @@ def _window_attention_kernel(q_desc, k_desc, v_desc, out, lse, starts, window_bl
 
 
 @triton.jit
-def _window_attention_grad_q_kernel(q_desc, k_desc, grad_scores_desc, slots, starts, window_blocks, grad_q, rstd,
-                                    x_scale, cos, sin, T, scale, H: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                    INPUTS: tl.constexpr):
-    # one tile of BLOCK_M queries of one head: the sum over the keys it sees, as in the forward, of the scores'
-    # gradient that the key kernel stored (zero where masked) times the keys. With INPUTS, grad_q is the gradient of
-    # qkv, and the tile's gradient reaches it through attention_inputs' backward of q
+def _window_attention_grad_q_kernel(q_desc, k_desc, v_desc, grad_out_desc, out, lse, delta, starts,
+                                    window_blocks, grad_q, rstd, x_scale, cos, sin, T, qk_scale, scale,
+                                    H: tl.constexpr,
+                                    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                                    BLOCK_N: tl.constexpr, INPUTS: tl.constexpr):
+    # one tile of BLOCK_M queries of one head, over the keys it sees, as in the forward; it also stores its
+    # queries' delta = sum(grad_out * out) for the key kernel, which runs after it. With INPUTS, grad_q is the
+    # gradient of qkv, and the tile's gradient reaches it through attention_inputs' backward of q
     m0, head = _tile_and_head(BLOCK_M, INPUTS)
     rows, dims, col = m0 + tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM), head * HEAD_DIM
+    cols = tl.arange(0, BLOCK_N)
+    at = rows[:, None] * (H * HEAD_DIM) + col + dims[None, :]
+    q_tile, grad_o = q_desc.load([m0, col]), grad_out_desc.load([m0, col])
+    delta_q = tl.sum(tl.load(out + at).to(tl.float32) * grad_o.to(tl.float32), 1)
+    tl.store(delta + head * T + rows, delta_q)
+    lse_q = tl.load(lse + head * T + rows)
+    starts_q = tl.load(starts + rows)
     window = tl.maximum(tl.load(window_blocks), 1)
-    lo, _ = _key_range(tl.load(starts + m0), tl.load(starts + m0 + BLOCK_M - 1), m0, window, BLOCK, BLOCK_N)
-    row_of_slots = (head * (T // BLOCK_M) + m0 // BLOCK_M) * slots
+    lo, unmasked = _key_range(tl.load(starts + m0), tl.load(starts + m0 + BLOCK_M - 1), m0, window, BLOCK, BLOCK_N)
     grad_q_tile = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     for n in tl.range(lo, m0 + BLOCK_M, BLOCK_N):
-        grad_s_t = grad_scores_desc.load([(row_of_slots + (m0 - n) // BLOCK_N) * BLOCK_N, 0])
-        grad_q_tile += tl.dot(grad_s_t.T, k_desc.load([n, col]))
-    grad_q_tile = (grad_q_tile * scale).to(tl.bfloat16)  # bf16 either way: the separate ops' numbers
+        keys = n + cols
+        k_tile = k_desc.load([n, col])
+        p = tl.math.exp2(tl.dot(q_tile, k_tile.T) * qk_scale - lse_q[:, None])
+        if (n < unmasked) | (n >= m0):
+            p = tl.where((keys[None, :] >= starts_q[:, None]) & (keys[None, :] <= rows[:, None]), p, 0.0)
+        grad_p = tl.dot(grad_o, v_desc.load([n, col]).T)
+        grad_s = p * (grad_p - delta_q[:, None])
+        grad_q_tile += tl.dot(grad_s.to(k_tile.dtype), k_tile)
+    grad_q_tile = (grad_q_tile * scale).to(q_tile.dtype)  # bf16 either way: the separate ops' numbers
     if INPUTS:
-        _qk_grad_tile(grad_q_tile, q_desc.load([m0, col]), rstd, x_scale, cos, sin, grad_q, rows, head, HEAD_DIM,
-                      3 * H)
+        _qk_grad_tile(grad_q_tile, q_tile, rstd, x_scale, cos, sin, grad_q, rows, head, HEAD_DIM, 3 * H)
     else:
-        tl.store(grad_q + rows[:, None] * (H * HEAD_DIM) + col + dims[None, :], grad_q_tile)
+        tl.store(grad_q + at, grad_q_tile)
 
 
 @triton.jit
 def _window_attention_grad_kv_kernel(q_desc, k_desc, v_desc, grad_out_desc, lse, delta, ends, window_blocks,
-                                     grad_scores_desc, slots, grad_k, grad_v, raw_v, rstd, x_scale, ve, lambdas,
-                                     cos, sin, partial, T, qk_scale, scale, H: tl.constexpr,
-                                     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                                     BLOCK_N: tl.constexpr, INPUTS: tl.constexpr, HAS_VE: tl.constexpr):
+                                     grad_k, grad_v, raw_v, rstd, x_scale, ve, lambdas, cos, sin, partial, T,
+                                     qk_scale,
+                                     scale, H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+                                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUTS: tl.constexpr,
+                                     HAS_VE: tl.constexpr):
     # one tile of BLOCK_N keys of one head, over the queries that see them: from the tile itself (masked) to
     # the end of the window or of its last key's document, masked from its first key's document end
     # (flash attention 2's backward, by Tri Dao), with the scores transposed (keys x queries). With INPUTS,
     # grad_k is the gradient of qkv and grad_v that of ve, which the tile's gradients reach through
-    # attention_inputs' backward of k and v. It stores the scores' gradient of each pair of tiles for the query
-    # kernel, at slot (query tile - key tile) of the query tile's row of slots
+    # attention_inputs' backward of k and v
     n0, head = _tile_and_head(BLOCK_N, INPUTS)
     keys, dims, col = n0 + tl.arange(0, BLOCK_N), tl.arange(0, HEAD_DIM), head * HEAD_DIM
     cols = tl.arange(0, BLOCK_M)
@@ -2148,10 +2114,8 @@ def _window_attention_grad_kv_kernel(q_desc, k_desc, v_desc, grad_out_desc, lse,
         grad_o = grad_out_desc.load([m, col])
         grad_v_tile += tl.dot(p_t.to(grad_o.dtype), grad_o)
         grad_p_t = tl.dot(v_tile, grad_o.T)
-        grad_s_t = (p_t * (grad_p_t - tl.load(delta + rows)[None, :])).to(q_tile.dtype)
-        grad_scores_desc.store([((head * (T // BLOCK_M) + m // BLOCK_M) * slots + (m - n0) // BLOCK_N) * BLOCK_N, 0],
-                               grad_s_t)
-        grad_k_tile += tl.dot(grad_s_t, q_tile)
+        grad_s_t = p_t * (grad_p_t - tl.load(delta + rows)[None, :])
+        grad_k_tile += tl.dot(grad_s_t.to(q_tile.dtype), q_tile)
     grad_k_tile, grad_v_tile = (grad_k_tile * scale).to(k_tile.dtype), grad_v_tile.to(k_tile.dtype)
     if INPUTS:
         # v's first: k's then has fewer registers live beside k_tile, which spills past the loop (64 bytes a thread,
@@ -2569,36 +2533,33 @@ class WindowAttentionBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, r: Tensor, w: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor,
-                starts: Tensor, ends: Tensor, window_blocks: Tensor, max_blocks: int):
+                starts: Tensor, ends: Tensor, window_blocks: Tensor):
         q, k, v, rstd, raw_v = qkv_matmul_prep(x, r, w, ve, lambdas, cos, sin)
         out, lse = window_attention(q, k, v, starts, window_blocks)
         ctx.save_for_backward(x, r, w, raw_v, ve, lambdas, cos, sin, q, k, v, rstd, out, lse, starts, ends,
                               window_blocks)
-        ctx.max_blocks = max_blocks
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, r, w, *saved = ctx.saved_tensors
         has_ve = saved[1] is not None  # saved: raw_v, ve, ...
-        # x_scale is r: the gradient of qkv comes scaled as the forward scaled qkv
-        grad_qkv, grad_ve, grad_lambdas = window_attention_inputs_grad(grad_out, *saved, ctx.max_blocks, r)
+        grad_qkv, grad_ve, grad_lambdas = window_attention_inputs_grad(grad_out, *saved, r)  # r grad_qkv
         grad_qkv = grad_qkv.flatten(end_dim=1).flatten(1)  # (B T, 3 dim), as qkv's matmul made it
         grad_x, grad_w = (grad_qkv @ w).view_as(x), grad_qkv.T @ x.flatten(end_dim=1)
-        return grad_x, row_scale_grad(grad_x, x, r), grad_w, grad_ve if has_ve else None, grad_lambdas, *[None] * 6
+        return grad_x, row_scale_grad(grad_x, x, r), grad_w, grad_ve if has_ve else None, grad_lambdas, *[None] * 5
 
 
 @torch.library.custom_op("speedrun::window_attention_inputs_grad", mutates_args=())
 def window_attention_inputs_grad(grad_out: Tensor, raw_v: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor,
                                  sin: Tensor, q: Tensor, k: Tensor, v: Tensor, rstd: Tensor, out: Tensor,
-                                 lse: Tensor, starts: Tensor, ends: Tensor, window_blocks: Tensor, max_blocks: int,
+                                 lse: Tensor, starts: Tensor, ends: Tensor, window_blocks: Tensor,
                                  x_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """window_attention_grad, then attention_inputs' backward from qkv_prep's outputs (qkv_prep_grad_of_outputs):
     the gradient of the attention's output -> those of qkv times x_scale (B, T, 1), a float32 a row, of ve (empty
     without ve) and of lambdas. raw_v is qkv's v. This body is the reference; on CUDA
     _window_attention_inputs_grad_triton runs instead, which rounds the gradient of qkv once, after the scale."""
-    grad_q, grad_k, grad_v = window_attention_grad(grad_out, q, k, v, out, lse, starts, ends, window_blocks,
-                                                   max_blocks)
+    grad_q, grad_k, grad_v = window_attention_grad(grad_out, q, k, v, out, lse, starts, ends, window_blocks)
     grad_qkv, grad_ve, grad_lambdas = qkv_prep_grad_of_outputs(grad_q, grad_k, grad_v, q, k, rstd, raw_v, ve,
                                                                lambdas, cos, sin)
     return (grad_qkv.float() * x_scale[..., None]).bfloat16(), grad_ve, grad_lambdas
@@ -2607,7 +2568,7 @@ def window_attention_inputs_grad(grad_out: Tensor, raw_v: Tensor, ve: Tensor | N
 @window_attention_inputs_grad.register_fake
 def _(grad_out: Tensor, raw_v: Tensor, ve: Tensor | None, lambdas: Tensor, cos: Tensor, sin: Tensor, q: Tensor,
       k: Tensor, v: Tensor, rstd: Tensor, out: Tensor, lse: Tensor, starts: Tensor, ends: Tensor,
-      window_blocks: Tensor, max_blocks: int, x_scale: Tensor):
+      window_blocks: Tensor, x_scale: Tensor):
     B, T, H, head_dim = q.shape
     grad_ve = ve.new_empty(ve.shape) if ve is not None else q.new_empty(0)
     return q.new_empty(B, T, 3 * H, head_dim), grad_ve, lambdas.new_empty(2)
@@ -2617,14 +2578,13 @@ def _(grad_out: Tensor, raw_v: Tensor, ve: Tensor | None, lambdas: Tensor, cos: 
 def _window_attention_inputs_grad_triton(grad_out: Tensor, raw_v: Tensor, ve: Tensor | None, lambdas: Tensor,
                                          cos: Tensor, sin: Tensor, q: Tensor, k: Tensor, v: Tensor, rstd: Tensor,
                                          out: Tensor, lse: Tensor, starts: Tensor, ends: Tensor,
-                                         window_blocks: Tensor, max_blocks: int,
-                                         x_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                                         window_blocks: Tensor, x_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     B, T, H, head_dim = q.shape
     has_ve = ve is not None
     grad_qkv, grad_ve = q.new_empty(B, T, 3 * H, head_dim), ve.new_empty(ve.shape) if has_ve else q.new_empty(0)
     partial = lambdas.new_empty(T // ATTENTION_GRAD_KV.block[1] * H, 2)  # each key program's share of grad_lambdas
     raw_v, ve = raw_v.contiguous(), ve.contiguous() if has_ve else raw_v  # ve: a placeholder when there is none
-    _window_attention_grad_kernels(grad_out, q, k, v, out, lse, starts, ends, window_blocks, max_blocks,
+    _window_attention_grad_kernels(grad_out, q, k, v, out, lse, starts, ends, window_blocks,
                                    (grad_qkv, grad_qkv, grad_ve if has_ve else grad_qkv),
                                    (raw_v, rstd.contiguous(), x_scale.contiguous(), ve, lambdas, cos, sin, partial,
                                     has_ve))

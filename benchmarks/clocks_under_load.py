@@ -54,8 +54,7 @@ def cases(gd) -> list[tuple[str, object]]:
 
 def attention_cases(tg) -> list[tuple[str, object]]:
     import window_attention_bench as wab
-    window = torch.tensor(wab.MAX_WINDOW, dtype=torch.int32, device="cuda")
-    mask = tg.document_windows(wab.documents(wab.T), window, wab.MAX_WINDOW)[0]
+    mask = tg.document_windows(wab.documents(wab.T), torch.tensor(14, dtype=torch.int32, device="cuda"))[0]
     q, k, v, grad_out = (torch.randn(1, wab.T, wab.H, wab.HEAD_DIM, device="cuda").bfloat16() for _ in range(4))
     out, lse = tg.window_attention(q, k, v, mask.starts, mask.window_blocks)
     return [("attention forward, window 14", lambda: tg.window_attention(q, k, v, mask.starts, mask.window_blocks)),

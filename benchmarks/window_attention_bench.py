@@ -36,7 +36,6 @@ from attention_inputs_bench import kernel_ms, kernel_times  # noqa: E402
 
 T, H, HEAD_DIM = 64 * 1024, 6, 128
 LONG_LAYERS, SHORT_LAYERS = 3, 8
-MAX_WINDOW = 14  # the schedule's longest window, in blocks: it sizes the backward's buffer of score gradients
 
 
 def documents(tokens: int, seed: int = 0) -> torch.Tensor:
@@ -116,7 +115,7 @@ def block_backward():
     steps = []
     for window in range(1, 15):
         w = torch.tensor(window, dtype=torch.int32, device="cuda")
-        masks = dict(zip(("long", "short"), train_gpt.document_windows(docs, w, MAX_WINDOW)))
+        masks = dict(zip(("long", "short"), train_gpt.document_windows(docs, w)))
         cells, step = [], [0.0, 0.0]
         for kind in kinds:
             args = backward_args(masks[kind[0]], kind[1])
@@ -130,7 +129,7 @@ def block_backward():
           f"ratio {mean[1] / mean[0]:.3f}")
 
     for window in (1, 14):
-        masks = train_gpt.document_windows(docs, torch.tensor(window, dtype=torch.int32, device="cuda"), MAX_WINDOW)
+        masks = train_gpt.document_windows(docs, torch.tensor(window, dtype=torch.int32, device="cuda"))
         for name, mask in zip(("long", "short"), masks):
             for with_ve in (True, False):
                 args = backward_args(mask, with_ve)
@@ -157,7 +156,7 @@ def main():
 
     def masks(fused: bool, window: int):
         w = torch.tensor(window, dtype=torch.int32, device="cuda")
-        return train_gpt.document_windows(docs, w, MAX_WINDOW) if fused else train_gpt.block_masks(docs, w)
+        return train_gpt.document_windows(docs, w) if fused else train_gpt.block_masks(docs, w)
 
     def forward(mask):
         with torch.no_grad():

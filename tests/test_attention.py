@@ -47,7 +47,7 @@ def qkv(T: int, H: int, head_dim: int, device: str, seed: int = 0) -> list[torch
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_rule_matches_the_block_masks_for_every_window(seed):
     docs = document_ids(random_tokens(np.random.default_rng(seed), num_blocks=16), EOT)
-    starts, ends = document_windows(docs, torch.tensor(1, dtype=torch.int32))[0][:2]
+    starts, ends, _ = document_windows(docs, torch.tensor(1, dtype=torch.int32))[0]
     assert torch.equal(docs[starts], docs) and (starts <= torch.arange(len(docs))).all()
     assert (starts == 0)[docs == docs[0]].all() and (docs[starts - 1] != docs)[starts > 0].all()  # the first token
     assert torch.equal(ends, torch.searchsorted(docs, docs, right=True).int())  # the end of the document
