@@ -206,7 +206,12 @@ def norm(x: Tensor) -> Tensor:
 def row_scale(x: Tensor) -> Tensor:
     """norm's factor for each row of x, (..., 1) float32: norm(x) is scaled(x, row_scale(x)), as F.rms_norm computes
     it for bf16 x (in float32, with float32's eps)."""
-    return torch.rsqrt(x.float().square().mean(-1, keepdim=True) + torch.finfo(torch.float32).eps)
+    return rms_scale(x.float().square().mean(-1, keepdim=True))
+
+
+def rms_scale(mean_square: Tensor) -> Tensor:
+    """rsqrt(mean_square + float32's eps): the RMS norm's factor from a row's mean square, as F.rms_norm takes it."""
+    return torch.rsqrt(mean_square + torch.finfo(torch.float32).eps)
 
 
 def scaled(x: Tensor, r: Tensor) -> Tensor:
@@ -2323,7 +2328,7 @@ def qk_rstd(qkv: Tensor) -> Tensor:
     """The QK norms' rsqrt(mean square + eps) of qkv (B, T, 3 H, head_dim) -> (B, T, 2 H) float32, q's heads then
     k's: what attention_inputs' backward from its outputs takes."""
     qk = qkv[:, :, :qkv.size(2) // 3 * 2].float()
-    return torch.rsqrt(qk.square().mean(-1) + torch.finfo(torch.float32).eps)
+    return rms_scale(qk.square().mean(-1))
 
 
 @qkv_matmul_prep.register_fake
@@ -2925,7 +2930,7 @@ class ResidualProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor, w: Tensor):
         out, squares = matmul_residual(y, w, x)
-        r = torch.rsqrt(squares.sum(0) / out.size(1) + torch.finfo(torch.float32).eps)[:, None]
+        r = rms_scale(squares.sum(0) / out.size(1))[:, None]
         ctx.save_for_backward(y, w, out, r)
         return out, r
 
